@@ -1,0 +1,25 @@
+"""bilevel-rlhf: bilevel reinforcement learning for RLHF on the Hugging Face stack.
+
+The public API is importable from here; heavy submodules (transformers, trl) load lazily so
+that the tabular GridWorld backend imports in a fraction of a second.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    # --- GridWorld (tabular) backend ---
+    # --- language-model trainer ---
+    # --- preference oracles ---
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'bilevel_rlhf' has no attribute {name!r}")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment .venv and install bilevel-rlhf into it, offline-safe:
+# only the package registries are used. torch is pinned to the CPU wheel by constraints.txt
+# (a floating torch would pull several GB of CUDA packages). Usage: source scripts/bootstrap.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${BILEVEL_RLHF_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+  -c constraints.txt torch==2.13.0 -e '.[test]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+export PATH="$PWD/$VENV/bin:$PATH"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): set up .venv, then run the whole suite offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/bootstrap.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec python -m pytest -q -p no:cacheprovider "$@"
