@@ -13,7 +13,24 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # --- GridWorld (tabular) backend ---
     # --- language-model trainer ---
+    "BilevelConfig": ".config",
+    "BilevelTrainer": ".trainer",
+    "load_value_heads": ".modeling",
     # --- preference oracles ---
+    "PreferenceOracle": ".preference",
+    "ScoreOracle": ".preference",
+    "VaderOracle": ".preference",
+    "check_labels": ".preference",
+    "compute_gae": ".rl_utils",
+    "masked_whiten": ".rl_utils",
+    "bradley_terry_loss": ".rl_utils",
+    # --- happy tweet: data and the default small GPT-2 ---
+    "TweetModelConfig": ".happy_tweet",
+    "filter_text": ".happy_tweet",
+    "get_default_model": ".happy_tweet",
+    "get_default_reward_model_init": ".happy_tweet",
+    "load_prompt_dataset": ".happy_tweet",
+    "load_tweets": ".happy_tweet",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,277 @@
+"""BilevelConfig: the training arguments of the BilevelTrainer (a TrainingArguments subclass)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop")
+REGULARIZATIONS = ("kl", "entropy")
+TAU_SCHEDULES = ("constant", "polynomial", "exponential")
+LAMBDA_SCHEDULES = ("constant", "polynomial")
+LR_SCHEDULES = ("constant", "polynomial")
+
+
+@dataclass
+class BilevelConfig(TrainingArguments):
+    r"""
+    Configuration of the [`BilevelTrainer`]: the single-loop penalty actor-critic of Zeng, Bhatt, Ganesh & Koppel
+    (2026) for RLHF, and its baselines.
+
+    Only the parameters specific to bilevel training are listed; see [`~transformers.TrainingArguments`] for the
+    rest. Defaults that differ from `TrainingArguments`: `bf16=False`, `logging_steps=1`,
+    `remove_unused_columns=False`, `save_strategy="no"`. `learning_rate` and `lr_scheduler_type` of
+    `TrainingArguments` are **not used**: the three learning rates below replace them (one parameter group per role).
+
+    Counting: one *iteration* k = one rollout (generation + scoring) followed by
+    `num_ppo_epochs * num_mini_batches` optimizer steps (each step one PPO mini-batch, made of
+    `gradient_accumulation_steps` micro-batches). `max_steps` counts optimizer steps; the schedules are functions of k.
+    `per_device_train_batch_size` is the number of **prompts** per iteration per process.
+
+    Parameters:
+        > Method
+
+        method (`str`, *optional*, defaults to `"single_loop"`):
+            `"single_loop"` (the paper's method: decaying tau, penalty actor theta, lower-level actor phi, reward step
+            every iteration), `"fixed_tau"` (the same with tau_k = tau_init, `tau_schedule` ignored),
+            `"partial_sgd"` (usual RLHF alternation: one actor theta on r_x, reward model fit by BT-NLL on theta's
+            pairs, no phi, no penalty term), `"nested_loop"` (`nested_inner_steps` lower-level iterations per
+            reward-model step).
+        nested_inner_steps (`int`, *optional*, defaults to `4`):
+            Lower-level (actor/critic) iterations per reward-model step for `method="nested_loop"`.
+
+        > Lower-level regularization (tau)
+
+        regularization (`str`, *optional*, defaults to `"kl"`):
+            `"kl"`: per-token reward -tau * log(pi/pi_ref) with a frozen reference; `"entropy"`: -tau * log pi.
+        tau_init (`float`, *optional*, defaults to `0.1`):
+            tau_0 >= 0, the regularization weight at iteration 0.
+        tau_min (`float`, *optional*, defaults to `0.0`):
+            Floor of tau_k, 0 <= tau_min <= tau_init.
+        tau_schedule (`str`, *optional*, defaults to `"polynomial"`):
+            `"constant"`, `"polynomial"` (tau_0 (1 + k/k_0)^(-c)) or `"exponential"` (tau_0 exp(-c k/k_0)).
+        tau_decay_rate (`float`, *optional*, defaults to `0.5`):
+            c >= 0 (a negative rate would make tau increase).
+        tau_horizon (`float`, *optional*, defaults to `10.0`):
+            k_0 > 0, in iterations.
+
+        > Penalty (lambda)
+
+        penalty_lambda (`float`, *optional*, defaults to `10.0`):
+            lambda_0 > 0.
+        penalty_lambda_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"` or `"polynomial"` (lambda_0 (1 + k/k_0)^g, capped at `penalty_lambda_max`).
+        penalty_lambda_growth (`float`, *optional*, defaults to `0.5`):
+            g >= 0.
+        penalty_lambda_horizon (`float`, *optional*, defaults to `10.0`):
+            k_0 > 0, in iterations.
+        penalty_lambda_max (`float` or `None`, *optional*, defaults to `None`):
+            Cap on lambda_k (>= penalty_lambda); None: no cap.
+
+        > Learning rates (three time-scales: critic >= actor >= reward)
+
+        actor_learning_rate (`float`, *optional*, defaults to `1e-5`):
+            alpha_0: step size of the actors phi and theta (their LM weights or LoRA adapters).
+        critic_learning_rate (`float`, *optional*, defaults to `1e-4`):
+            beta_0: step size of the value heads.
+        reward_learning_rate (`float`, *optional*, defaults to `1e-6`):
+            zeta_0: step size of the reward model x.
+        actor_lr_schedule / critic_lr_schedule / reward_lr_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"` or `"polynomial"` (lr_0 (1 + k/k_0)^(-c)), as a function of the iteration k.
+        actor_lr_decay / critic_lr_decay / reward_lr_decay (`float`, *optional*, defaults to `0.5`):
+            c >= 0 of the polynomial schedule.
+        lr_horizon (`float`, *optional*, defaults to `10.0`):
+            k_0 > 0 of the polynomial learning-rate schedules.
+
+        > Generation
+
+        max_prompt_length (`int`, *optional*, defaults to `64`):
+            Longer prompts are truncated on the left (and counted in `completions/truncated_prompts`).
+        max_completion_length (`int`, *optional*, defaults to `32`):
+            Maximum number of generated tokens.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature > 0.
+        top_k (`int`, *optional*, defaults to `0`):
+            Top-k sampling; 0 disables it.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus sampling, in (0, 1].
+        num_completions (`int`, *optional*, defaults to `2`):
+            Completions per prompt from each actor; even and >= 2: theta's completions (2i, 2i+1) form the pairs
+            the oracle labels.
+
+        > PPO
+
+        num_ppo_epochs (`int`, *optional*, defaults to `1`):
+            Passes over each rollout.
+        num_mini_batches (`int`, *optional*, defaults to `1`):
+            Mini-batches (optimizer steps) per epoch; must divide the prompts per iteration.
+        cliprange (`float`, *optional*, defaults to `0.2`):
+            PPO ratio clip epsilon > 0.
+        cliprange_value (`float`, *optional*, defaults to `0.2`):
+            Value clip > 0.
+        vf_coef (`float`, *optional*, defaults to `0.1`):
+            Weight of the value loss in each actor's loss (the value head shares the actor's trunk).
+        gamma (`float`, *optional*, defaults to `1.0`):
+            Discount in [0, 1].
+        lam (`float`, *optional*, defaults to `0.95`):
+            GAE lambda in [0, 1] (not the penalty lambda).
+        whiten_rewards (`bool`, *optional*, defaults to `False`):
+            Rescale the per-token rewards to unit variance before GAE.
+
+        > Models
+
+        model_init_kwargs (`dict`, *optional*):
+            Keyword arguments for `from_pretrained` when `model` / `reward_model` are given as names or paths.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow models / tokenizers with custom code.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Disable dropout in the actors and the reward model (so rollout and update log-probs agree).
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # --- defaults that differ from TrainingArguments ---
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (off: CPU-safe default)."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the trainer reads the raw `prompt` column."}
+    )
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (`no`, `steps`, `epoch`)."})
+
+    # --- method ---
+    method: str = field(default="single_loop", metadata={"help": f"One of {METHODS}."})
+    nested_inner_steps: int = field(
+        default=4, metadata={"help": "Lower-level iterations per reward step (method='nested_loop'), >= 1."}
+    )
+
+    # --- regularization (tau) ---
+    regularization: str = field(default="kl", metadata={"help": f"One of {REGULARIZATIONS}."})
+    tau_init: float = field(default=0.1, metadata={"help": "tau_0 >= 0."})
+    tau_min: float = field(default=0.0, metadata={"help": "Floor of tau_k, in [0, tau_init]."})
+    tau_schedule: str = field(default="polynomial", metadata={"help": f"One of {TAU_SCHEDULES}."})
+    tau_decay_rate: float = field(default=0.5, metadata={"help": "Decay exponent c >= 0 of the tau schedule."})
+    tau_horizon: float = field(default=10.0, metadata={"help": "k_0 > 0 of the tau schedule, in iterations."})
+
+    # --- penalty (lambda) ---
+    penalty_lambda: float = field(default=10.0, metadata={"help": "lambda_0 > 0."})
+    penalty_lambda_schedule: str = field(default="constant", metadata={"help": f"One of {LAMBDA_SCHEDULES}."})
+    penalty_lambda_growth: float = field(default=0.5, metadata={"help": "Growth exponent g >= 0."})
+    penalty_lambda_horizon: float = field(default=10.0, metadata={"help": "k_0 > 0, in iterations."})
+    penalty_lambda_max: float | None = field(default=None, metadata={"help": "Cap on lambda_k (None: no cap)."})
+
+    # --- learning rates ---
+    actor_learning_rate: float = field(default=1e-5, metadata={"help": "alpha_0 > 0: actors' step size."})
+    critic_learning_rate: float = field(default=1e-4, metadata={"help": "beta_0 > 0: value heads' step size."})
+    reward_learning_rate: float = field(default=1e-6, metadata={"help": "zeta_0 > 0: reward model's step size."})
+    actor_lr_schedule: str = field(default="constant", metadata={"help": f"One of {LR_SCHEDULES}."})
+    critic_lr_schedule: str = field(default="constant", metadata={"help": f"One of {LR_SCHEDULES}."})
+    reward_lr_schedule: str = field(default="constant", metadata={"help": f"One of {LR_SCHEDULES}."})
+    actor_lr_decay: float = field(default=0.5, metadata={"help": "Polynomial decay exponent >= 0."})
+    critic_lr_decay: float = field(default=0.5, metadata={"help": "Polynomial decay exponent >= 0."})
+    reward_lr_decay: float = field(default=0.5, metadata={"help": "Polynomial decay exponent >= 0."})
+    lr_horizon: float = field(default=10.0, metadata={"help": "k_0 > 0 of the lr schedules, in iterations."})
+
+    # --- generation ---
+    max_prompt_length: int = field(default=64, metadata={"help": "Prompt tokens kept (left truncation), >= 1."})
+    max_completion_length: int = field(default=32, metadata={"help": "Generated tokens at most, >= 1."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature > 0."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling, 0 = off."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling in (0, 1]."})
+    num_completions: int = field(default=2, metadata={"help": "Completions per prompt per actor, even, >= 2."})
+
+    # --- PPO ---
+    num_ppo_epochs: int = field(default=1, metadata={"help": "PPO epochs per rollout, >= 1."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per epoch, >= 1."})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip > 0."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip > 0."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value-loss weight >= 0."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount in [0, 1]."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda in [0, 1]."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Rescale per-token rewards before GAE."})
+
+    # --- models ---
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Kwargs (dict or JSON string) for from_pretrained when models are given by name/path."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models with custom code."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in actors and reward model."})
+
+    def __post_init__(self) -> None:
+        self._validate_bilevel()
+        super().__post_init__()
+        if self.save_strategy == "steps" and self.save_steps >= 1 and int(self.save_steps) % self.steps_per_iteration:
+            raise ValueError(
+                f"save_steps must be a multiple of num_ppo_epochs * num_mini_batches = {self.steps_per_iteration} "
+                f"(checkpoints are taken at iteration boundaries), got {self.save_steps}"
+            )
+        if self.learning_rate != TrainingArguments.learning_rate:
+            warnings.warn(
+                "learning_rate is not used by the BilevelTrainer: set actor_learning_rate, critic_learning_rate and "
+                "reward_learning_rate",
+                stacklevel=2,
+            )
+        if not self.critic_learning_rate >= self.actor_learning_rate >= self.reward_learning_rate:
+            warnings.warn(
+                "the three time-scales of the analysis need critic_learning_rate >= actor_learning_rate >= "
+                f"reward_learning_rate; got {self.critic_learning_rate}, {self.actor_learning_rate}, "
+                f"{self.reward_learning_rate}",
+                stacklevel=2,
+            )
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimizer steps per iteration (one rollout)."""
+        return self.num_ppo_epochs * self.num_mini_batches
+
+    def _validate_bilevel(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        need(self.method in METHODS, "method", f"one of {METHODS}")
+        need(self.nested_inner_steps >= 1, "nested_inner_steps", ">= 1")
+        need(self.regularization in REGULARIZATIONS, "regularization", f"one of {REGULARIZATIONS}")
+        need(self.tau_init >= 0, "tau_init", ">= 0")
+        need(0 <= self.tau_min <= self.tau_init, "tau_min", f"in [0, tau_init={self.tau_init}]")
+        need(self.tau_schedule in TAU_SCHEDULES, "tau_schedule", f"one of {TAU_SCHEDULES}")
+        need(self.tau_decay_rate >= 0, "tau_decay_rate", ">= 0 (a negative rate makes tau increase)")
+        need(self.tau_horizon > 0, "tau_horizon", "> 0")
+        need(self.penalty_lambda > 0, "penalty_lambda", "> 0")
+        need(self.penalty_lambda_schedule in LAMBDA_SCHEDULES, "penalty_lambda_schedule", f"one of {LAMBDA_SCHEDULES}")
+        need(self.penalty_lambda_growth >= 0, "penalty_lambda_growth", ">= 0 (lambda may not decrease)")
+        need(self.penalty_lambda_horizon > 0, "penalty_lambda_horizon", "> 0")
+        need(
+            self.penalty_lambda_max is None or self.penalty_lambda_max >= self.penalty_lambda,
+            "penalty_lambda_max",
+            f"None or >= penalty_lambda={self.penalty_lambda}",
+        )
+        for role in ("actor", "critic", "reward"):
+            need(getattr(self, f"{role}_learning_rate") > 0, f"{role}_learning_rate", "> 0")
+            need(getattr(self, f"{role}_lr_schedule") in LR_SCHEDULES, f"{role}_lr_schedule", f"one of {LR_SCHEDULES}")
+            need(getattr(self, f"{role}_lr_decay") >= 0, f"{role}_lr_decay", ">= 0")
+        need(self.lr_horizon > 0, "lr_horizon", "> 0")
+        need(self.max_prompt_length >= 1, "max_prompt_length", ">= 1")
+        need(self.max_completion_length >= 1, "max_completion_length", ">= 1")
+        need(self.temperature > 0, "temperature", "> 0")
+        need(self.top_k >= 0, "top_k", ">= 0")
+        need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        need(self.num_completions >= 2 and self.num_completions % 2 == 0, "num_completions", "even and >= 2")
+        need(self.num_ppo_epochs >= 1, "num_ppo_epochs", ">= 1")
+        need(self.num_mini_batches >= 1, "num_mini_batches", ">= 1")
+        need(self.cliprange > 0, "cliprange", "> 0")
+        need(self.cliprange_value > 0, "cliprange_value", "> 0")
+        need(self.vf_coef >= 0, "vf_coef", ">= 0")
+        need(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
+        need(0 <= self.lam <= 1, "lam", "in [0, 1]")
+        need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", ">= 1")
+        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", ">= 1")
+        micro = self.num_mini_batches * self.gradient_accumulation_steps
+        need(
+            self.per_device_train_batch_size % micro == 0,
+            "per_device_train_batch_size",
+            f"a multiple of num_mini_batches * gradient_accumulation_steps = {micro} (prompts per iteration are "
+            "split into that many micro-batches)",
+        )

@@ -1,0 +1,277 @@
+"""The module that holds every role of the bilevel trainer, its value heads and their (de)serialization.
+
+Roles: the lower-level actor phi, the penalized actor theta, a frozen reference policy (KL form only), the reward
+model r_x (x = its parameters) and one value head (critic) per actor.
+
+Value-head placement: each critic is a linear head on the last hidden state of its own actor (a shared trunk, as
+TRL's old ``AutoModelForCausalLMWithValueHead``): one forward pass gives log-probs and values, and the value loss
+(weighted by ``vf_coef``) also shapes the trunk. The head's own parameters form the critic parameter group.
+
+With PEFT: one frozen base carries two LoRA adapters "phi" and "theta"; the reference is the base with the adapters
+disabled. No copy of the base exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+VALUE_HEADS_NAME = "value_heads.safetensors"
+ADAPTER_NAMES = ("phi", "theta")
+
+
+class ValueHead(nn.Module):
+    """V(s_t) = w . h_t + b on the actor's last hidden state h_t: ``[N, T, H] -> [N, T]``."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # the head runs in fp32 whatever the trunk's dtype, as in TRL's old value head
+        return self.summary(hidden_states.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` computes them (0 on padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class BilevelModel(nn.Module):
+    """Every role in one module, so that Trainer/accelerate wrap, move and checkpoint them together.
+
+    Args:
+        theta: the penalized actor (a causal LM), or the `PeftModel` holding both adapters when `use_peft`.
+        phi: the lower-level actor (a separate causal LM), or None (partial_sgd, or `use_peft`).
+        ref: the frozen reference (KL form, full fine-tuning), or None.
+        reward_model: a sequence classifier with one output.
+        use_peft: whether `theta` is a PeftModel with adapters "phi" and "theta" (then the reference is the base).
+        has_phi: whether the phi role exists (False for partial_sgd).
+    """
+
+    def __init__(
+        self,
+        theta: nn.Module,
+        phi: nn.Module | None,
+        ref: nn.Module | None,
+        reward_model: nn.Module,
+        use_peft: bool,
+        has_phi: bool,
+    ):
+        super().__init__()
+        self.policy_theta = theta
+        self.policy_phi = phi
+        self.ref_policy = ref
+        self.reward_model = reward_model
+        self.use_peft = use_peft
+        self.has_phi = has_phi
+        hidden = theta.config.hidden_size if hasattr(theta.config, "hidden_size") else theta.config.n_embd
+        self.value_theta = ValueHead(hidden)
+        self.value_phi = ValueHead(hidden) if has_phi else None
+        if ref is not None:
+            ref.requires_grad_(False)
+            ref.eval()
+
+    # --- role plumbing ---
+    @contextlib.contextmanager
+    def actor(self, role: str) -> Iterator[nn.Module]:
+        """The causal LM acting as `role` ("phi", "theta" or "ref"), with the right adapter active under PEFT."""
+        if role not in ("phi", "theta", "ref"):
+            raise ValueError(f"role must be phi, theta or ref, got {role!r}")
+        if not self.use_peft:
+            model = {"phi": self.policy_phi, "theta": self.policy_theta, "ref": self.ref_policy}[role]
+            if model is None:
+                raise ValueError(f"this BilevelModel has no {role} policy")
+            yield model
+            return
+        peft_model = self.policy_theta
+        if role == "ref":
+            with peft_model.disable_adapter():
+                yield peft_model
+            return
+        peft_model.set_adapter(role)
+        # set_adapter freezes the inactive adapter; both adapters keep training (the switch is only for the forward)
+        peft_model.set_requires_grad(list(self.adapter_names), requires_grad=True)
+        yield peft_model
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return ADAPTER_NAMES if self.has_phi else ("theta",)
+
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Called by Trainer when `activation_checkpointing=True`: enable it on every trained model."""
+        for model in (self.policy_theta, self.policy_phi, self.reward_model):
+            if model is not None and hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(**kwargs)
+
+    def value_head(self, role: str) -> ValueHead:
+        head = self.value_phi if role == "phi" else self.value_theta
+        if head is None:
+            raise ValueError(f"this BilevelModel has no {role} value head")
+        return head
+
+    def role_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters per optimizer group: actor (both actors), critic (value heads), reward."""
+        critic = [p for p in self.value_theta.parameters()]
+        if self.value_phi is not None:
+            critic += list(self.value_phi.parameters())
+        actor = [p for p in self.policy_theta.parameters() if p.requires_grad]
+        if self.policy_phi is not None:
+            actor += [p for p in self.policy_phi.parameters() if p.requires_grad]
+        reward = [p for p in self.reward_model.parameters() if p.requires_grad]
+        return {"actor": actor, "critic": critic, "reward": reward}
+
+    # --- forward passes ---
+    def policy_forward(
+        self,
+        role: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_length: int,
+        temperature: float,
+        with_values: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Log-probs of the completion tokens, their entropies and the values V(s_t), each ``[N, T]``.
+
+        ``input_ids`` = prompt (left-padded to ``prompt_length``) + completion (right-padded to T); token t of the
+        completion is predicted at position prompt_length - 1 + t, where V(s_t) is read too.
+        """
+        with self.actor(role) as model:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                output_hidden_states=with_values,
+                use_cache=False,
+            )
+        logits = out.logits[:, prompt_length - 1 : -1].float() / temperature
+        log_z = torch.logsumexp(logits, dim=-1)  # [N, T]
+        logprobs = logits.gather(-1, input_ids[:, prompt_length:, None]).squeeze(-1) - log_z
+        with torch.no_grad():  # the entropy is only logged: H = log Z - sum_v p_v * logit_v
+            entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        result = {"logprobs": logprobs, "entropy": entropy}
+        if with_values:
+            hidden = out.hidden_states[-1][:, prompt_length - 1 : -1]
+            result["values"] = self.value_head(role)(hidden)
+        return result
+
+    def reward_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """r_x of each sequence, ``[N]``."""
+        logits = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if logits.ndim != 2 or logits.shape[-1] != 1:
+            raise ValueError(f"reward_model must output one score per sequence ([N, 1]), got shape {tuple(logits.shape)}")
+        return logits[:, 0].float()
+
+    def forward(
+        self,
+        phi: dict[str, torch.Tensor] | None = None,
+        theta: dict[str, torch.Tensor] | None = None,
+        reward: dict[str, torch.Tensor] | None = None,
+        prompt_length: int = 1,
+        temperature: float = 1.0,
+    ) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
+        """One call for a whole training step (so DDP sees a single forward): each given role's outputs."""
+        out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {}
+        for role, batch in (("phi", phi), ("theta", theta)):
+            if batch is not None:
+                out[role] = self.policy_forward(
+                    role, batch["input_ids"], batch["attention_mask"], prompt_length, temperature
+                )
+        if reward is not None:
+            out["reward"] = self.reward_forward(reward["input_ids"], reward["attention_mask"])
+        return out
+
+
+def save_value_heads(model: BilevelModel, path: str) -> None:
+    """Write the critics as safetensors: keys ``{role}.summary.weight`` / ``{role}.summary.bias``."""
+    tensors = {f"theta.{k}": v.detach().cpu().contiguous() for k, v in model.value_theta.state_dict().items()}
+    if model.value_phi is not None:
+        tensors.update({f"phi.{k}": v.detach().cpu().contiguous() for k, v in model.value_phi.state_dict().items()})
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def load_value_heads(path: str) -> dict[str, ValueHead]:
+    """Read the critics written by `save_value_heads` (safetensors only): ``{"theta": head, "phi": head}``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no value heads at {path}")
+    tensors = load_file(path)
+    heads = {}
+    for role in ("theta", "phi"):
+        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(role + ".")}
+        if state:
+            head = ValueHead(state["summary.weight"].shape[1])
+            head.load_state_dict(state)
+            heads[role] = head
+    return heads
+
+
+def save_roles(model: BilevelModel, output_dir: str) -> None:
+    """Write every trained role: theta at the top level (from_pretrained-loadable), phi in phi/, r_x in
+    reward_model/, the critics in value_heads.safetensors. With PEFT, the adapters instead of full weights: theta's
+    at the top level, phi's in phi/ (the frozen base is not written; adapter_config.json names it)."""
+    if model.use_peft:
+        model.policy_theta.save_pretrained(output_dir, selected_adapters=list(model.adapter_names))
+        # PEFT puts non-default adapters in subfolders: move theta's to the top level
+        theta_dir = os.path.join(output_dir, "theta")
+        for name in os.listdir(theta_dir):
+            os.replace(os.path.join(theta_dir, name), os.path.join(output_dir, name))
+        os.rmdir(theta_dir)
+    else:
+        model.policy_theta.save_pretrained(output_dir)
+        if model.policy_phi is not None:
+            model.policy_phi.save_pretrained(os.path.join(output_dir, "phi"))
+    model.reward_model.save_pretrained(os.path.join(output_dir, "reward_model"))
+    save_value_heads(model, os.path.join(output_dir, VALUE_HEADS_NAME))
+
+
+def _load_safetensors_into(module: torch.nn.Module, directory: str) -> None:
+    """Load a save_pretrained folder (single file or sharded, safetensors only) into an existing module."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as fh:
+            files = sorted({os.path.join(directory, f) for f in json.load(fh)["weight_map"].values()})
+    else:
+        raise FileNotFoundError(f"no model.safetensors in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    result = module.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"unexpected weights in {directory}: {result.unexpected_keys[:5]}")
+    # keys save_pretrained leaves out are tied to a loaded parameter (e.g. lm_head.weight = wte.weight)
+    loaded = {p.data_ptr() for n, p in module.state_dict().items() if n in state}
+    untied = [n for n in result.missing_keys if module.state_dict()[n].data_ptr() not in loaded]
+    if untied:
+        raise ValueError(f"weights missing in {directory}: {untied[:5]}")
+
+
+def load_roles(model: BilevelModel, directory: str) -> None:
+    """Load every trained role of a `BilevelTrainer._save` folder into `model` (the reference is not saved: it is
+    the initial model)."""
+    if model.use_peft:
+        from peft import set_peft_model_state_dict
+
+        for role, sub in (("theta", ""), ("phi", "phi")):
+            if role in model.adapter_names:
+                state = load_file(os.path.join(directory, sub, "adapter_model.safetensors"))
+                set_peft_model_state_dict(model.policy_theta, state, adapter_name=role)
+    else:
+        _load_safetensors_into(model.policy_theta, directory)
+        if model.policy_phi is not None:
+            _load_safetensors_into(model.policy_phi, os.path.join(directory, "phi"))
+    _load_safetensors_into(model.reward_model, os.path.join(directory, "reward_model"))
+    heads = load_value_heads(os.path.join(directory, VALUE_HEADS_NAME))
+    model.value_theta.load_state_dict(heads["theta"].state_dict())
+    if model.value_phi is not None:
+        model.value_phi.load_state_dict(heads["phi"].state_dict())

@@ -1,0 +1,696 @@
+"""BilevelTrainer: the single-loop penalty actor-critic (Zeng, Bhatt, Ganesh & Koppel, 2026) on `transformers.Trainer`.
+
+One *iteration* k (see ALGORITHM.md, "Mapping to RLHF"):
+  1. rollout (in `_prepare_inputs`, buffered): theta samples `num_completions` completions per prompt, consecutive
+     ones form the pairs (2i, 2i+1) the oracle labels; phi samples as many; r_x scores everything; per-token reward
+     -tau_k * penalty_t plus the terminal score (phi: r_x; theta: r_x - BT-NLL(pair) / lambda_k); GAE per critic.
+  2. `num_ppo_epochs * num_mini_batches` optimizer steps, each one PPO mini-batch: the loss is the sum of the roles'
+     losses (disjoint parameter sets, one parameter group and learning rate per role):
+       phi, theta: PPO-clip + vf_coef * clipped value loss;
+       x (reward model), during the first epoch only, so each sample enters x's gradient once per iteration:
+         BT-NLL(theta's labelled pairs) + lambda_k * (mean r_x(phi's completions) - mean r_x(theta's completions)).
+  3. tau_k, lambda_k and the learning rates are functions of k = global_step // (num_ppo_epochs * num_mini_batches).
+Checkpoints are taken at iteration boundaries only (validated in the config), so the rollout buffer is never lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import warnings
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+)
+from trl.trainer.utils import disable_dropout_in_model
+
+from .config import BilevelConfig
+from .modeling import BilevelModel, load_roles, save_roles
+from .rl_utils import bradley_terry_loss, compute_gae, masked_mean, masked_whiten, token_kl_penalty
+from .schedules import lambda_at, lr_factor, tau_at
+
+STATE_NAME = "bilevel_state_rank{rank}.json"
+CONFIG_NAME = "bilevel_config.json"
+
+
+def reward_model_loss(
+    r_theta: torch.Tensor, r_phi: torch.Tensor | None, labels: torch.Tensor, lambda_k: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of the reward model x, whose gradient is the hypergradient estimate h_k.
+
+    ``r_theta``: r_x of theta's completions, pairs at (2i, 2i+1); ``labels[i]``: P(completion 2i preferred).
+    Returns (loss, f) with f = mean BT-NLL over the pairs (the upper objective) and
+    loss = f + lambda_k * (mean r_x(phi) - mean r_x(theta)), or loss = f when ``r_phi`` is None (partial_sgd).
+    """
+    f = bradley_terry_loss(r_theta[0::2], r_theta[1::2], labels).mean()
+    if r_phi is None:
+        return f, f
+    return f + lambda_k * (r_phi.mean() - r_theta.mean()), f
+
+
+class IterationSampler(Sampler):
+    """Shuffled prompt indices; each global batch of `batch_size` is repeated `repeat_count` times in a row.
+
+    One repeat per micro-step of an iteration (GRPO's pattern): the trainer generates on the first and replays the
+    buffer on the others. The permutation of epoch e is drawn from a generator seeded with (seed, e), so it does not
+    depend on how many epochs were iterated before (resuming mid-run gives the same order). Incomplete batches are
+    dropped.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, repeat_count: int, seed: int):
+        self.num_samples, self.batch_size, self.repeat_count, self.seed = num_samples, batch_size, repeat_count, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        for start in range(0, self.num_samples - self.batch_size + 1, self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for _ in range(self.repeat_count):
+                yield from chunk
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.batch_size) * self.batch_size * self.repeat_count
+
+
+def _check_prompt_dataset(dataset: Any, name: str) -> None:
+    if dataset is None:
+        raise ValueError(f"{name} is required (a datasets.Dataset with a 'prompt' column)")
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or not hasattr(dataset, "__len__"):
+        raise TypeError(f"{name} must be a map-style datasets.Dataset with a 'prompt' column, got {type(dataset)}")
+    if "prompt" not in columns:
+        raise ValueError(f"{name} must have a 'prompt' column, found columns {columns}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: it needs at least one prompt")
+
+
+def _check_finite(name: str, value: torch.Tensor, iteration: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(f"non-finite {name} at iteration {iteration}; stopping the run")
+
+
+def _identity(features: list[dict]) -> list[dict]:
+    return features
+
+
+class _SamplerEpochCallback(TrainerCallback):
+    """Keeps the sampler's epoch in step with the Trainer's (accelerate does not forward set_epoch to it)."""
+
+    def __init__(self, trainer: "BilevelTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._sampler is not None:
+            self.trainer._sampler.set_epoch(int(state.epoch or 0))
+
+
+class BilevelTrainer(Trainer):
+    """Trainer for bilevel RLHF: actors phi and theta, their critics, and the reward model x, in one HF training loop.
+
+    Args:
+        model: the initial policy (a causal LM or its name/path); theta and phi start from it, and it is the frozen
+            reference for `regularization="kl"`.
+        reward_model: the reward model r_x (a sequence classifier with one output, or its name/path).
+        preference_oracle: callable `(prompts, completions_a, completions_b) -> labels` in [0, 1] (1: a preferred),
+            e.g. `bilevel_rlhf.ScoreOracle`; its optional `score(prompts, completions)` is logged.
+        args: a `BilevelConfig`.
+        train_dataset: a `datasets.Dataset` with a `prompt` column (strings).
+        eval_dataset: optional prompts for `evaluate()` (theta's mean r_x and oracle score, no updates).
+        processing_class: the policy tokenizer (loaded from `model` when None).
+        reward_processing_class: the reward model's tokenizer; None means r_x reads the policy's token ids directly
+            (left-padded prompt + right-padded completion; a sequence classifier scores its rightmost non-pad
+            token, so with pad == eos the score is read at the last token before the eos).
+        peft_config: a `peft` config: one frozen base with LoRA adapters "theta" and "phi" (reference = adapters off).
+        callbacks: extra `TrainerCallback`s.
+    """
+
+    _tag_names = ["trl", "bilevel-rlhf"]
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        reward_model: str | torch.nn.Module,
+        preference_oracle: Callable[[list[str], list[str], list[str]], Any],
+        args: BilevelConfig,
+        train_dataset: Any,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        reward_processing_class: PreTrainedTokenizerBase | None = None,
+        peft_config: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        if not isinstance(args, BilevelConfig):
+            raise TypeError(f"args must be a BilevelConfig, got {type(args).__name__}")
+        if not callable(preference_oracle):
+            raise TypeError("preference_oracle must be callable (prompts, completions_a, completions_b) -> labels")
+        _check_prompt_dataset(train_dataset, "train_dataset")
+        if eval_dataset is not None:
+            _check_prompt_dataset(eval_dataset, "eval_dataset")
+        global_prompts = args.per_device_train_batch_size * args.world_size
+        if len(train_dataset) < global_prompts:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts, fewer than one iteration needs "
+                f"(per_device_train_batch_size * world_size = {global_prompts})"
+            )
+
+        # --- models (safetensors only; remote code only when the user allows it) ---
+        load_kwargs = dict(args.model_init_kwargs or {})
+        load_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        load_kwargs["use_safetensors"] = True
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **load_kwargs)
+        if isinstance(reward_model, str):
+            reward_model = AutoModelForSequenceClassification.from_pretrained(reward_model, num_labels=1, **load_kwargs)
+        num_labels = getattr(getattr(reward_model, "config", None), "num_labels", 1)
+        if num_labels != 1:
+            raise ValueError(f"reward_model must have exactly one output (config.num_labels == 1), got {num_labels}")
+
+        # --- tokenizers ---
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(
+                model.config._name_or_path, trust_remote_code=args.trust_remote_code
+            )
+        if processing_class.pad_token is None:
+            if processing_class.eos_token is None:
+                raise ValueError("processing_class has neither a pad token nor an eos token; set tokenizer.pad_token")
+            warnings.warn("processing_class has no pad token; using its eos token for padding", stacklevel=2)
+            processing_class.pad_token = processing_class.eos_token
+        processing_class.padding_side = "left"  # prompts are left-padded for generation
+        if reward_processing_class is not None:
+            if reward_processing_class.pad_token is None:
+                warnings.warn("reward_processing_class has no pad token; using its eos token", stacklevel=2)
+                reward_processing_class.pad_token = reward_processing_class.eos_token
+            reward_processing_class.padding_side = "right"
+        rm_config = getattr(reward_model, "config", None)
+        if rm_config is not None and getattr(rm_config, "pad_token_id", None) is None:
+            # sequence classifiers find the last token through pad_token_id
+            tok = reward_processing_class or processing_class
+            rm_config.pad_token_id = tok.pad_token_id
+
+        # --- roles ---
+        has_phi = args.method != "partial_sgd"
+        use_peft = peft_config is not None
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+            disable_dropout_in_model(reward_model)
+        if use_peft:
+            from peft import get_peft_model
+
+            # one config object per adapter: PEFT writes into the configs it is given
+            theta = get_peft_model(model, copy.deepcopy(peft_config), adapter_name="theta")
+            if has_phi:
+                theta.add_adapter("phi", copy.deepcopy(peft_config))
+            theta.set_requires_grad(["phi", "theta"] if has_phi else ["theta"], requires_grad=True)
+            phi, ref = None, None
+        else:
+            ref = copy.deepcopy(model) if args.regularization == "kl" else None
+            phi = copy.deepcopy(model) if has_phi else None
+            theta = model
+        torch.manual_seed(args.seed)  # value-head initialization
+        wrapper = BilevelModel(theta, phi, ref, reward_model, use_peft=use_peft, has_phi=has_phi)
+
+        self.preference_oracle = preference_oracle
+        self.reward_processing_class = reward_processing_class
+        self.oracle_queries = 0  # global count of labelled pairs
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._rollout_metrics: dict[str, float] = {}
+        self._buffer: dict[str, Any] | None = None
+        self._micro_step: int | None = None
+        self._sampler: IterationSampler | None = None
+        self._rollout_seconds = 0.0
+
+        super().__init__(
+            model=wrapper,
+            args=args,
+            data_collator=_identity,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+        )
+        self.add_callback(_SamplerEpochCallback(self))
+
+    # ------------------------------------------------------------------ schedules
+    @property
+    def micro_steps_per_iteration(self) -> int:
+        return self.args.steps_per_iteration * self.args.gradient_accumulation_steps
+
+    def schedule(self, k: int) -> tuple[float, float]:
+        """(tau_k, lambda_k) at iteration k."""
+        a = self.args
+        if a.method == "fixed_tau":
+            tau = a.tau_init
+        else:
+            tau = tau_at(k, a.tau_init, a.tau_min, a.tau_schedule, a.tau_decay_rate, a.tau_horizon)
+        lam = lambda_at(
+            k, a.penalty_lambda, a.penalty_lambda_schedule, a.penalty_lambda_growth, a.penalty_lambda_horizon,
+            a.penalty_lambda_max,
+        )
+        return tau, lam
+
+    def is_reward_iteration(self, k: int) -> bool:
+        """Whether iteration k updates x: every iteration, or every `nested_inner_steps`-th for nested_loop."""
+        if self.args.method == "nested_loop":
+            return (k + 1) % self.args.nested_inner_steps == 0
+        return True
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """AdamW with one parameter group per role: actor, critic, reward (three step sizes)."""
+        if self.optimizer is None:
+            groups = self.accelerator.unwrap_model(self.model).role_parameters()
+            a = self.args
+            self.optimizer = torch.optim.AdamW(
+                [
+                    {"params": groups["actor"], "lr": a.actor_learning_rate, "name": "actor"},
+                    {"params": groups["critic"], "lr": a.critic_learning_rate, "name": "critic"},
+                    {"params": groups["reward"], "lr": a.reward_learning_rate, "name": "reward"},
+                ],
+                betas=(a.adam_beta1, a.adam_beta2),
+                eps=a.adam_epsilon,
+                weight_decay=a.weight_decay,
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """LambdaLR with one factor per group, each a function of the iteration k = step // steps_per_iteration."""
+        if self.lr_scheduler is None:
+            a, steps = self.args, self.args.steps_per_iteration
+
+            def factor(role: str):
+                schedule, decay = getattr(a, f"{role}_lr_schedule"), getattr(a, f"{role}_lr_decay")
+                return lambda step: lr_factor(step // steps, schedule, decay, a.lr_horizon)
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, [factor("actor"), factor("critic"), factor("reward")]
+            )
+        return self.lr_scheduler
+
+    def _clip_grad_norm(self, model) -> torch.Tensor:
+        """Clip each role's gradient separately to max_grad_norm: a global clip would let the reward model's
+        lambda-scaled gradient shrink the actors' steps (and couple the three time-scales). Returns the total norm."""
+        self.accelerator.unscale_gradients()
+        norms = {}
+        for group in self.optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                norms[group["name"]] = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        for name, norm in norms.items():
+            self._metrics[f"grad_norm/{name}"].append(float(norm))
+        return torch.stack(list(norms.values())).pow(2).sum().sqrt()
+
+    # ------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset=None) -> Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        self._sampler = IterationSampler(
+            len(dataset),
+            batch_size=self.args.per_device_train_batch_size * self.args.world_size,
+            repeat_count=self.micro_steps_per_iteration,
+            seed=self.args.seed,
+        )
+        return self._sampler
+
+    # ------------------------------------------------------------------ rollout
+    def _tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Left-padded prompt ids/mask, truncated on the left to max_prompt_length; and the truncation count."""
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("every 'prompt' must be a string")
+        enc = self.processing_class(prompts, padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        lengths = mask.sum(1)
+        if bool((lengths == 0).any()):
+            raise ValueError(f"prompt {int((lengths == 0).nonzero()[0])} of the batch is empty after tokenization")
+        truncated = int((lengths > self.args.max_prompt_length).sum())
+        ids, mask = ids[:, -self.args.max_prompt_length :], mask[:, -self.args.max_prompt_length :]
+        device = self.accelerator.device
+        return ids.to(device), mask.to(device), truncated
+
+    @torch.no_grad()
+    def _generate(self, role: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Sampled completion ids [N, T] from `role`, everything after the first eos replaced by pad."""
+        a, tok = self.args, self.processing_class
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with unwrapped.actor(role) as policy:
+            out = policy.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=a.max_completion_length,
+                do_sample=True,
+                temperature=a.temperature,
+                top_k=a.top_k,
+                top_p=a.top_p,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        return out[:, prompt_ids.shape[1] :]
+
+    def _completion_mask(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """1 up to and including the first eos (an eos-only completion keeps one token: it is scored, not dropped)."""
+        eos = self.processing_class.eos_token_id
+        T = completion_ids.shape[1]
+        positions = torch.arange(T, device=completion_ids.device)
+        if eos is None:
+            return torch.ones_like(completion_ids)
+        is_eos = completion_ids == eos
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(positions[:1], T - 1))
+        return (positions[None, :] <= first[:, None]).long()
+
+    def _reward_inputs(self, prompts: list[str], texts: list[str], ids: torch.Tensor, mask: torch.Tensor):
+        """Inputs of r_x: the policy's own ids, or prompt + completion re-tokenized by reward_processing_class."""
+        if self.reward_processing_class is None:
+            return ids, mask
+        enc = self.reward_processing_class([p + c for p, c in zip(prompts, texts)], padding=True, return_tensors="pt")
+        return enc["input_ids"].to(ids.device), enc["attention_mask"].to(ids.device)
+
+    def _advantages(self, score, logprobs, ref_logprobs, values, mask, tau):
+        """Per-token reward -tau * penalty_t (+ score at the last token), GAE, whitened advantages."""
+        a = self.args
+        maskf = mask.float()
+        penalty = token_kl_penalty(logprobs, ref_logprobs, a.regularization) * maskf
+        rewards = -tau * penalty
+        last = mask.sum(1) - 1
+        rewards[torch.arange(len(last), device=mask.device), last] += score
+        if a.whiten_rewards:
+            rewards = masked_whiten(rewards, maskf, shift_mean=False)
+        advantages, returns = compute_gae(rewards, values, maskf, a.gamma, a.lam)
+        advantages = masked_whiten(advantages, maskf)
+        return advantages, returns, penalty.sum(1)
+
+    @torch.no_grad()
+    def _rollout(self, prompts: list[str]) -> dict[str, Any]:
+        """Generate, label, score and compute advantages for one iteration (this process's prompts)."""
+        a, tok = self.args, self.processing_class
+        k = self.state.global_step // a.steps_per_iteration
+        tau, lam = self.schedule(k)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        roles = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
+        n = a.num_completions
+
+        t0 = time.perf_counter()
+        prompt_ids, prompt_mask, truncated = self._tokenize_prompts(prompts)
+        P = prompt_ids.shape[1]
+        rep_ids, rep_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+        completions = {r: self._generate(r, rep_ids, rep_mask) for r in roles}
+        masks = {r: self._completion_mask(c) for r, c in completions.items()}
+        T = max(c.shape[1] for c in completions.values())
+        for r in roles:  # a common width T; the padding is masked out
+            pad = T - completions[r].shape[1]
+            completions[r] = torch.nn.functional.pad(completions[r], (0, pad), value=tok.pad_token_id)
+            masks[r] = torch.nn.functional.pad(masks[r], (0, pad), value=0)
+            completions[r] = torch.where(masks[r].bool(), completions[r], tok.pad_token_id)
+        texts = {r: tok.batch_decode(completions[r], skip_special_tokens=True) for r in roles}
+        rep_prompts = [p for p in prompts for _ in range(n)]
+        seq = {r: torch.cat([rep_ids, completions[r]], 1) for r in roles}
+        seq_mask = {r: torch.cat([rep_mask, masks[r]], 1) for r in roles}
+        t_generation = time.perf_counter() - t0
+
+        # oracle labels on theta's pairs (2i, 2i+1)
+        t0 = time.perf_counter()
+        from .preference import check_labels
+
+        n_pairs = len(prompts) * n // 2
+        oracle_name = getattr(self.preference_oracle, "name", type(self.preference_oracle).__name__)
+        labels = check_labels(
+            self.preference_oracle(rep_prompts[0::2], texts["theta"][0::2], texts["theta"][1::2]), n_pairs, oracle_name
+        )
+        labels = torch.as_tensor(labels, dtype=torch.float32, device=prompt_ids.device)
+        self.oracle_queries += n_pairs * self.accelerator.num_processes
+
+        # one forward per actor (log-probs, entropies, values), one for the reference and one for r_x over both
+        out = {r: unwrapped.policy_forward(r, seq[r], seq_mask[r], P, a.temperature) for r in roles}
+        ref_logprobs = {r: None for r in roles}
+        if a.regularization == "kl":
+            ref = unwrapped.policy_forward(
+                "ref", torch.cat([seq[r] for r in roles]), torch.cat([seq_mask[r] for r in roles]), P, a.temperature,
+                with_values=False,
+            )["logprobs"]
+            ref_logprobs = dict(zip(roles, ref.split(len(rep_prompts))))
+        reward_ids, reward_mask = self._reward_inputs(
+            rep_prompts * len(roles), sum((texts[r] for r in roles), []),
+            torch.cat([seq[r] for r in roles]), torch.cat([seq_mask[r] for r in roles]),
+        )
+        scores = dict(zip(roles, unwrapped.reward_forward(reward_ids, reward_mask).split(len(rep_prompts))))
+        for r in roles:
+            _check_finite(f"r_x score of {r}'s completions", scores[r], k)
+            _check_finite(f"{r} log-probabilities", out[r]["logprobs"], k)
+            _check_finite(f"{r} values", out[r]["values"], k)
+
+        pair_loss = bradley_terry_loss(scores["theta"][0::2], scores["theta"][1::2], labels)
+        terminal = {r: scores[r] for r in roles}
+        if unwrapped.has_phi:  # theta maximizes r_x - f / lambda: each completion of a pair gets the pair's loss
+            terminal["theta"] = scores["theta"] - pair_loss.repeat_interleave(2) / lam
+        buffer: dict[str, Any] = {"iteration": k, "tau": tau, "lambda": lam, "prompt_length": P, "labels": labels}
+        seq_penalty = {}
+        for r in roles:
+            adv, ret, seq_penalty[r] = self._advantages(
+                terminal[r], out[r]["logprobs"], ref_logprobs[r], out[r]["values"], masks[r], tau
+            )
+            buffer[r] = {
+                "input_ids": seq[r], "attention_mask": seq_mask[r], "mask": masks[r], "logprobs": out[r]["logprobs"],
+                "values": out[r]["values"], "advantages": adv, "returns": ret,
+            }
+        buffer["reward"] = {"input_ids": reward_ids, "attention_mask": reward_mask}
+        t_scoring = time.perf_counter() - t0
+
+        # --- metrics (averaged over processes) ---
+        d = scores["theta"][0::2] - scores["theta"][1::2]
+        s = (torch.sign(d) + 1) / 2
+        m: dict[str, torch.Tensor | float] = {
+            "objective/tau": tau,
+            "objective/lambda": lam,
+            "objective/upper_loss": pair_loss.mean(),
+            "objective/pref_accuracy": (labels * s + (1 - labels) * (1 - s)).mean(),
+            "reward/theta_mean": scores["theta"].mean(),
+            "completions/truncated_prompts": float(truncated),
+            "time/generation": t_generation,
+            "time/scoring": t_scoring,
+        }
+        if unwrapped.has_phi:
+            m["reward/phi_mean"] = scores["phi"].mean()
+            j_phi = scores["phi"] - tau * seq_penalty["phi"]
+            j_theta = scores["theta"] - tau * seq_penalty["theta"]
+            m["objective/penalty_gap"] = j_phi.mean() - j_theta.mean()
+        for r in roles:
+            m[f"policy_{r}/entropy"] = masked_mean(out[r]["entropy"], masks[r].float())
+            if ref_logprobs[r] is not None:
+                m[f"policy_{r}/kl"] = ((out[r]["logprobs"] - ref_logprobs[r]) * masks[r]).sum(1).mean()
+            m[f"completions/{r}_mean_length"] = masks[r].sum(1).float().mean()
+            m[f"completions/{r}_empty_fraction"] = (
+                (completions[r][:, 0] == tok.eos_token_id).float().mean() if tok.eos_token_id is not None else 0.0
+            )
+        score_fn = getattr(self.preference_oracle, "score", None)
+        if callable(score_fn):
+            oracle_scores = score_fn(rep_prompts, texts["theta"])
+            if oracle_scores is not None:
+                m["oracle/score_theta"] = float(np.mean(oracle_scores))
+        self._rollout_metrics = self._gather_mean(m)
+        self._rollout_metrics["completions/truncated_prompts"] *= self.accelerator.num_processes  # a count: sum
+        self._rollout_metrics["oracle/queries"] = float(self.oracle_queries)
+        return buffer
+
+    def _gather_mean(self, metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        names = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in names], device=self.accelerator.device)
+        values = self.accelerator.gather(values[None]).view(-1, len(names)).mean(0)
+        return dict(zip(names, values.tolist()))
+
+    # ------------------------------------------------------------------ training step
+    def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rollout at the first micro-step of an iteration; afterwards, the micro-batch of the buffered rollout."""
+        a = self.args
+        S = self.micro_steps_per_iteration
+        if self._micro_step is None:  # first call of this train(): checkpoints sit at iteration boundaries
+            self._micro_step = self.state.global_step * a.gradient_accumulation_steps
+        m = self._micro_step % S
+        if m == 0 or self._buffer is None:
+            t0 = time.perf_counter()
+            self._buffer = self._rollout([row["prompt"] for row in inputs])
+            self._rollout_seconds = time.perf_counter() - t0
+        buf = self._buffer
+        epoch, j = divmod(m, a.num_mini_batches * a.gradient_accumulation_steps)
+        B = len(buf["labels"]) * 2 // a.num_completions  # prompts of this process
+        chunk = B // (a.num_mini_batches * a.gradient_accumulation_steps)
+        # a fixed permutation per (iteration, epoch): no RNG state involved, so resuming replays it exactly
+        generator = torch.Generator().manual_seed(a.seed * 1_000_003 + buf["iteration"] * 101 + epoch)
+        prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]
+        n = a.num_completions
+        rows = (prompt_idx[:, None] * n + torch.arange(n)[None, :]).reshape(-1).to(buf["labels"].device)
+        pairs = (prompt_idx[:, None] * (n // 2) + torch.arange(n // 2)[None, :]).reshape(-1).to(rows.device)
+        roles = [r for r in ("theta", "phi") if r in buf]
+        batch: dict[str, Any] = {r: {key: t[rows] for key, t in buf[r].items()} for r in roles}
+        batch.update(iteration=buf["iteration"], tau=buf["tau"], labels=buf["labels"][pairs])
+        batch.update({"lambda": buf["lambda"], "prompt_length": buf["prompt_length"]})
+        batch["reward_step"] = epoch == 0 and self.is_reward_iteration(buf["iteration"])
+        if batch["reward_step"]:
+            N = len(buf["labels"]) * 2  # rows of theta; phi's rows follow in the reward buffer
+            reward_rows = torch.cat([rows, rows + N]) if "phi" in buf else rows
+            batch["reward"] = {key: t[reward_rows] for key, t in buf["reward"].items()}
+        return batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        t0, self._rollout_seconds = time.perf_counter(), 0.0
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._micro_step += 1
+        self._metrics["time/update"].append(time.perf_counter() - t0 - self._rollout_seconds)
+        return loss
+
+    def _ppo_loss(self, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """PPO-clip policy loss + vf_coef * clipped value loss, masked token means."""
+        a = self.args
+        mask = old["mask"].float()
+        log_ratio = new["logprobs"] - old["logprobs"]
+        ratio = torch.exp(log_ratio)
+        adv = old["advantages"]
+        pg_losses = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - a.cliprange, 1 + a.cliprange))
+        pg_loss = masked_mean(pg_losses, mask)
+        v_clipped = old["values"] + torch.clamp(new["values"] - old["values"], -a.cliprange_value, a.cliprange_value)
+        vf_losses = torch.max((new["values"] - old["returns"]) ** 2, (v_clipped - old["returns"]) ** 2)
+        vf_loss = 0.5 * masked_mean(vf_losses, mask)
+        stats = {
+            "policy_loss": pg_loss.detach(),
+            "value_loss": vf_loss.detach(),
+            "approxkl": 0.5 * masked_mean(log_ratio.detach() ** 2, mask),
+            "clipfrac": masked_mean((torch.abs(ratio.detach() - 1) > a.cliprange).float(), mask),
+        }
+        return pg_loss + a.vf_coef * vf_loss, stats
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Sum of the roles' losses (disjoint parameters: each gets only its own gradient)."""
+        roles = [r for r in ("theta", "phi") if r in inputs]
+        out = model(
+            **{r: inputs[r] for r in roles},
+            reward=inputs.get("reward"),
+            prompt_length=inputs["prompt_length"],
+            temperature=self.args.temperature,
+        )
+        k = inputs["iteration"]
+        loss = torch.zeros((), device=self.accelerator.device)
+        metrics: dict[str, torch.Tensor] = {}
+        for r in roles:
+            loss_r, stats = self._ppo_loss(out[r], inputs[r])
+            loss = loss + loss_r
+            metrics.update({f"policy_{r}/{key}": v for key, v in stats.items() if key != "value_loss"})
+            metrics[f"value_{r}/loss"] = stats["value_loss"]
+        metrics["policy/approxkl"] = torch.stack([metrics[f"policy_{r}/approxkl"] for r in roles]).mean()
+        metrics["policy/clipfrac"] = torch.stack([metrics[f"policy_{r}/clipfrac"] for r in roles]).mean()
+        metrics["value/loss"] = torch.stack([metrics[f"value_{r}/loss"] for r in roles]).mean()
+        if inputs["reward_step"]:
+            n_theta = len(inputs["theta"]["input_ids"])
+            r_theta, r_phi = out["reward"][:n_theta], (out["reward"][n_theta:] if "phi" in roles else None)
+            loss_x, f = reward_model_loss(r_theta, r_phi, inputs["labels"], inputs["lambda"])
+            loss = loss + loss_x
+            metrics["objective/reward_loss"] = loss_x.detach()
+        _check_finite("training loss", loss, k)
+        for key, v in self._gather_mean(metrics).items():
+            self._metrics[key].append(v)
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training or self._metrics:
+            logs.update({key: sum(v) / len(v) for key, v in self._metrics.items()})
+            logs.update(self._rollout_metrics)
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """theta's mean r_x and mean oracle score (if the oracle has `score`) on the eval prompts; no oracle queries."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        _check_prompt_dataset(dataset, "eval_dataset")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
+        r_sum, o_sum, count = 0.0, 0.0, 0
+        bs = self.args.per_device_eval_batch_size
+        score_fn = getattr(self.preference_oracle, "score", None)
+        for start in range(0, len(shard), bs):
+            prompts = shard[start : start + bs]["prompt"]
+            ids, mask, _ = self._tokenize_prompts(prompts)
+            completion = self._generate("theta", ids, mask)
+            cmask = self._completion_mask(completion)
+            completion = torch.where(cmask.bool(), completion, self.processing_class.pad_token_id)
+            texts = self.processing_class.batch_decode(completion, skip_special_tokens=True)
+            r_ids, r_mask = self._reward_inputs(prompts, texts, torch.cat([ids, completion], 1), torch.cat([mask, cmask], 1))
+            r_sum += float(unwrapped.reward_forward(r_ids, r_mask).sum())
+            if callable(score_fn):
+                scores = score_fn(prompts, texts)
+                o_sum += float(np.sum(scores)) if scores is not None else float("nan")
+            count += len(prompts)
+        totals = self.accelerator.gather(torch.tensor([[r_sum, o_sum, count]], device=self.accelerator.device))
+        totals = totals.view(-1, 3).sum(0)
+        metrics = {f"{metric_key_prefix}_reward/theta_mean": float(totals[0] / totals[2])}
+        if callable(score_fn):
+            metrics[f"{metric_key_prefix}_oracle/score_theta"] = float(totals[1] / totals[2])
+        Trainer.log(self, dict(metrics))  # not self.log: that would add the training metrics
+        return metrics
+
+    # ------------------------------------------------------------------ saving / loading
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """theta at the top level (from_pretrained-loadable), phi in phi/, r_x in reward_model/, the critics in
+        value_heads.safetensors, the config in bilevel_config.json. With PEFT the adapters are saved instead of
+        full weights (theta's adapter at the top level, phi's in phi/); load theta with
+        ``AutoModelForCausalLM.from_pretrained(dir)`` (transformers reads adapter_config.json and loads the base
+        named in it) or ``PeftModel.from_pretrained(base, dir).merge_and_unload()``."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_roles(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        if self.reward_processing_class is not None:
+            self.reward_processing_class.save_pretrained(os.path.join(output_dir, "reward_model"))
+        with open(os.path.join(output_dir, CONFIG_NAME), "w") as fh:
+            fh.write(self.args.to_json_string())
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.state.global_step % self.args.steps_per_iteration:
+            raise RuntimeError(
+                f"checkpoint at step {self.state.global_step} is inside an iteration (steps_per_iteration = "
+                f"{self.args.steps_per_iteration}); set save_steps to a multiple of it"
+            )
+        super()._save_checkpoint(model, trial)
+        output_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        k = self.state.global_step // self.args.steps_per_iteration
+        tau, lam = self.schedule(k)
+        state_fn = getattr(self.preference_oracle, "state_dict", None)
+        state = {
+            "iteration": k,
+            "tau": tau,
+            "lambda": lam,
+            "oracle_queries": self.oracle_queries,
+            "oracle_state": state_fn() if callable(state_fn) else None,
+        }
+        os.makedirs(output_dir, exist_ok=True)  # every process writes its own oracle RNG state
+        with open(os.path.join(output_dir, STATE_NAME.format(rank=self.accelerator.process_index)), "w") as fh:
+            json.dump(state, fh)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        load_roles(unwrapped, resume_from_checkpoint)
+        path = os.path.join(resume_from_checkpoint, STATE_NAME.format(rank=self.accelerator.process_index))
+        if not os.path.isfile(path):
+            path = os.path.join(resume_from_checkpoint, STATE_NAME.format(rank=0))
+        with open(path) as fh:
+            state = json.load(fh)
+        self.oracle_queries = int(state["oracle_queries"])
+        load_fn = getattr(self.preference_oracle, "load_state_dict", None)
+        if state["oracle_state"] is not None and callable(load_fn):
+            load_fn(state["oracle_state"])
+        self._buffer, self._micro_step = None, None

@@ -1,0 +1,68 @@
+"""Worker of tests/test_trainer_distributed.py: `torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR`.
+
+Trains a tiny single_loop run on CPU (gloo) and writes, after every optimizer step, a checksum of each role's
+parameters to OUT_DIR/rank{r}.json.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from lm_fixtures import make_policy, make_reward_model, make_tokenizer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from bilevel_rlhf import BilevelConfig, BilevelTrainer, ScoreOracle  # noqa: E402
+
+
+def checksum(module: torch.nn.Module) -> list[float]:
+    flat = torch.cat([p.detach().double().flatten() for p in module.parameters()])
+    weights = torch.cos(torch.arange(len(flat), dtype=torch.float64))
+    return [flat.sum().item(), (flat**2).sum().item(), (flat * weights).sum().item()]
+
+
+class Checksums(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        unwrapped = model.module if hasattr(model, "module") else model
+        roles = ("policy_theta", "policy_phi", "value_theta", "value_phi", "reward_model")
+        self.steps.append({r: checksum(getattr(unwrapped, r)) for r in roles})
+
+
+def main(out_dir: str) -> None:
+    tok = make_tokenizer()
+    prompts = ["the cat is", "a dog was", "we love the", "it is very", "the day was", "they hate a"] * 4
+    args = BilevelConfig(
+        output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=2,
+        max_steps=8, max_completion_length=4, max_prompt_length=8, use_cpu=True, report_to="none", seed=0,
+        actor_learning_rate=3e-3, critic_learning_rate=3e-3, reward_learning_rate=1e-3, disable_tqdm=True,
+    )
+    callback = Checksums()
+    rollout_prompts = []
+
+    class RecordingTrainer(BilevelTrainer):  # records the prompts each rank rolls out
+        def _rollout(self, prompts):
+            rollout_prompts.append(list(prompts))
+            return super()._rollout(prompts)
+
+    oracle = ScoreOracle(lambda texts: [t.split().count("happy") for t in texts])
+    trainer = RecordingTrainer(make_policy(tok), make_reward_model(tok), oracle, args, Dataset.from_dict({"prompt": prompts}),
+                             processing_class=tok, callbacks=[callback])
+    trainer.train()
+    result = {
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "steps": callback.steps,
+        "oracle_queries": trainer.oracle_queries,
+        "rollout_prompts": rollout_prompts,
+    }
+    with open(os.path.join(out_dir, f"rank{trainer.accelerator.process_index}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
