@@ -12,6 +12,21 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
     # --- GridWorld (tabular) backend ---
+    "DEFAULT_LAYOUT": ".gridworld",
+    "GoalProblem": ".gridworld",
+    "GridMDP": ".gridworld",
+    "GridWorldConfig": ".gridworld",
+    "RunResult": ".gridworld",
+    "TabularMDP": ".gridworld",
+    "build_problem": ".gridworld",
+    "exact_hypergradient": ".gridworld",
+    "global_search": ".gridworld",
+    "hard_value_iteration": ".gridworld",
+    "make_grid": ".gridworld",
+    "occupancy": ".gridworld",
+    "policy_evaluation": ".gridworld",
+    "run_method": ".gridworld",
+    "soft_value_iteration": ".gridworld",
     # --- language-model trainer ---
     "BilevelConfig": ".config",
     "BilevelTrainer": ".trainer",

@@ -6,6 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Small dense linear algebra (tabular solvers, tiny models): multi-threaded BLAS on 2 shared cores was
+# measured 6x slower than one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # The test models are tiny: more threads only add synchronization overhead (10-15x slower seen on
 # 2 shared cores). Subprocesses spawned by tests set their own thread count.

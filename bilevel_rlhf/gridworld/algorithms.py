@@ -1,0 +1,335 @@
+"""The bilevel methods behind one interface, ``run_method(problem, config, method, seed)``.
+
+Sampled methods are model-free: B walkers per actor with restarts (each step, w.p. 1 - gamma a
+walker restarts from rho, else it moves to s' ~ P(.|s, a)), so their states follow d^pi; every
+walker step is one environment transition and is counted (inner loops and FD evaluations included).
+Critics are soft Q-tables trained by expected-SARSA TD(0); actors are tabular softmax logits updated,
+at every visited state, with the all-action soft policy gradient
+    logits[s] += alpha * pi(.|s) * (Q(s, .) - tau log pi(.|s) - V(s)),   V(s) = E_pi[Q - tau log pi].
+All-action (expected over a ~ pi) rather than sampled-action: it is the exact per-state gradient
+given the critic, so it adds no action-sampling noise; the d(s) weighting of the true gradient is
+replaced by "visited in this batch" so that rarely visited states still learn. (A natural-gradient
+actor, logits += alpha * soft advantage, was tried and tracked pi*_tau worse under critic noise.)
+
+Choices beyond the reconstructed algorithm (README, "The mathematics"), all documented here:
+- common random numbers: phi's and theta's walkers use the same uniforms (config
+  ``common_random_numbers``), so their samples stay coupled while the policies agree and the
+  lambda-weighted difference E_phi[grad r] - E_theta[grad r] has far less variance; each set of
+  walkers is still marginally an on-policy sample of its own policy.
+- 'position' iterates are projected onto the board box (off the board every gradient vanishes).
+- nested_loop estimates h from the second half of each inner loop (the first half re-tracks x).
+- finite_difference evaluates x + eps v and x - eps v with the same random stream (common random
+  numbers), each from a copy of the warm base actor-critic, and counts all of those transitions.
+- exact / exact_decay are deterministic and use the model (samples = 0).
+Schedules are indexed by the walker step t, so every sampled method runs on the same budget.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import schedules
+from .config import METHODS, GridWorldConfig
+from .mdp import TabularMDP
+from .problem import GoalProblem
+
+
+@dataclass
+class RunResult:
+    """One method on one seed. Phi is the original (tau = 0) objective, evaluated exactly."""
+
+    method: str
+    seed: int
+    x: np.ndarray  # final upper variable
+    phi: float  # Phi(x_final), tau = 0
+    phi_tau: float  # Phi_tau(x_final) at tau_final
+    tau_final: float
+    samples: int  # environment transitions used (0 for exact: it uses the model)
+    seconds: float
+    curve_samples: list[int] = field(default_factory=list)
+    curve_phi: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["x"] = self.x.tolist()
+        return out
+
+
+# ----- schedules (the project's shared pure functions of the iteration, bilevel_rlhf.schedules) -----
+def tau_at(cfg: GridWorldConfig, t: int, decay: bool = True) -> float:
+    """tau_t = max(tau_min, tau_0 (1 + t/k0)^-c), or tau_0 when not decaying (fixed_tau)."""
+    return schedules.tau_at(t, cfg.tau_0, cfg.tau_min, "polynomial" if decay else "constant", cfg.tau_power, cfg.tau_k0)
+
+
+def poly(init: float, power: float, t: int, k0: float) -> float:
+    """A step size init * (1 + t/k0)^-power."""
+    return init * schedules.lr_factor(t, "polynomial", power, k0)
+
+
+def lam_at(cfg: GridWorldConfig, t: int) -> float:
+    """lambda_t = lambda_0 (1 + t/k0)^p, p >= 0: constant or increasing."""
+    return schedules.lambda_at(t, cfg.lam, "polynomial", cfg.lam_power, cfg.step_k0, None)
+
+
+# ----- sampling -----
+def inverse_cdf(cum: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Index i with cum[i-1] < u <= cum[i], row-wise; u in (0, 1] never picks a zero-mass index."""
+    return np.minimum((cum < u[..., None]).sum(-1), cum.shape[-1] - 1)
+
+
+class Sampler:
+    """Draws the random numbers of one walker step and turns them into transitions."""
+
+    def __init__(self, mdp: TabularMDP, batch_size: int):
+        self.mdp, self.B = mdp, batch_size
+        # sparse rows: the K most likely successors of every (s, a) hold all the mass (K <= S)
+        K = int((mdp.P > 0).sum(-1).max())
+        self.succ = np.argsort(-mdp.P, axis=-1, kind="stable")[..., :K]  # [S, A, K]
+        self.cum_P = np.cumsum(np.take_along_axis(mdp.P, self.succ, -1), -1)  # [S, A, K]
+        self.cum_rho = np.cumsum(mdp.rho)
+
+    def uniforms(self, rng: np.random.Generator) -> np.ndarray:
+        """[4, B] uniforms in (0, 1]: action, next state, restart coin, restart state."""
+        return 1.0 - rng.random((4, self.B))
+
+    def start(self, u: np.ndarray) -> np.ndarray:
+        return inverse_cdf(self.cum_rho, u)
+
+
+class ActorCritic:
+    """Tabular softmax actor + soft expected-SARSA critic + its B walkers."""
+
+    def __init__(self, mdp: TabularMDP, states: np.ndarray):
+        self.mdp = mdp
+        self.logits = np.zeros((mdp.n_states, mdp.n_actions))  # the actor's parameters (phi or theta)
+        self.Q = np.zeros((mdp.n_states, mdp.n_actions))  # the critic
+        self.s = states.copy()
+
+    def copy(self) -> "ActorCritic":
+        other = ActorCritic(self.mdp, self.s)
+        other.logits, other.Q = self.logits.copy(), self.Q.copy()
+        return other
+
+    def step(self, sampler: Sampler, reward: np.ndarray, tau: float, alpha: float, beta: float, u: np.ndarray) -> np.ndarray:
+        """One batch: TD(0) critic step (beta), actor step (alpha), walkers move.
+        Returns the batch's empirical (s, a) frequencies [S, A] (an unbiased-in-the-limit sample of d^pi pi)."""
+        mdp = self.mdp
+        S, A, gamma = mdp.n_states, mdp.n_actions, mdp.gamma
+        z = self.logits - self.logits.max(-1, keepdims=True)
+        log_pi = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        pi = np.exp(log_pi)
+        s = self.s
+        a = inverse_cdf(np.cumsum(pi[s], -1), u[0])
+        s_next = sampler.succ[s, a, inverse_cdf(sampler.cum_P[s, a], u[1])]
+        # critic: expected-SARSA soft TD(0), TD errors of walkers sharing an (s, a) averaged
+        V = (pi * (self.Q - tau * log_pi)).sum(-1)
+        td = reward[s, a] + gamma * V[s_next] - self.Q[s, a]
+        idx = s * A + a
+        counts = np.bincount(idx, minlength=S * A)
+        self.Q += beta * (np.bincount(idx, weights=td, minlength=S * A) / np.maximum(counts, 1)).reshape(S, A)
+        # actor: all-action soft policy gradient at the visited states, with the updated critic
+        soft_q = self.Q - tau * log_pi
+        grad = pi * (soft_q - (pi * soft_q).sum(-1, keepdims=True))  # pi * soft advantage
+        visited = np.bincount(s, minlength=S) > 0
+        self.logits[visited] += alpha * grad[visited]
+        # walkers: restart from rho w.p. 1 - gamma, else follow the transition
+        self.s = np.where(u[2] <= 1.0 - gamma, sampler.start(u[3]), s_next)
+        return counts.reshape(S, A) / len(s)
+
+
+def _check_finite(method: str, t: int, **arrays: np.ndarray) -> None:
+    for name, value in arrays.items():
+        if not np.all(np.isfinite(value)):
+            raise FloatingPointError(f"{method}: {name} became non-finite at iteration {t}")
+
+
+def initial_x(problem: GoalProblem, cfg: GridWorldConfig) -> np.ndarray:
+    """x0: the goal position itself, or logits peaked (cells_init_peak) on the cell nearest to it."""
+    x0 = np.asarray(cfg.x0, dtype=np.float64)
+    if problem.parameterization == "position":
+        return x0
+    cell = int(np.argmin(((problem.grid.coords - x0) ** 2).sum(-1)))
+    x = np.zeros(problem.dim)
+    x[cell] = cfg.cells_init_peak
+    return x
+
+
+class _Tracker:
+    """Counts samples and records exact Phi(x) against samples (logging is free, not counted)."""
+
+    def __init__(self, problem: GoalProblem, eval_every: int):
+        self.problem, self.eval_every = problem, eval_every
+        self.samples, self.curve_samples, self.curve_phi = 0, [], []
+
+    def log(self, x: np.ndarray, t: int, force: bool = False) -> None:
+        if force or t % self.eval_every == 0:
+            self.curve_samples.append(int(self.samples))
+            self.curve_phi.append(float(self.problem.phi(x)))
+
+
+# ----- methods -----
+def _penalty_method(problem, cfg, rng, method):
+    """single_loop / fixed_tau / nested_loop: the penalty actor-critic, phi on r_x, theta on r_x - u/lambda."""
+    sampler = Sampler(problem.mdp, cfg.batch_size)
+    u_cost = problem.designer_cost
+    x = initial_x(problem, cfg)
+    states = sampler.start(sampler.uniforms(rng)[3])
+    phi, theta = ActorCritic(problem.mdp, states), ActorCritic(problem.mdp, states)  # the two actors
+    nested = method == "nested_loop"
+    inner = cfg.nested_inner_steps if nested else 1
+    tracker = _Tracker(problem, cfg.eval_every)
+    tracker.log(x, 0)
+    w_sum, n_w = np.zeros_like(u_cost), 0
+    tau = cfg.tau_0
+    for t in range(cfg.iterations):
+        tau = tau_at(cfg, t, decay=method != "fixed_tau")  # entropy weight
+        alpha, beta = poly(cfg.alpha, cfg.alpha_power, t, cfg.step_k0), poly(cfg.beta, cfg.beta_power, t, cfg.step_k0)
+        lam = lam_at(cfg, t)  # penalty coefficient lambda_t
+        r = problem.reward(x)
+        u_phi = sampler.uniforms(rng)
+        u_theta = u_phi if cfg.common_random_numbers else sampler.uniforms(rng)
+        w_phi = phi.step(sampler, r, tau, alpha, beta, u_phi)
+        w_theta = theta.step(sampler, r - u_cost / lam, tau, alpha, beta, u_theta)
+        tracker.samples += 2 * cfg.batch_size
+        if t % inner >= inner // 2:  # nested_loop: estimate from the second half of the inner loop
+            w_sum += w_phi - w_theta
+            n_w += 1
+        if (t + 1) % inner == 0:
+            zeta = poly(cfg.nested_zeta if nested else cfg.zeta, cfg.zeta_power, t // inner, cfg.step_k0 / inner)
+            # h = grad_x f(x, theta) + lambda (E_phi[grad r_x] - E_theta[grad r_x]); grad_x f = grad c (u has no x)
+            h = problem.placement_grad(x) + lam * problem.reward_vjp(x, w_sum / n_w)
+            x = problem.project(x - zeta * h)
+            w_sum[:], n_w = 0.0, 0
+            _check_finite(method, t, h=h, x=x)
+        _check_finite(method, t, critic_phi=phi.Q, critic_theta=theta.Q, actor_phi=phi.logits, actor_theta=theta.logits)
+        tracker.log(x, t + 1, force=t + 1 == cfg.iterations)
+    return x, tau, tracker
+
+
+def _partial_sgd(problem, cfg, rng, method):
+    """The usual alternation: one actor on r_x; x follows grad_x f(x, pi) = grad c(x) only."""
+    sampler = Sampler(problem.mdp, cfg.batch_size)
+    x = initial_x(problem, cfg)
+    actor = ActorCritic(problem.mdp, sampler.start(sampler.uniforms(rng)[3]))
+    tracker = _Tracker(problem, cfg.eval_every)
+    tracker.log(x, 0)
+    tau = cfg.tau_0
+    for t in range(cfg.iterations):
+        tau = tau_at(cfg, t)
+        alpha, beta = poly(cfg.alpha, cfg.alpha_power, t, cfg.step_k0), poly(cfg.beta, cfg.beta_power, t, cfg.step_k0)
+        actor.step(sampler, problem.reward(x), tau, alpha, beta, sampler.uniforms(rng))
+        tracker.samples += cfg.batch_size
+        h = problem.placement_grad(x)  # the data's gradient ignores how pi*(x) moves with x
+        x = problem.project(x - poly(cfg.zeta, cfg.zeta_power, t, cfg.step_k0) * h)
+        _check_finite(method, t, h=h, x=x, critic=actor.Q, actor=actor.logits)
+        tracker.log(x, t + 1, force=t + 1 == cfg.iterations)
+    return x, tau, tracker
+
+
+def _finite_difference(problem, cfg, rng, method):
+    """Zeroth-order hypergradient: central differences of a sampled Phi estimate (coordinates for
+    'position', Gaussian-smoothing directions for 'cells'); each estimate warm-starts an actor-critic
+    from the base actor, runs fd_inner_steps on r_{x +- eps v}, and averages u over the second half."""
+    sampler = Sampler(problem.mdp, cfg.batch_size)
+    x = initial_x(problem, cfg)
+    base = ActorCritic(problem.mdp, sampler.start(sampler.uniforms(rng)[3]))
+    tracker = _Tracker(problem, cfg.eval_every)
+    tracker.log(x, 0)
+    K = cfg.fd_inner_steps
+    t, k, tau = 0, 0, cfg.tau_0
+    last_logged = 0
+
+    def solve(ac: ActorCritic, x_eval: np.ndarray, stream: np.random.Generator) -> float:
+        nonlocal t
+        r, f_sum = problem.reward(x_eval), 0.0
+        for j in range(K):
+            tau_t = tau_at(cfg, t)
+            alpha, beta = poly(cfg.alpha, cfg.alpha_power, t, cfg.step_k0), poly(cfg.beta, cfg.beta_power, t, cfg.step_k0)
+            w = ac.step(sampler, r, tau_t, alpha, beta, sampler.uniforms(stream))
+            if j >= K // 2:
+                f_sum += float((w * problem.designer_cost).sum())
+            t += 1
+            tracker.samples += cfg.batch_size
+        return f_sum / (K - K // 2) + float(problem.placement_cost(x_eval))
+
+    while t < cfg.iterations:
+        tau = tau_at(cfg, t)
+        solve(base, x, rng)  # keep the base actor at the current x
+        if problem.parameterization == "position":
+            directions = np.eye(problem.dim)
+        else:
+            directions = rng.normal(size=(cfg.fd_directions, problem.dim))
+        seed = int(rng.integers(2**63))  # common random numbers for all the perturbed evaluations
+        g = np.zeros(problem.dim)
+        for v in directions:
+            f_plus = solve(base.copy(), x + cfg.fd_eps * v, np.random.default_rng(seed))
+            f_minus = solve(base.copy(), x - cfg.fd_eps * v, np.random.default_rng(seed))
+            g += (f_plus - f_minus) / (2.0 * cfg.fd_eps) * v
+        g /= len(directions) if problem.parameterization == "cells" else 1.0
+        x = problem.project(x - poly(cfg.fd_zeta, cfg.zeta_power, k, cfg.step_k0 / ((1 + 2 * len(directions)) * K)) * g)
+        k += 1
+        _check_finite(method, t, h=g, x=x, critic=base.Q, actor=base.logits)
+        if t - last_logged >= cfg.eval_every:
+            tracker.log(x, t, force=True)
+            last_logged = t
+    tracker.log(x, t, force=True)
+    return x, tau, tracker
+
+
+def _exact(problem, cfg, rng, method):
+    """Gradient descent on Phi_tau with the exact hypergradient; uses the model, so it spends no
+    samples. exact: tau = exact_tau fixed. exact_decay: the sampled methods' decaying tau path,
+    compressed onto exact_iterations steps (step k uses tau_t at t = k * iterations / exact_iterations)."""
+    x = initial_x(problem, cfg)
+    tracker = _Tracker(problem, max(1, cfg.exact_iterations // 50))
+    tracker.log(x, 0)
+    tau = cfg.exact_tau
+    for k in range(cfg.exact_iterations):
+        if method == "exact_decay":
+            tau = tau_at(cfg, round(k * cfg.iterations / cfg.exact_iterations))
+        _, g = problem.hypergradient(x, tau)
+        x = problem.project(x - cfg.exact_zeta * g)
+        _check_finite(method, k, h=g, x=x)
+        tracker.log(x, k + 1, force=k + 1 == cfg.exact_iterations)
+    return x, tau, tracker
+
+
+_RUNNERS = {
+    "single_loop": _penalty_method,
+    "fixed_tau": _penalty_method,
+    "nested_loop": _penalty_method,
+    "finite_difference": _finite_difference,
+    "partial_sgd": _partial_sgd,
+    "exact": _exact,
+    "exact_decay": _exact,
+}
+assert set(_RUNNERS) == set(METHODS)
+
+
+def run_method(problem: GoalProblem, cfg: GridWorldConfig, method: str, seed: int) -> RunResult:
+    """Run one method from the config's initial x; final x is evaluated exactly on Phi and Phi_tau."""
+    if method not in _RUNNERS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught by _check_finite
+        x, tau_final, tracker = _RUNNERS[method](problem, cfg, rng, method)
+    seconds = time.perf_counter() - start
+    tau_eval = tau_final if tau_final > 0 else cfg.tau_min
+    return RunResult(
+        method=method, seed=seed, x=x, phi=float(problem.phi(x)),
+        phi_tau=float(problem.phi(x, tau_eval)) if tau_eval > 0 else float(problem.phi(x)),
+        tau_final=float(tau_final), samples=int(tracker.samples), seconds=seconds,
+        curve_samples=tracker.curve_samples, curve_phi=tracker.curve_phi,
+    )
+
+
+def build_problem(cfg: GridWorldConfig) -> GoalProblem:
+    """The GoalProblem instance a config describes."""
+    from .mdp import make_grid
+
+    grid = make_grid(cfg.layout, slip=cfg.slip, gamma=cfg.gamma)
+    return GoalProblem(grid, parameterization=cfg.parameterization, reward_scale=cfg.reward_scale,
+                       bump_width=cfg.bump_width, hazard_cost=cfg.hazard_cost, target_bonus=cfg.target_bonus,
+                       placement_weight=cfg.placement_weight)

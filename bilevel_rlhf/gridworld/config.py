@@ -1,0 +1,137 @@
+"""The GridWorld recipe's configuration: one flat dataclass, validated before any work starts,
+loadable from YAML and overridable from the command line (``--field value``)."""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .mdp import DEFAULT_LAYOUT
+
+# exact: oracle descent on Phi_tau at a fixed tau; exact_decay: the same along the decaying tau path
+METHODS = ("single_loop", "fixed_tau", "nested_loop", "finite_difference", "partial_sgd", "exact", "exact_decay")
+
+
+@dataclass
+class GridWorldConfig:
+    """Instance, algorithm and recipe settings. Schedules are indexed by the walker step t
+    (one batch of transitions per actor), so every sampled method is compared at the same budget."""
+
+    # ----- instance -----
+    layout: list[str] = field(default_factory=lambda: list(DEFAULT_LAYOUT),
+                              metadata={"help": "ASCII grid: '#' wall, 'S' start, 'T' target, 'H' hazard, '.' free."})
+    slip: float = field(default=0.05, metadata={"help": "Probability that a uniformly random action is executed, in [0, 1]."})
+    gamma: float = field(default=0.9, metadata={"help": "Discount factor, in [0, 1)."})
+    parameterization: str = field(default="position", metadata={"help": "Goal parameterization: 'position' (2-D bump) or 'cells' (softmax logits)."})
+    reward_scale: float = field(default=1.0, metadata={"help": "R, the agent's goal reward scale (> 0)."})
+    bump_width: float = field(default=0.7, metadata={"help": "sigma of the radial reward bump, in cells (> 0)."})
+    hazard_cost: float = field(default=2.0, metadata={"help": "Designer cost u on hazard cells (>= 0); the agent ignores it."})
+    target_bonus: float = field(default=1.0, metadata={"help": "Designer gain (-u) on target cells (>= 0)."})
+    placement_weight: float = field(default=0.01, metadata={"help": "kappa of the placement cost c(x) = kappa * squared distance to the target centre (>= 0)."})
+    x0: list[float] = field(default_factory=lambda: [4.0, 0.0], metadata={"help": "Initial goal (row, col). 'cells': logits cells_init_peak on the nearest cell, 0 elsewhere."})
+    cells_init_peak: float = field(default=4.0, metadata={"help": "Initial logit of the start cell for the 'cells' parameterization."})
+    # ----- algorithms -----
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Methods to run, from {METHODS}."})
+    iterations: int = field(default=2000, metadata={"help": "Walker steps per sampled method (each = batch_size transitions per actor)."})
+    batch_size: int = field(default=128, metadata={"help": "B, parallel walkers per actor (>= 1)."})
+    tau_0: float = field(default=0.3, metadata={"help": "Initial entropy weight tau_0 (> 0); fixed_tau keeps it."})
+    tau_min: float = field(default=0.02, metadata={"help": "Floor of the decaying tau (0 <= tau_min <= tau_0)."})
+    tau_k0: float = field(default=500.0, metadata={"help": "k0 in tau_t = max(tau_min, tau_0 (1 + t/k0)^-c) (> 0)."})
+    tau_power: float = field(default=1.0, metadata={"help": "c in the tau schedule (>= 0; a negative power would increase tau)."})
+    beta: float = field(default=0.5, metadata={"help": "Critic step beta_0 (fastest)."})
+    alpha: float = field(default=0.5, metadata={"help": "Actor step alpha_0 (<= beta_0)."})
+    zeta: float = field(default=0.05, metadata={"help": "Upper-variable step zeta_0 (<= alpha_0, slowest)."})
+    beta_power: float = field(default=0.0, metadata={"help": "Polynomial decay power of beta_t = beta_0 (1 + t/step_k0)^-p (>= 0)."})
+    alpha_power: float = field(default=0.0, metadata={"help": "Decay power of alpha_t (>= beta_power)."})
+    zeta_power: float = field(default=0.5, metadata={"help": "Decay power of zeta_t (>= alpha_power)."})
+    step_k0: float = field(default=1000.0, metadata={"help": "Time constant of the step-size decays (> 0)."})
+    lam: float = field(default=10.0, metadata={"help": "Penalty coefficient lambda_0 (> 0)."})
+    lam_power: float = field(default=0.0, metadata={"help": "lambda_t = lambda_0 (1 + t/step_k0)^p, p >= 0 (constant or increasing)."})
+    common_random_numbers: bool = field(default=True, metadata={"help": "Drive phi's and theta's walkers with the same random numbers (variance reduction of the lambda-weighted difference)."})
+    nested_inner_steps: int = field(default=20, metadata={"help": "nested_loop: actor-critic steps at fixed x before each x step (>= 1)."})
+    nested_zeta: float = field(default=0.25, metadata={"help": "nested_loop: x step size zeta_0 (decays like zeta)."})
+    fd_inner_steps: int = field(default=20, metadata={"help": "finite_difference: warm-started actor-critic steps per Phi evaluation (>= 1)."})
+    fd_eps: float = field(default=0.25, metadata={"help": "finite_difference: perturbation size (> 0)."})
+    fd_directions: int = field(default=4, metadata={"help": "finite_difference, 'cells': random Gaussian directions per step (>= 1)."})
+    fd_zeta: float = field(default=4.0, metadata={"help": "finite_difference: x step size zeta_0 (decays like zeta)."})
+    exact_iterations: int = field(default=300, metadata={"help": "exact, exact_decay: gradient steps on Phi_tau."})
+    exact_tau: float = field(default=0.1, metadata={"help": "exact: the fixed tau of Phi_tau (> 0)."})
+    exact_zeta: float = field(default=0.5, metadata={"help": "exact, exact_decay: step size (constant)."})
+    eval_every: int = field(default=50, metadata={"help": "Record exact Phi(x) every this many walker steps (logging, not counted as samples)."})
+    # ----- recipe -----
+    seeds: int = field(default=5, metadata={"help": "Number of seeds (0, 1, ..., seeds-1)."})
+    search_step: float = field(default=0.5, metadata={"help": "Global search grid spacing for 'position' (> 0)."})
+    search_refine_step: float = field(default=0.05, metadata={"help": "Refinement spacing around the best grid point (> 0)."})
+    output_dir: str = field(default="outputs/gridworld", metadata={"help": "Where results.json, instance.npz, plots go."})
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and its allowed range."""
+
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"config field {name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+        need(0.0 <= self.slip <= 1.0, "slip", "in [0, 1]")
+        need(0.0 <= self.gamma < 1.0, "gamma", "in [0, 1)")
+        need(self.parameterization in ("position", "cells"), "parameterization", "'position' or 'cells'")
+        for name in ("reward_scale", "bump_width", "tau_0", "tau_k0", "beta", "alpha", "zeta", "step_k0", "lam",
+                     "nested_zeta", "fd_eps", "fd_zeta", "exact_tau", "exact_zeta", "search_step", "search_refine_step"):
+            need(getattr(self, name) > 0, name, "> 0")
+        for name in ("hazard_cost", "target_bonus", "placement_weight", "tau_power", "beta_power", "lam_power"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        need(0.0 <= self.tau_min <= self.tau_0, "tau_min", f"in [0, tau_0={self.tau_0}]")
+        need(len(self.x0) == 2, "x0", "a (row, col) pair")
+        # three time-scales: beta_t >= alpha_t >= zeta_t for every t
+        need(self.alpha <= self.beta, "alpha", f"<= beta={self.beta} (critic fastest)")
+        need(self.zeta <= self.alpha, "zeta", f"<= alpha={self.alpha} (x slowest)")
+        need(self.alpha_power >= self.beta_power, "alpha_power", f">= beta_power={self.beta_power}")
+        need(self.zeta_power >= self.alpha_power, "zeta_power", f">= alpha_power={self.alpha_power}")
+        for name in ("iterations", "batch_size", "nested_inner_steps", "fd_inner_steps", "fd_directions",
+                     "exact_iterations", "eval_every", "seeds"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+        unknown = [m for m in self.methods if m not in METHODS]
+        need(not unknown and len(self.methods) > 0, "methods", f"a non-empty list from {METHODS} (unknown: {unknown})")
+
+
+def _parse_value(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(default, list):
+        items = [t for t in text.split(",") if t]
+        return [type(default[0])(t) for t in items] if default else items
+    return type(default)(text)
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> GridWorldConfig:
+    """Config from a YAML file (flat mapping of field names) with overrides applied on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+    values.update(overrides or {})
+    names = {f.name for f in dataclasses.fields(GridWorldConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(names)}")
+    return GridWorldConfig(**values)
+
+
+def parse_args(argv: list[str] | None = None) -> GridWorldConfig:
+    """``--config file.yaml`` plus ``--<field> value`` for any field (lists comma-separated)."""
+    parser = argparse.ArgumentParser(description="Bilevel RL on the tabular GridWorld goal-placement problem.")
+    parser.add_argument("--config", default=None, help="YAML config file (flat field: value mapping).")
+    defaults = GridWorldConfig()
+    for f in dataclasses.fields(GridWorldConfig):
+        parser.add_argument(f"--{f.name}", default=None, help=f.metadata.get("help", ""))
+    args = vars(parser.parse_args(argv))
+    path = args.pop("config")
+    overrides = {k: _parse_value(v, getattr(defaults, k)) for k, v in args.items() if v is not None}
+    return load_config(path, overrides)

@@ -1,0 +1,138 @@
+"""Tabular MDPs: the dataclass, its validation, and grid builders (ASCII layouts).
+
+Conventions: P[s, a, s'] = Pr(s' | s, a) (independent of the upper variable x), rho[s] the start
+distribution, gamma in [0, 1). Grid cells are indexed s = row * n_cols + col.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# moves of the grid actions, as (d_row, d_col): up, down, left, right, stay
+GRID_MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]])
+GRID_ACTION_NAMES = ("up", "down", "left", "right", "stay")
+
+# The default 10x10 layout. '#' wall, 'S' start, 'T' designer's target, 'H' hazard, '.' free.
+# The target is a one-cell-wide bridge between two rows of hazards. Reaching its centre from the
+# start means crossing the lower hazard row (the agent does not care); its left end is reached
+# around the hazards, and an agent that sits on it is safe only while it does not dither: an
+# entropy-regularized (tau > 0) agent steps into the flanking hazards. See problem.py for the costs.
+DEFAULT_LAYOUT = (
+    "..........",
+    "..........",
+    "..........",
+    "..HHHHHH..",
+    "..TTTTTT..",
+    "..HHHHHH..",
+    "S.........",
+    "..........",
+    "..........",
+    "..........",
+)
+
+
+@dataclass(frozen=True)
+class TabularMDP:
+    """A finite discounted MDP with a reward-free transition model (the reward comes from x)."""
+
+    P: np.ndarray  # [S, A, S] transition probabilities
+    rho: np.ndarray  # [S] start distribution
+    gamma: float  # discount factor in [0, 1)
+
+    def __post_init__(self) -> None:
+        P = np.asarray(self.P, dtype=np.float64)
+        rho = np.asarray(self.rho, dtype=np.float64)
+        object.__setattr__(self, "P", P)
+        object.__setattr__(self, "rho", rho)
+        validate_mdp(P, rho, self.gamma)
+
+    @property
+    def n_states(self) -> int:
+        return self.P.shape[0]
+
+    @property
+    def n_actions(self) -> int:
+        return self.P.shape[1]
+
+
+def validate_mdp(P: np.ndarray, rho: np.ndarray, gamma: float, atol: float = 1e-10) -> None:
+    """Raise ValueError naming the field and the allowed range if (P, rho, gamma) is not an MDP."""
+    if P.ndim != 3 or P.shape[0] != P.shape[2] or P.shape[0] < 1 or P.shape[1] < 1:
+        raise ValueError(f"P must have shape [S, A, S] with S, A >= 1, got {P.shape}")
+    if rho.shape != (P.shape[0],):
+        raise ValueError(f"rho must have shape [S]=[{P.shape[0]}], got {rho.shape}")
+    if not (np.all(np.isfinite(P)) and np.all(np.isfinite(rho))):
+        raise ValueError("P and rho must be finite")
+    if np.any(P < 0) or np.max(np.abs(P.sum(-1) - 1.0)) > atol:
+        raise ValueError(
+            "P must be row-stochastic: P[s, a, :] >= 0 and sum_s' P[s, a, s'] = 1 "
+            f"(max row-sum error {np.max(np.abs(P.sum(-1) - 1.0)):.3g}, min entry {P.min():.3g})"
+        )
+    if np.any(rho < 0) or abs(rho.sum() - 1.0) > atol:
+        raise ValueError(f"rho must be a probability vector (>= 0, sums to 1), sums to {rho.sum():.6g}")
+    if not (np.isfinite(gamma) and 0.0 <= gamma < 1.0):
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+
+
+@dataclass(frozen=True)
+class GridMDP:
+    """A grid world: the tabular MDP plus the cell geometry and the layout's masks."""
+
+    mdp: TabularMDP
+    layout: tuple[str, ...]
+    coords: np.ndarray = field(repr=False)  # [S, 2] (row, col) of every cell, float64
+    wall: np.ndarray = field(repr=False)  # [S] bool
+    hazard: np.ndarray = field(repr=False)  # [S] bool
+    target: np.ndarray = field(repr=False)  # [S] bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.layout), len(self.layout[0])
+
+
+def make_grid(layout: tuple[str, ...] | list[str] = DEFAULT_LAYOUT, slip: float = 0.1, gamma: float = 0.9) -> GridMDP:
+    """Build a grid world from an ASCII layout.
+
+    Actions: up, down, left, right, stay. With probability ``slip`` the executed action is drawn
+    uniformly from all 5 actions instead of the chosen one. Moving into a wall or off the grid
+    leaves the agent in place. Walls are states that are never entered (absorbing, rho = 0).
+    The start distribution is uniform over the 'S' cells.
+    """
+    layout = tuple(layout)
+    if len(layout) == 0 or any(len(row) != len(layout[0]) for row in layout):
+        raise ValueError("layout must be a non-empty list of equally long strings")
+    bad = set("".join(layout)) - set(".#STH")
+    if bad:
+        raise ValueError(f"layout may only contain the characters '.#STH', got {sorted(bad)}")
+    if not 0.0 <= slip <= 1.0:
+        raise ValueError(f"slip must be in [0, 1], got {slip}")
+    n_rows, n_cols = len(layout), len(layout[0])
+    grid = np.array([list(row) for row in layout])
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    coords = np.stack([rows, cols], axis=1).astype(np.float64)
+    flat = grid.reshape(-1)
+    wall, start = flat == "#", flat == "S"
+    if not start.any():
+        raise ValueError("layout must contain at least one start cell 'S'")
+
+    S, A = n_rows * n_cols, len(GRID_MOVES)
+    # deterministic successor of every (cell, move), vectorized over both
+    nr = rows[:, None] + GRID_MOVES[None, :, 0]
+    nc = cols[:, None] + GRID_MOVES[None, :, 1]
+    inside = (nr >= 0) & (nr < n_rows) & (nc >= 0) & (nc < n_cols)
+    dest = np.where(inside, nr.clip(0, n_rows - 1) * n_cols + nc.clip(0, n_cols - 1), np.arange(S)[:, None])
+    dest = np.where(wall[dest] | wall[:, None], np.arange(S)[:, None], dest)  # blocked: stay
+    move = np.zeros((S, A, S))
+    move[np.arange(S)[:, None], np.arange(A)[None, :], dest] = 1.0
+    # executed action = chosen w.p. 1 - slip, uniform over all actions w.p. slip
+    P = (1.0 - slip) * move + slip * move.mean(axis=1, keepdims=True)
+    P[wall] = np.eye(S)[wall][:, None, :]
+    rho = start / start.sum()
+    return GridMDP(
+        mdp=TabularMDP(P=P, rho=rho, gamma=gamma),
+        layout=layout,
+        coords=coords,
+        wall=wall,
+        hazard=flat == "H",
+        target=flat == "T",
+    )
