@@ -1,0 +1,309 @@
+"""Evaluation of trained happy-tweet policies on the held-out prompts.
+
+For each policy: `num_samples` sampled completions (temperature 1, full softmax) for each of the first
+`num_prompts` held-out prompts, and
+  - `vader_mean`: mean VADER compound of the completions (what the oracle scores in training), in [-1, 1];
+  - `vader_frac_gt_0.5`: fraction of completions with compound > 0.5 (clearly happy);
+  - `kl_to_initial`: KL(pi || pi_0) of the completion distributions, nats per completion, estimated on pi's samples
+    by the sum over generated positions of the exact next-token KL,
+        KL_hat = mean_i sum_t KL( pi(.|s_t^i) || pi_0(.|s_t^i) ),   s_t^i = prompt + first t tokens of sample i,
+    an unbiased estimate (chain rule of KL) with lower variance than the sampled log-ratio sum; `kl_to_initial_se`
+    is its standard error over samples;
+  - `distinct_1`, `distinct_2`: distinct word uni-/bigrams over all n-grams of all completions (Li et al. 2016);
+  - `mean_length`: completion tokens (eos included);
+  - a few samples (prompt + completion, through `filter_text`).
+Writes `results.json`, `results.md` (a Markdown table, mean +- std over runs of the same method) and
+`oracle_curve.png` (the oracle score of theta's training samples against oracle queries, from each run's
+`summary.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+METRICS = ("vader_mean", "vader_frac_gt_0.5", "kl_to_initial", "distinct_1", "distinct_2", "mean_length")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_policy(path: str | os.PathLike):
+    """(model in eval mode, tokenizer) from a trained run's folder or any causal-LM folder; errors name the path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"policy folder not found: {path}")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ValueError(f"policy folder {path} has no config.json or adapter_config.json: not a saved model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"cannot load the policy in {path}: {type(e).__name__}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's `summary.json` (written by the recipe), or None when absent."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"corrupt run summary {path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct whitespace-word n-grams over all n-grams of all texts (0 when there are none)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sequence_kl(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """[N] sum over completion positions t of KL(policy(.|s_t) || ref(.|s_t)) (exact over the vocabulary).
+
+    `input_ids` = left-padded prompts (width `prompt_length`) + right-padded completions; `completion_mask` [N, T]
+    is 1 on generated tokens (up to and including eos). Its mean over samples from `policy` estimates the KL of
+    the completion distributions without bias.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": _position_ids(attention_mask)}
+    T = completion_mask.shape[1]
+    # logits at position j predict token j + 1: the completion's tokens are predicted at P-1 .. P+T-2
+    logp = torch.log_softmax(policy(**kwargs).logits[:, prompt_length - 1 : prompt_length - 1 + T].float(), -1)
+    logq = torch.log_softmax(ref(**kwargs).logits[:, prompt_length - 1 : prompt_length - 1 + T].float(), -1)
+    kl_t = (logp.exp() * (logp - logq)).sum(-1)  # [N, T]
+    return (kl_t * completion_mask).sum(1)
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """Sample one completion per prompt (tokenized as the trainer does: no special tokens, left padding)."""
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    P = enc["input_ids"].shape[1]
+    completion = out[:, P:]
+    T = completion.shape[1]
+    eos = tokenizer.eos_token_id
+    is_eos = completion == eos
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((len(prompts),), T - 1))
+    mask = (torch.arange(T)[None, :] <= first[:, None]).long()
+    completion = torch.where(mask.bool(), completion, tokenizer.pad_token_id)
+    return {
+        "input_ids": torch.cat([enc["input_ids"], completion], 1),
+        "attention_mask": torch.cat([enc["attention_mask"], mask], 1),
+        "prompt_length": P,
+        "completion_mask": mask,
+        "texts": tokenizer.batch_decode(completion, skip_special_tokens=True),
+    }
+
+
+def evaluate_policy(
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    ref: torch.nn.Module,
+    prompts: list[str],
+    num_samples: int = 4,
+    max_new_tokens: int = 24,
+    batch_size: int = 64,
+    seed: int = 0,
+    num_shown: int = 5,
+) -> dict[str, Any]:
+    """Metrics of one policy on `prompts` (see the module docstring); `ref` is the initial policy pi_0."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from .data import filter_text
+
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"num_samples, max_new_tokens and batch_size must be >= 1, got "
+                         f"{num_samples}, {max_new_tokens}, {batch_size}")
+    ref_vocab = ref.get_output_embeddings().weight.shape[0]
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    if vocab != ref_vocab:
+        raise ValueError(f"the policy and the initial policy have different vocabularies ({vocab} vs {ref_vocab}): "
+                         "the KL needs the same tokenizer")
+    analyzer = SentimentIntensityAnalyzer()
+    torch.manual_seed(seed)
+    rows = [p for p in prompts for _ in range(num_samples)]  # sample j of prompt i at row i * num_samples + j
+    texts, kls, lengths = [], [], []
+    for start in range(0, len(rows), batch_size):
+        batch = sample_completions(policy, tokenizer, rows[start : start + batch_size], max_new_tokens)
+        kls.append(sequence_kl(policy, ref, batch["input_ids"], batch["attention_mask"], batch["prompt_length"],
+                               batch["completion_mask"]))
+        lengths.append(batch["completion_mask"].sum(1).float())
+        texts += batch["texts"]
+    kl = torch.cat(kls).double()
+    if not bool(torch.isfinite(kl).all()):
+        raise FloatingPointError("non-finite KL to the initial policy in the evaluation")
+    scores = np.array([analyzer.polarity_scores(t)["compound"] for t in texts])
+    shown = [filter_text(rows[i * num_samples] + texts[i * num_samples]) for i in range(min(num_shown, len(prompts)))]
+    return {
+        "vader_mean": float(scores.mean()),
+        "vader_se": float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else 0.0,
+        "vader_frac_gt_0.5": float((scores > 0.5).mean()),
+        "kl_to_initial": float(kl.mean()),
+        "kl_to_initial_se": float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0,
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "mean_length": float(torch.cat(lengths).mean()),
+        "num_completions": len(texts),
+        "samples": shown,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- several runs
+def evaluate_runs(
+    runs: dict[str, str],
+    base_model: str | None = None,
+    include_base: bool = True,
+    num_prompts: int = 64,
+    num_samples: int = 4,
+    max_new_tokens: int = 24,
+    batch_size: int = 64,
+    seed: int = 0,
+    n_prompt_words: int = 4,
+    eval_fraction: float = 0.1,
+) -> dict[str, Any]:
+    """Evaluate every run folder of `runs` (name -> folder) against the initial policy `base_model`.
+
+    `base_model` None: the `model_name_or_path` recorded in the first run's summary, else the embedded default.
+    Each run's group (for the table) is its summary's method, else its name; an `initial` row evaluates pi_0.
+    """
+    from .build_model import get_default_model
+    from .data import load_prompt_dataset
+
+    if not runs and not include_base:
+        raise ValueError("nothing to evaluate: give at least one run or include_base=True")
+    summaries = {name: read_summary(path) for name, path in runs.items()}
+    if base_model is None:
+        recorded = [s["model_name_or_path"] for s in summaries.values() if s and s.get("model_name_or_path")]
+        base_model = recorded[0] if recorded else str(get_default_model())
+    ref, ref_tokenizer = load_policy(base_model)
+    prompts = load_prompt_dataset("eval", n_prompt_words, eval_fraction)["prompt"][:num_prompts]
+    kwargs = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+
+    results: list[dict[str, Any]] = []
+    if include_base:
+        row = evaluate_policy(ref, ref_tokenizer, ref, prompts, **kwargs)
+        results.append({"name": "initial", "group": "initial", "path": base_model, **row})
+    for name, path in runs.items():
+        policy, tokenizer = load_policy(path)
+        summary = summaries[name] or {}
+        row = evaluate_policy(policy, tokenizer, ref, prompts, **kwargs)
+        results.append({
+            "name": name, "group": summary.get("method", name), "path": str(path), "seed": summary.get("seed"),
+            "oracle_queries": summary.get("oracle_queries"), "train_seconds": summary.get("seconds"), **row,
+        })
+    return {
+        "base_model": base_model, "num_prompts": len(prompts), "num_samples": num_samples,
+        "max_new_tokens": max_new_tokens, "seed": seed, "results": results,
+        "curves": {name: (s or {}).get("oracle_curve", []) for name, s in summaries.items()},
+        "groups": {name: (s or {}).get("method", name) for name, s in summaries.items()},
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """One row per group: mean (+- std over its runs when there are several) of each metric."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in report["results"]:
+        groups[row["group"]].append(row)
+    header = ["method", "runs", "oracle queries", "VADER mean", "frac > 0.5", "KL to initial", "distinct-1",
+              "distinct-2", "length"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(values: list[float], digits: int = 3) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+    for group, rows in groups.items():
+        queries = [r.get("oracle_queries") for r in rows if r.get("oracle_queries") is not None]
+        cells = [group, str(len(rows)), str(int(np.mean(queries))) if queries else "0"]
+        cells += [cell([r[m] for r in rows], 2 if m == "mean_length" else 3) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{report['num_prompts']} held-out prompts x {report['num_samples']} samples, temperature 1, at most "
+                 f"{report['max_new_tokens']} tokens; KL in nats per completion; base model {report['base_model']}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict[str, Any], path: str | os.PathLike, smooth: int = 5) -> bool:
+    """Oracle score of theta's training samples against oracle queries, one color per group; False if no curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: c for name, c in report["curves"].items() if c}
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors: dict[str, str] = {}
+    for name, curve in curves.items():
+        group = report["groups"][name]
+        x = np.array([p["oracle/queries"] for p in curve], dtype=float)
+        y = np.array([p["oracle/score_theta"] for p in curve], dtype=float)
+        k = max(1, min(smooth, len(y)))
+        y_smooth = np.convolve(y, np.ones(k) / k, mode="valid")  # trailing moving average
+        label = None if group in colors else group  # one legend entry per group (seeds share a color)
+        color = colors.setdefault(group, f"C{len(colors)}")
+        ax.plot(x[k - 1 :], y_smooth, color=color, label=label, lw=1.5)
+    ax.set_xlabel("oracle queries (bilevel: labelled pairs; RLOO: scored completions)")
+    ax.set_ylabel(f"oracle score of training samples (moving avg {smooth})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, str]:
+    """Write results.json, results.md and oracle_curve.png (when curves exist); returns their paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(output_dir / "results.json"), "markdown": str(output_dir / "results.md")}
+    Path(paths["json"]).write_text(json.dumps(report, indent=1) + "\n")
+    table = markdown_table(report)
+    samples = ["", "Samples (first held-out prompts, profanity masked):", ""]
+    for row in report["results"]:
+        samples.append(f"- **{row['name']}**: " + " / ".join(f"`{s.replace('`', chr(39))}`" for s in row["samples"][:3]))
+    Path(paths["markdown"]).write_text(table + "\n".join(samples) + "\n")
+    if plot_curves(report, output_dir / "oracle_curve.png"):
+        paths["plot"] = str(output_dir / "oracle_curve.png")
+    return paths

@@ -1,0 +1,167 @@
+"""Compare single_loop, fixed_tau, partial_sgd and TRL's RLOO on the happy-tweet task, same oracle budget and seeds.
+
+    python scripts/compare_happy_tweet.py                              # 1 seed, defaults of recipes/happy_tweet/config.yaml
+    python scripts/compare_happy_tweet.py --seeds 0 1 2 --queries 1600 --output_dir outputs/compare
+    python scripts/compare_happy_tweet.py --methods single_loop rloo -- --actor_learning_rate 1e-4   # recipe overrides
+
+Each bilevel method runs the recipe (`python -m bilevel_rlhf.happy_tweet.recipe`, one subprocess per run) with
+`max_steps` set so that it uses `--queries` oracle queries (labelled pairs of theta's completions). The reference
+point is TRL's `RLOOTrainer` optimizing the VADER compound score directly (reward function = the oracle's score):
+an oracle-reward upper bound, not a bilevel method; its "queries" are scored completions (each one scalar score,
+more information than one pairwise label). It uses the same model, prompts, completion length, temperature,
+learning rate (the actor's), completions per prompt, PPO epochs (`num_iterations`) and mini-batches
+(`steps_per_generation`) as the bilevel runs, and `--rloo_beta` as its KL coefficient. Runs whose summary.json says
+"completed" are skipped, so an interrupted comparison continues where it stopped. Finally every run is evaluated
+(scripts/evaluate_happy_tweet.py) into OUTPUT_DIR/eval: results.json, results.md, oracle_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+BILEVEL_METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop")
+METHODS = BILEVEL_METHODS + ("rloo",)
+
+
+def parse_recipe_args(config: str, overrides: list[str]):
+    from bilevel_rlhf.happy_tweet.recipe import make_parser
+
+    return make_parser().parse_args_and_config(["--config", config] + overrides)
+
+
+def completed(run_dir: Path, queries: int) -> bool:
+    """Whether run_dir holds a completed run that used `queries` oracle queries (else it is run again)."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    s = json.loads(summary.read_text())
+    return s.get("status") == "completed" and s.get("oracle_queries") == queries
+
+
+def run_bilevel(method: str, seed: int, max_steps: int, run_dir: Path, config: str, overrides: list[str]) -> None:
+    cmd = [sys.executable, "-m", "bilevel_rlhf.happy_tweet.recipe", "--config", config, *overrides,
+           "--method", method, "--seed", str(seed), "--max_steps", str(max_steps), "--output_dir", str(run_dir),
+           "--save_strategy", "no", "--report_to", "none"]
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+class CountingScore:
+    """RLOO reward function: the oracle's score of each completion, counting scored completions as queries."""
+
+    def __init__(self, oracle):
+        self.oracle, self.queries, self.curve = oracle, 0, []
+        self.__name__ = f"{oracle.name}_score"
+
+    def __call__(self, prompts, completions, **kwargs):
+        scores = self.oracle.score(list(prompts), list(completions))
+        self.queries += len(completions)
+        self.curve.append({"oracle/queries": float(self.queries), "oracle/score_theta": float(sum(scores) / len(scores))})
+        return scores
+
+
+def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float) -> None:
+    """TRL RLOO on the oracle's score with the bilevel runs' sampling and optimization settings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from bilevel_rlhf.happy_tweet.data import load_prompt_dataset
+    from bilevel_rlhf.happy_tweet.recipe import SUMMARY_NAME, make_oracle, resolve_model_path
+
+    script_args, a, model_args = parse_recipe_args(config, overrides)
+    t0 = time.time()
+    B, n = a.per_device_train_batch_size, a.num_completions
+    iterations = max(1, queries // (B * n))
+    args = RLOOConfig(
+        output_dir=str(run_dir), seed=seed, use_cpu=a.use_cpu, bf16=False, report_to="none", save_strategy="no",
+        per_device_train_batch_size=B * n // a.num_mini_batches, steps_per_generation=a.num_mini_batches,
+        num_generations=n, num_iterations=a.num_ppo_epochs, max_steps=iterations * a.num_mini_batches * a.num_ppo_epochs,
+        learning_rate=a.actor_learning_rate, lr_scheduler_type="constant", max_grad_norm=a.max_grad_norm,
+        max_completion_length=a.max_completion_length, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+        epsilon=a.cliprange, beta=beta, disable_dropout=True, logging_steps=a.logging_steps,
+        dataloader_num_workers=0,
+    )
+    path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    prompts = load_prompt_dataset("train", script_args.n_prompt_words, script_args.eval_fraction,
+                                  script_args.tweets_path).select_columns(["prompt"])
+    oracle = make_oracle(script_args, seed)
+    reward = CountingScore(oracle)
+    trainer = RLOOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[reward], args=args,
+                          train_dataset=prompts, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(run_dir))
+    summary = {"status": "completed", "method": "rloo", "seed": seed, "oracle": script_args.oracle,
+               "model_name_or_path": path, "oracle_queries": reward.queries, "seconds": round(time.time() - t0, 1),
+               "iterations": iterations, "global_step": trainer.state.global_step, "beta": beta,
+               "oracle_curve": reward.curve, "log_history": trainer.state.log_history,
+               "note": "queries = scored completions (one scalar oracle score each)"}
+    (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--methods", nargs="+", default=["single_loop", "fixed_tau", "partial_sgd", "rloo"],
+                        choices=METHODS)
+    parser.add_argument("--queries", type=int, default=960, help="oracle queries per run (default 960)")
+    parser.add_argument("--config", default=str(ROOT / "recipes/happy_tweet/config.yaml"))
+    parser.add_argument("--output_dir", default="outputs/happy_tweet_compare")
+    parser.add_argument("--rloo_beta", type=float, default=0.05, help="RLOO's KL coefficient (default 0.05)")
+    parser.add_argument("--eval_prompts", type=int, default=64)
+    parser.add_argument("--eval_samples", type=int, default=4)
+    args = parser.parse_args(argv)
+    if args.queries < 1:
+        parser.error(f"--queries must be >= 1, got {args.queries}")
+
+    _, cfg, _ = parse_recipe_args(args.config, overrides)
+    pairs_per_iteration = cfg.per_device_train_batch_size * cfg.num_completions // 2 * cfg.world_size
+    iterations = max(1, args.queries // pairs_per_iteration)
+    max_steps = iterations * cfg.steps_per_iteration
+    out = Path(args.output_dir)
+    runs: dict[str, str] = {}
+    t0 = time.time()
+    for seed in args.seeds:
+        for method in args.methods:
+            run_dir = out / f"{method}-seed{seed}"
+            runs[run_dir.name] = str(run_dir)
+            completions = cfg.per_device_train_batch_size * cfg.num_completions  # RLOO: scored per generation
+            expected = (max(1, args.queries // completions) * completions if method == "rloo"
+                        else iterations * pairs_per_iteration)
+            if completed(run_dir, expected):
+                print(f"= {run_dir} already completed", flush=True)
+                continue
+            if method == "rloo":
+                run_rloo(seed, args.queries, run_dir, args.config, overrides, args.rloo_beta)
+            else:
+                run_bilevel(method, seed, max_steps, run_dir, args.config, overrides)
+    train_seconds = time.time() - t0
+
+    from bilevel_rlhf.happy_tweet.evaluate import evaluate_runs, markdown_table, write_report
+
+    report = evaluate_runs(runs, num_prompts=args.eval_prompts, num_samples=args.eval_samples,
+                           max_new_tokens=cfg.max_completion_length, seed=0)
+    report["command"] = " ".join([sys.executable, *sys.argv])
+    report["seeds"], report["queries"], report["train_seconds"] = args.seeds, args.queries, round(train_seconds, 1)
+    paths = write_report(report, out / "eval")
+    print(markdown_table(report))
+    print(f"training {train_seconds:.0f} s; written: " + ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    main()
