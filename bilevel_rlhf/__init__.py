@@ -46,6 +46,9 @@ _EXPORTS: dict[str, str] = {
     "get_default_reward_model_init": ".happy_tweet",
     "load_prompt_dataset": ".happy_tweet",
     "load_tweets": ".happy_tweet",
+    # --- benchmark (scripts/benchmark.py) ---
+    "BenchmarkArguments": ".benchmark",
+    "run_benchmark": ".benchmark",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -96,6 +96,9 @@ class BilevelModel(nn.Module):
         if role == "ref":
             with peft_model.disable_adapter():
                 yield peft_model
+            # leaving disable_adapter re-activates one adapter and freezes the other; a graph built before (the fused
+            # rollout/update forward) needs both trainable at backward, where AccumulateGrad checks requires_grad
+            peft_model.set_requires_grad(list(self.adapter_names), requires_grad=True)
             return
         peft_model.set_adapter(role)
         # set_adapter freezes the inactive adapter; both adapters keep training (the switch is only for the forward)
@@ -138,8 +141,10 @@ class BilevelModel(nn.Module):
         prompt_length: int,
         temperature: float,
         with_values: bool = True,
+        with_entropy: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Log-probs of the completion tokens, their entropies and the values V(s_t), each ``[N, T]``.
+        """Log-probs of the completion tokens, their entropies and the values V(s_t), each ``[N, T]`` (entropies and
+        values only when asked: each costs a pass over the ``[N, T, vocab]`` logits or the hidden states).
 
         ``input_ids`` = prompt (left-padded to ``prompt_length``) + completion (right-padded to T); token t of the
         completion is predicted at position prompt_length - 1 + t, where V(s_t) is read too.
@@ -152,12 +157,15 @@ class BilevelModel(nn.Module):
                 output_hidden_states=with_values,
                 use_cache=False,
             )
-        logits = out.logits[:, prompt_length - 1 : -1].float() / temperature
+        logits = out.logits[:, prompt_length - 1 : -1].float()
+        if temperature != 1.0:  # no [N, T, vocab] copy when there is nothing to scale
+            logits = logits / temperature
         log_z = torch.logsumexp(logits, dim=-1)  # [N, T]
         logprobs = logits.gather(-1, input_ids[:, prompt_length:, None]).squeeze(-1) - log_z
-        with torch.no_grad():  # the entropy is only logged: H = log Z - sum_v p_v * logit_v
-            entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-        result = {"logprobs": logprobs, "entropy": entropy}
+        result = {"logprobs": logprobs}
+        if with_entropy:
+            with torch.no_grad():  # the entropy is only logged: H = log Z - sum_v p_v * logit_v
+                result["entropy"] = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
         if with_values:
             hidden = out.hidden_states[-1][:, prompt_length - 1 : -1]
             result["values"] = self.value_head(role)(hidden)
@@ -177,13 +185,15 @@ class BilevelModel(nn.Module):
         reward: dict[str, torch.Tensor] | None = None,
         prompt_length: int = 1,
         temperature: float = 1.0,
+        with_entropy: bool = False,
     ) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
         """One call for a whole training step (so DDP sees a single forward): each given role's outputs."""
         out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {}
         for role, batch in (("phi", phi), ("theta", theta)):
             if batch is not None:
                 out[role] = self.policy_forward(
-                    role, batch["input_ids"], batch["attention_mask"], prompt_length, temperature
+                    role, batch["input_ids"], batch["attention_mask"], prompt_length, temperature,
+                    with_entropy=with_entropy,
                 )
         if reward is not None:
             out["reward"] = self.reward_forward(reward["input_ids"], reward["attention_mask"])

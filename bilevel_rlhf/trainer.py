@@ -10,6 +10,8 @@ One *iteration* k (see ALGORITHM.md, "Mapping to RLHF"):
        x (reward model), during the first epoch only, so each sample enters x's gradient once per iteration:
          BT-NLL(theta's labelled pairs) + lambda_k * (mean r_x(phi's completions) - mean r_x(theta's completions)).
   3. tau_k, lambda_k and the learning rates are functions of k = global_step // (num_ppo_epochs * num_mini_batches).
+With one micro-step per iteration (num_ppo_epochs = num_mini_batches = gradient_accumulation_steps = 1) the rollout's
+actor and r_x forward pass runs once, with gradients, and doubles as the update's (`fuse_rollout_and_update`).
 Checkpoints are taken at iteration boundaries only (validated in the config), so the rollout buffer is never lost.
 """
 
@@ -234,6 +236,7 @@ class BilevelTrainer(Trainer):
         self._micro_step: int | None = None
         self._sampler: IterationSampler | None = None
         self._rollout_seconds = 0.0
+        self._fuse_allowed = True  # tests switch it off to compare the fused path with the plain one
 
         super().__init__(
             model=wrapper,
@@ -263,6 +266,12 @@ class BilevelTrainer(Trainer):
             a.penalty_lambda_max,
         )
         return tau, lam
+
+    @property
+    def fuse_rollout_and_update(self) -> bool:
+        """Whether the rollout's actor and r_x forward passes double as the update's (one micro-step per iteration,
+        the usual RLOO/GRPO setting): it saves one forward pass per actor and one of r_x per iteration."""
+        return self.micro_steps_per_iteration == 1 and self._fuse_allowed
 
     def is_reward_iteration(self, k: int) -> bool:
         """Whether iteration k updates x: every iteration, or every `nested_inner_steps`-th for nested_loop."""
@@ -433,19 +442,35 @@ class BilevelTrainer(Trainer):
         self.oracle_queries += n_pairs * self.accelerator.num_processes
 
         # one forward per actor (log-probs, entropies, values), one for the reference and one for r_x over both
-        out = {r: unwrapped.policy_forward(r, seq[r], seq_mask[r], P, a.temperature) for r in roles}
-        ref_logprobs = {r: None for r in roles}
-        if a.regularization == "kl":
-            ref = unwrapped.policy_forward(
-                "ref", torch.cat([seq[r] for r in roles]), torch.cat([seq_mask[r] for r in roles]), P, a.temperature,
-                with_values=False,
-            )["logprobs"]
-            ref_logprobs = dict(zip(roles, ref.split(len(rep_prompts))))
         reward_ids, reward_mask = self._reward_inputs(
             rep_prompts * len(roles), sum((texts[r] for r in roles), []),
             torch.cat([seq[r] for r in roles]), torch.cat([seq_mask[r] for r in roles]),
         )
-        scores = dict(zip(roles, unwrapped.reward_forward(reward_ids, reward_mask).split(len(rep_prompts))))
+        ref_logprobs = {r: None for r in roles}
+        if a.regularization == "kl":  # first, while no graph is held: its [2N, T, vocab] logits are the largest transient
+            ref = unwrapped.policy_forward(
+                "ref", torch.cat([seq[r] for r in roles]), torch.cat([seq_mask[r] for r in roles]), P, a.temperature,
+                with_values=False, with_entropy=False,
+            )["logprobs"]
+            ref_logprobs = dict(zip(roles, ref.split(len(rep_prompts))))
+        live = None
+        if self.fuse_rollout_and_update:
+            # One micro-step per iteration: the update's forward pass would see exactly these inputs and parameters,
+            # so it runs here, once, with gradients (TRL's GRPO skips its old-log-prob pass in the same case). The
+            # rollout uses its detached outputs; compute_loss reuses the live ones (PPO ratio exactly 1).
+            reward_step = self.is_reward_iteration(k)
+            with torch.enable_grad(), self.compute_loss_context_manager():
+                live = self.model(
+                    **{r: {"input_ids": seq[r], "attention_mask": seq_mask[r]} for r in roles},
+                    reward={"input_ids": reward_ids, "attention_mask": reward_mask} if reward_step else None,
+                    prompt_length=P, temperature=a.temperature, with_entropy=True,
+                )
+            out = {r: {key: v.detach() for key, v in live[r].items()} for r in roles}
+            all_scores = live["reward"].detach() if reward_step else unwrapped.reward_forward(reward_ids, reward_mask)
+        else:
+            out = {r: unwrapped.policy_forward(r, seq[r], seq_mask[r], P, a.temperature) for r in roles}
+            all_scores = unwrapped.reward_forward(reward_ids, reward_mask)
+        scores = dict(zip(roles, all_scores.split(len(rep_prompts))))
         for r in roles:
             _check_finite(f"r_x score of {r}'s completions", scores[r], k)
             _check_finite(f"{r} log-probabilities", out[r]["logprobs"], k)
@@ -466,6 +491,8 @@ class BilevelTrainer(Trainer):
                 "values": out[r]["values"], "advantages": adv, "returns": ret,
             }
         buffer["reward"] = {"input_ids": reward_ids, "attention_mask": reward_mask}
+        if live is not None:
+            buffer["live"] = live
         t_scoring = time.perf_counter() - t0
 
         # --- metrics (averaged over processes) ---
@@ -528,7 +555,10 @@ class BilevelTrainer(Trainer):
         chunk = B // (a.num_mini_batches * a.gradient_accumulation_steps)
         # a fixed permutation per (iteration, epoch): no RNG state involved, so resuming replays it exactly
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + buf["iteration"] * 101 + epoch)
-        prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]
+        if "live" in buf:  # the whole rollout in its own order: the rows of the live forward outputs
+            prompt_idx = torch.arange(B)
+        else:
+            prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]
         n = a.num_completions
         rows = (prompt_idx[:, None] * n + torch.arange(n)[None, :]).reshape(-1).to(buf["labels"].device)
         pairs = (prompt_idx[:, None] * (n // 2) + torch.arange(n // 2)[None, :]).reshape(-1).to(rows.device)
@@ -537,6 +567,8 @@ class BilevelTrainer(Trainer):
         batch.update(iteration=buf["iteration"], tau=buf["tau"], labels=buf["labels"][pairs])
         batch.update({"lambda": buf["lambda"], "prompt_length": buf["prompt_length"]})
         batch["reward_step"] = epoch == 0 and self.is_reward_iteration(buf["iteration"])
+        if "live" in buf:
+            batch["live"] = buf.pop("live")  # used once; dropping it from the buffer frees the graph after backward
         if batch["reward_step"]:
             N = len(buf["labels"]) * 2  # rows of theta; phi's rows follow in the reward buffer
             reward_rows = torch.cat([rows, rows + N]) if "phi" in buf else rows
@@ -573,12 +605,14 @@ class BilevelTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Sum of the roles' losses (disjoint parameters: each gets only its own gradient)."""
         roles = [r for r in ("theta", "phi") if r in inputs]
-        out = model(
-            **{r: inputs[r] for r in roles},
-            reward=inputs.get("reward"),
-            prompt_length=inputs["prompt_length"],
-            temperature=self.args.temperature,
-        )
+        out = inputs.get("live")  # the forward already run in the rollout (fuse_rollout_and_update)
+        if out is None:
+            out = model(
+                **{r: inputs[r] for r in roles},
+                reward=inputs.get("reward"),
+                prompt_length=inputs["prompt_length"],
+                temperature=self.args.temperature,
+            )
         k = inputs["iteration"]
         loss = torch.zeros((), device=self.accelerator.device)
         metrics: dict[str, torch.Tensor] = {}

@@ -109,8 +109,9 @@ def sample_completions(
     max_new_tokens: int,
     temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """Sample one completion per prompt (tokenized as the trainer does: no special tokens, left padding)."""
-    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    """Sample one completion per prompt (tokenized as the trainer does: the tokenizer's default special tokens,
+    e.g. the tweet model's leading <|endoftext|>, and left padding)."""
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
     out = model.generate(
         input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
         do_sample=True, temperature=temperature, top_k=0, top_p=1.0,

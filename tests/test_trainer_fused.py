@@ -1,0 +1,85 @@
+"""The fused rollout/update forward (one micro-step per iteration) gives the plain path's loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from lm_fixtures import make_policy, make_reward_model, make_tokenizer
+
+from bilevel_rlhf.config import BilevelConfig
+from bilevel_rlhf.preference import ScoreOracle
+from bilevel_rlhf.trainer import BilevelTrainer
+
+PROMPTS = ["the cat is", "a dog was", "we love the", "it is very"]
+
+
+def make_trainer(tmp_path, fuse: bool, peft: bool = False, **kw) -> BilevelTrainer:
+    tok = make_tokenizer()
+    peft_config = None
+    if peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], task_type="CAUSAL_LM",
+                                 init_lora_weights=False)  # random B: the adapters differ from the base at once
+    args = BilevelConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_completion_length=4, max_prompt_length=8,
+        use_cpu=True, report_to="none", num_completions=2, penalty_lambda=2.0, tau_init=0.1, seed=0, **kw,
+    )
+    oracle = ScoreOracle(lambda texts: [t.split().count("happy") for t in texts], mode="deterministic", name="happy")
+    trainer = BilevelTrainer(make_policy(tok), make_reward_model(tok), oracle, args,
+                             Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok, peft_config=peft_config)
+    trainer._fuse_allowed = fuse
+    return trainer
+
+
+def loss_and_grads(trainer: BilevelTrainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    trainer._micro_step = 0  # first micro-step of an iteration: a fresh rollout
+    torch.manual_seed(7)  # the same samples on both paths
+    trainer.model.train()
+    batch = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS])
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("method, peft", [("single_loop", False), ("partial_sgd", False), ("nested_loop", False),
+                                          ("single_loop", True)])
+def test_fused_forward_matches_the_plain_path(tmp_path, method, peft):
+    fused = make_trainer(tmp_path / "fused", True, peft, method=method, nested_inner_steps=2)
+    plain = make_trainer(tmp_path / "plain", False, peft, method=method, nested_inner_steps=2)
+    assert fused.fuse_rollout_and_update and not plain.fuse_rollout_and_update
+    loss_f, grads_f = loss_and_grads(fused)
+    loss_p, grads_p = loss_and_grads(plain)
+    torch.testing.assert_close(loss_f, loss_p, atol=1e-6, rtol=1e-5)
+    assert grads_f.keys() == grads_p.keys()
+    # every trained role gets a gradient (nested_loop: not x at iteration 0, which is not a reward iteration)
+    assert any(n.startswith("reward_model") for n in grads_f) == (method != "nested_loop")
+    assert any(n.startswith("policy_theta") for n in grads_f) and any(n.startswith("value_theta") for n in grads_f)
+    if peft:  # both adapters get their own gradient through the one shared base
+        assert any(".phi." in n for n in grads_f) and any(".theta." in n for n in grads_f)
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_p[n], atol=1e-6, rtol=1e-4, msg=n)
+    assert "live" not in fused._buffer  # used once and released
+
+
+def test_fusing_needs_one_micro_step_per_iteration(tmp_path):
+    assert not make_trainer(tmp_path, True, num_ppo_epochs=2).fuse_rollout_and_update
+    assert not make_trainer(tmp_path, True, num_mini_batches=2).fuse_rollout_and_update
+    assert not make_trainer(tmp_path, True, gradient_accumulation_steps=2).fuse_rollout_and_update
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_policy_forward_matches_log_softmax_and_entropy(tmp_path, temperature):
+    trainer = make_trainer(tmp_path, True)
+    model = trainer.model
+    ids = torch.tensor([[4, 5, 6, 7, 8], [9, 4, 5, 6, 7]])
+    mask = torch.ones_like(ids)
+    out = model.policy_forward("theta", ids, mask, 2, temperature)
+    logits = model.policy_theta(input_ids=ids, attention_mask=mask).logits[:, 1:-1] / temperature
+    logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(out["logprobs"], logp.gather(-1, ids[:, 2:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["entropy"], -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)
+    lean = model.policy_forward("theta", ids, mask, 2, temperature, with_values=False, with_entropy=False)
+    assert set(lean) == {"logprobs"}
