@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The project's main job on its embedded default (README): set up .venv, then run the default recipe.
-# Extra arguments are passed to the recipe (e.g. --output_dir DIR, --seeds 3).
+# The project's main job on its embedded default (README): set up .venv, then run the happy-tweet
+# recipe (the embedded tweet GPT-2 is built and cached on first use; VADER is the human; CPU).
+# Extra arguments override the recipe's YAML (e.g. --output_dir DIR, --method partial_sgd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bootstrap.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
-exec python recipes/gridworld/run.py --config recipes/gridworld/config.yaml "$@"
+exec python recipes/happy_tweet/train.py --config recipes/happy_tweet/config.yaml "$@"
