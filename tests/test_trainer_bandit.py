@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import lm_fixtures  # noqa: F401  (one torch thread: fast on shared cores)
 import numpy as np
 import torch
 from datasets import Dataset

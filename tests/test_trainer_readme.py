@@ -3,8 +3,6 @@
 import os
 import runpy
 
-import lm_fixtures  # noqa: F401  (one torch thread: fast on shared cores)
-
 
 def test_readme_example_runs(capsys):
     namespace = runpy.run_path(os.path.join(os.path.dirname(__file__), "readme_example.py"))
