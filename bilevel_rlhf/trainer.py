@@ -17,6 +17,7 @@ Checkpoints are taken at iteration boundaries only (validated in the config), so
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -231,6 +232,7 @@ class BilevelTrainer(Trainer):
         self.reward_processing_class = reward_processing_class
         self.oracle_queries = 0  # global count of labelled pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._step_metrics: dict[str, torch.Tensor] = {}  # this micro-step's loss statistics, gathered once at its end
         self._rollout_metrics: dict[str, float] = {}
         self._buffer: dict[str, Any] | None = None
         self._micro_step: int | None = None
@@ -401,9 +403,38 @@ class BilevelTrainer(Trainer):
         advantages = masked_whiten(advantages, maskf)
         return advantages, returns, penalty.sum(1)
 
+    @staticmethod
+    def _roles(batch: dict[str, Any]) -> list[str]:
+        return [r for r in ("theta", "phi") if r in batch]
+
+    def _set_scores(self, buffer: dict[str, Any], scores: torch.Tensor) -> None:
+        """Store r_x's scores (theta's rows, then phi's) and each actor's terminal reward: phi gets r_x, theta gets
+        r_x - BT-NLL(its pair) / lambda_k (theta maximizes r_x - f / lambda; each completion of a pair gets the
+        pair's loss)."""
+        roles = self._roles(buffer)
+        for r, s in zip(roles, scores.split(len(buffer["labels"]) * 2)):
+            _check_finite(f"r_x score of {r}'s completions", s, buffer["iteration"])
+            buffer[r]["score"] = buffer[r]["terminal"] = s
+        theta = buffer["theta"]
+        buffer["pair_loss"] = bradley_terry_loss(theta["score"][0::2], theta["score"][1::2], buffer["labels"])
+        if "phi" in buffer:
+            theta["terminal"] = theta["score"] - buffer["pair_loss"].repeat_interleave(2) / buffer["lambda"]
+
+    def _set_advantages(self, buffer: dict[str, Any], role: str, out: dict[str, torch.Tensor]) -> None:
+        """Store `role`'s old log-probs, values and entropies (`out`, no graph) and its advantages and returns."""
+        b = buffer[role]
+        _check_finite(f"{role} log-probabilities", out["logprobs"], buffer["iteration"])
+        _check_finite(f"{role} values", out["values"], buffer["iteration"])
+        b.update(logprobs=out["logprobs"], values=out["values"], entropy=out["entropy"])
+        b["advantages"], b["returns"], b["seq_penalty"] = self._advantages(
+            b["terminal"], out["logprobs"], b.get("ref_logprobs"), out["values"], b["mask"], buffer["tau"]
+        )
+
     @torch.no_grad()
     def _rollout(self, prompts: list[str]) -> dict[str, Any]:
-        """Generate, label, score and compute advantages for one iteration (this process's prompts)."""
+        """Generate, label and score one iteration (this process's prompts) into a buffer. Unless the update is fused
+        with the rollout (then `compute_loss` does it from its own forward pass), also the actors' old log-probs,
+        values and advantages."""
         a, tok = self.args, self.processing_class
         k = self.state.global_step // a.steps_per_iteration
         tau, lam = self.schedule(k)
@@ -441,95 +472,72 @@ class BilevelTrainer(Trainer):
         labels = torch.as_tensor(labels, dtype=torch.float32, device=prompt_ids.device)
         self.oracle_queries += n_pairs * self.accelerator.num_processes
 
-        # one forward per actor (log-probs, entropies, values), one for the reference and one for r_x over both
         reward_ids, reward_mask = self._reward_inputs(
             rep_prompts * len(roles), sum((texts[r] for r in roles), []),
             torch.cat([seq[r] for r in roles]), torch.cat([seq_mask[r] for r in roles]),
         )
-        ref_logprobs = {r: None for r in roles}
-        if a.regularization == "kl":  # first, while no graph is held: its [2N, T, vocab] logits are the largest transient
-            ref = unwrapped.policy_forward(
-                "ref", torch.cat([seq[r] for r in roles]), torch.cat([seq_mask[r] for r in roles]), P, a.temperature,
-                with_values=False, with_entropy=False,
-            )["logprobs"]
-            ref_logprobs = dict(zip(roles, ref.split(len(rep_prompts))))
-        live = None
-        if self.fuse_rollout_and_update:
-            # One micro-step per iteration: the update's forward pass would see exactly these inputs and parameters,
-            # so it runs here, once, with gradients (TRL's GRPO skips its old-log-prob pass in the same case). The
-            # rollout uses its detached outputs; compute_loss reuses the live ones (PPO ratio exactly 1).
-            reward_step = self.is_reward_iteration(k)
-            with torch.enable_grad(), self.compute_loss_context_manager():
-                live = self.model(
-                    **{r: {"input_ids": seq[r], "attention_mask": seq_mask[r]} for r in roles},
-                    reward={"input_ids": reward_ids, "attention_mask": reward_mask} if reward_step else None,
-                    prompt_length=P, temperature=a.temperature, with_entropy=True,
-                )
-            out = {r: {key: v.detach() for key, v in live[r].items()} for r in roles}
-            all_scores = live["reward"].detach() if reward_step else unwrapped.reward_forward(reward_ids, reward_mask)
-        else:
-            out = {r: unwrapped.policy_forward(r, seq[r], seq_mask[r], P, a.temperature) for r in roles}
-            all_scores = unwrapped.reward_forward(reward_ids, reward_mask)
-        scores = dict(zip(roles, all_scores.split(len(rep_prompts))))
+        buffer: dict[str, Any] = {
+            "iteration": k, "tau": tau, "lambda": lam, "prompt_length": P, "labels": labels,
+            "reward_step": self.is_reward_iteration(k), "fused": self.fuse_rollout_and_update,
+            "reward": {"input_ids": reward_ids, "attention_mask": reward_mask},
+            "stats": {"prompts": rep_prompts, "texts": texts, "completions": completions, "truncated": truncated,
+                      "time/generation": t_generation},
+        }
         for r in roles:
-            _check_finite(f"r_x score of {r}'s completions", scores[r], k)
-            _check_finite(f"{r} log-probabilities", out[r]["logprobs"], k)
-            _check_finite(f"{r} values", out[r]["values"], k)
+            buffer[r] = {"input_ids": seq[r], "attention_mask": seq_mask[r], "mask": masks[r]}
+            if a.regularization == "kl":  # one role at a time: its [N, T, vocab] logits are the largest transient
+                buffer[r]["ref_logprobs"] = unwrapped.policy_forward(
+                    "ref", seq[r], seq_mask[r], P, a.temperature, with_values=False, with_entropy=False
+                )["logprobs"]
+        if not (buffer["fused"] and buffer["reward_step"]):  # else r_x's training forward pass gives the scores
+            self._set_scores(buffer, unwrapped.reward_forward(reward_ids, reward_mask))
+        if not buffer["fused"]:
+            for r in roles:
+                self._set_advantages(buffer, r, unwrapped.policy_forward(r, seq[r], seq_mask[r], P, a.temperature))
+        buffer["stats"]["time/scoring"] = time.perf_counter() - t0
+        if not buffer["fused"]:
+            self._log_rollout(buffer)
+        return buffer
 
-        pair_loss = bradley_terry_loss(scores["theta"][0::2], scores["theta"][1::2], labels)
-        terminal = {r: scores[r] for r in roles}
-        if unwrapped.has_phi:  # theta maximizes r_x - f / lambda: each completion of a pair gets the pair's loss
-            terminal["theta"] = scores["theta"] - pair_loss.repeat_interleave(2) / lam
-        buffer: dict[str, Any] = {"iteration": k, "tau": tau, "lambda": lam, "prompt_length": P, "labels": labels}
-        seq_penalty = {}
-        for r in roles:
-            adv, ret, seq_penalty[r] = self._advantages(
-                terminal[r], out[r]["logprobs"], ref_logprobs[r], out[r]["values"], masks[r], tau
-            )
-            buffer[r] = {
-                "input_ids": seq[r], "attention_mask": seq_mask[r], "mask": masks[r], "logprobs": out[r]["logprobs"],
-                "values": out[r]["values"], "advantages": adv, "returns": ret,
-            }
-        buffer["reward"] = {"input_ids": reward_ids, "attention_mask": reward_mask}
-        if live is not None:
-            buffer["live"] = live
-        t_scoring = time.perf_counter() - t0
-
-        # --- metrics (averaged over processes) ---
-        d = scores["theta"][0::2] - scores["theta"][1::2]
+    def _log_rollout(self, buffer: dict[str, Any]) -> None:
+        """The rollout's metrics (averaged over processes), logged with the optimizer steps of its iteration."""
+        tok, stats, theta = self.processing_class, buffer["stats"], buffer["theta"]
+        tau, labels = buffer["tau"], buffer["labels"]
+        d = theta["score"][0::2] - theta["score"][1::2]
         s = (torch.sign(d) + 1) / 2
         m: dict[str, torch.Tensor | float] = {
             "objective/tau": tau,
-            "objective/lambda": lam,
-            "objective/upper_loss": pair_loss.mean(),
+            "objective/lambda": buffer["lambda"],
+            "objective/upper_loss": buffer["pair_loss"].mean(),
             "objective/pref_accuracy": (labels * s + (1 - labels) * (1 - s)).mean(),
-            "reward/theta_mean": scores["theta"].mean(),
-            "completions/truncated_prompts": float(truncated),
-            "time/generation": t_generation,
-            "time/scoring": t_scoring,
+            "reward/theta_mean": theta["score"].mean(),
+            "completions/truncated_prompts": float(stats["truncated"]),
+            "time/generation": stats["time/generation"],
+            "time/scoring": stats["time/scoring"],
         }
-        if unwrapped.has_phi:
-            m["reward/phi_mean"] = scores["phi"].mean()
-            j_phi = scores["phi"] - tau * seq_penalty["phi"]
-            j_theta = scores["theta"] - tau * seq_penalty["theta"]
+        if "phi" in buffer:
+            phi = buffer["phi"]
+            m["reward/phi_mean"] = phi["score"].mean()
+            j_phi = phi["score"] - tau * phi["seq_penalty"]
+            j_theta = theta["score"] - tau * theta["seq_penalty"]
             m["objective/penalty_gap"] = j_phi.mean() - j_theta.mean()
-        for r in roles:
-            m[f"policy_{r}/entropy"] = masked_mean(out[r]["entropy"], masks[r].float())
-            if ref_logprobs[r] is not None:
-                m[f"policy_{r}/kl"] = ((out[r]["logprobs"] - ref_logprobs[r]) * masks[r]).sum(1).mean()
-            m[f"completions/{r}_mean_length"] = masks[r].sum(1).float().mean()
+        for r in self._roles(buffer):
+            b, completions = buffer[r], stats["completions"][r]
+            m[f"policy_{r}/entropy"] = masked_mean(b["entropy"], b["mask"].float())
+            if "ref_logprobs" in b:
+                m[f"policy_{r}/kl"] = ((b["logprobs"] - b["ref_logprobs"]) * b["mask"]).sum(1).mean()
+            m[f"completions/{r}_mean_length"] = b["mask"].sum(1).float().mean()
             m[f"completions/{r}_empty_fraction"] = (
-                (completions[r][:, 0] == tok.eos_token_id).float().mean() if tok.eos_token_id is not None else 0.0
+                (completions[:, 0] == tok.eos_token_id).float().mean() if tok.eos_token_id is not None else 0.0
             )
         score_fn = getattr(self.preference_oracle, "score", None)
         if callable(score_fn):
-            oracle_scores = score_fn(rep_prompts, texts["theta"])
+            oracle_scores = score_fn(stats["prompts"], stats["texts"]["theta"])
             if oracle_scores is not None:
                 m["oracle/score_theta"] = float(np.mean(oracle_scores))
         self._rollout_metrics = self._gather_mean(m)
         self._rollout_metrics["completions/truncated_prompts"] *= self.accelerator.num_processes  # a count: sum
         self._rollout_metrics["oracle/queries"] = float(self.oracle_queries)
-        return buffer
 
     def _gather_mean(self, metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
         names = sorted(metrics)
@@ -538,8 +546,11 @@ class BilevelTrainer(Trainer):
         return dict(zip(names, values.tolist()))
 
     # ------------------------------------------------------------------ training step
-    def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """Rollout at the first micro-step of an iteration; afterwards, the micro-batch of the buffered rollout."""
+    def _prepare_inputs(self, inputs: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+        """Rollout at the first micro-step of an iteration; afterwards, the micro-batch of the buffered rollout.
+        In the fused mode the micro-batch is the whole buffer. A prepared batch (a dict) is returned as it is."""
+        if isinstance(inputs, dict):
+            return inputs
         a = self.args
         S = self.micro_steps_per_iteration
         if self._micro_step is None:  # first call of this train(): checkpoints sit at iteration boundaries
@@ -550,34 +561,57 @@ class BilevelTrainer(Trainer):
             self._buffer = self._rollout([row["prompt"] for row in inputs])
             self._rollout_seconds = time.perf_counter() - t0
         buf = self._buffer
+        if buf["fused"]:
+            return buf
         epoch, j = divmod(m, a.num_mini_batches * a.gradient_accumulation_steps)
         B = len(buf["labels"]) * 2 // a.num_completions  # prompts of this process
         chunk = B // (a.num_mini_batches * a.gradient_accumulation_steps)
         # a fixed permutation per (iteration, epoch): no RNG state involved, so resuming replays it exactly
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + buf["iteration"] * 101 + epoch)
-        if "live" in buf:  # the whole rollout in its own order: the rows of the live forward outputs
-            prompt_idx = torch.arange(B)
-        else:
-            prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]
+        prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]
         n = a.num_completions
         rows = (prompt_idx[:, None] * n + torch.arange(n)[None, :]).reshape(-1).to(buf["labels"].device)
         pairs = (prompt_idx[:, None] * (n // 2) + torch.arange(n // 2)[None, :]).reshape(-1).to(rows.device)
-        roles = [r for r in ("theta", "phi") if r in buf]
-        batch: dict[str, Any] = {r: {key: t[rows] for key, t in buf[r].items()} for r in roles}
-        batch.update(iteration=buf["iteration"], tau=buf["tau"], labels=buf["labels"][pairs])
+        batch: dict[str, Any] = {r: {key: t[rows] for key, t in buf[r].items()} for r in self._roles(buf)}
+        batch.update(iteration=buf["iteration"], tau=buf["tau"], labels=buf["labels"][pairs], fused=False)
         batch.update({"lambda": buf["lambda"], "prompt_length": buf["prompt_length"]})
-        batch["reward_step"] = epoch == 0 and self.is_reward_iteration(buf["iteration"])
-        if "live" in buf:
-            batch["live"] = buf.pop("live")  # used once; dropping it from the buffer frees the graph after backward
+        batch["reward_step"] = epoch == 0 and buf["reward_step"]
         if batch["reward_step"]:
             N = len(buf["labels"]) * 2  # rows of theta; phi's rows follow in the reward buffer
             reward_rows = torch.cat([rows, rows + N]) if "phi" in buf else rows
             batch["reward"] = {key: t[reward_rows] for key, t in buf["reward"].items()}
         return batch
 
+    def loss_parts(self, batch: dict[str, Any]) -> list[list[str]]:
+        """The groups of loss parts that get one forward/backward each, in order: "reward" (x; first, since in the
+        fused mode its scores enter the actors' advantages), then "theta" and "phi" (actor + critic). One part per
+        group, so only one part's activations are held at a time; under DeepSpeed, whose engine steps inside each
+        backward, all parts in one group."""
+        parts = (["reward"] if batch["reward_step"] else []) + self._roles(batch)
+        return [parts] if self.is_deepspeed_enabled else [[p] for p in parts]
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """One micro-step: the rollout when one is due, then `Trainer.training_step` (forward, loss, backward) once
+        per group of `loss_parts`: gradient accumulation over the roles. Gradients are synchronized once, with the
+        last group."""
         t0, self._rollout_seconds = time.perf_counter(), 0.0
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        batch = self._prepare_inputs(inputs)
+        groups = self.loss_parts(batch)
+        loss = torch.zeros((), device=self.accelerator.device)
+        for i, parts in enumerate(groups):
+            batch["parts"] = parts  # the same dict each time: in the fused mode compute_loss fills the buffer in
+            with contextlib.nullcontext() if i == len(groups) - 1 else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, batch, num_items_in_batch)
+        del batch["parts"]
+        if batch["fused"]:
+            self._log_rollout(batch)
+        roles, sm = self._roles(batch), self._step_metrics
+        for name in ("policy/approxkl", "policy/clipfrac", "value/loss"):  # means over the roles
+            area, stat = name.split("/")
+            sm[name] = torch.stack([sm[f"{area}_{r}/{stat}"] for r in roles]).mean()
+        for key, v in self._gather_mean(sm).items():
+            self._metrics[key].append(v)
+        self._step_metrics.clear()
         self._micro_step += 1
         self._metrics["time/update"].append(time.perf_counter() - t0 - self._rollout_seconds)
         return loss
@@ -603,36 +637,38 @@ class BilevelTrainer(Trainer):
         return pg_loss + a.vf_coef * vf_loss, stats
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Sum of the roles' losses (disjoint parameters: each gets only its own gradient)."""
-        roles = [r for r in ("theta", "phi") if r in inputs]
-        out = inputs.get("live")  # the forward already run in the rollout (fuse_rollout_and_update)
-        if out is None:
-            out = model(
-                **{r: inputs[r] for r in roles},
-                reward=inputs.get("reward"),
-                prompt_length=inputs["prompt_length"],
-                temperature=self.args.temperature,
-            )
+        """The summed loss of the parts `inputs["parts"]` (default: all parts of the micro-batch) from one forward
+        pass. The parts' parameters are disjoint: each gets only its own gradient. In the fused mode the forward pass
+        is also the rollout's: its outputs, without their graph, give the scores, old log-probs, values and
+        advantages first (so the PPO ratio is exactly 1)."""
+        parts = inputs.get("parts") or sum(self.loss_parts(inputs), [])
+        roles, fused = [r for r in ("theta", "phi") if r in parts], inputs["fused"]
+        out = model(
+            **{r: inputs[r] for r in roles},
+            reward=inputs["reward"] if "reward" in parts else None,
+            prompt_length=inputs["prompt_length"],
+            temperature=self.args.temperature,
+            with_entropy=fused,
+        )
         k = inputs["iteration"]
         loss = torch.zeros((), device=self.accelerator.device)
-        metrics: dict[str, torch.Tensor] = {}
+        metrics = self._step_metrics
+        if "reward" in parts:
+            if fused:
+                self._set_scores(inputs, out["reward"].detach())
+            n_theta = len(inputs["theta"]["input_ids"])
+            r_theta, r_phi = out["reward"][:n_theta], (out["reward"][n_theta:] if "phi" in inputs else None)
+            loss_x, _ = reward_model_loss(r_theta, r_phi, inputs["labels"], inputs["lambda"])
+            loss = loss + loss_x
+            metrics["objective/reward_loss"] = loss_x.detach()
         for r in roles:
+            if fused:
+                self._set_advantages(inputs, r, {key: v.detach() for key, v in out[r].items()})
             loss_r, stats = self._ppo_loss(out[r], inputs[r])
             loss = loss + loss_r
             metrics.update({f"policy_{r}/{key}": v for key, v in stats.items() if key != "value_loss"})
             metrics[f"value_{r}/loss"] = stats["value_loss"]
-        metrics["policy/approxkl"] = torch.stack([metrics[f"policy_{r}/approxkl"] for r in roles]).mean()
-        metrics["policy/clipfrac"] = torch.stack([metrics[f"policy_{r}/clipfrac"] for r in roles]).mean()
-        metrics["value/loss"] = torch.stack([metrics[f"value_{r}/loss"] for r in roles]).mean()
-        if inputs["reward_step"]:
-            n_theta = len(inputs["theta"]["input_ids"])
-            r_theta, r_phi = out["reward"][:n_theta], (out["reward"][n_theta:] if "phi" in roles else None)
-            loss_x, f = reward_model_loss(r_theta, r_phi, inputs["labels"], inputs["lambda"])
-            loss = loss + loss_x
-            metrics["objective/reward_loss"] = loss_x.detach()
         _check_finite("training loss", loss, k)
-        for key, v in self._gather_mean(metrics).items():
-            self._metrics[key].append(v)
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
