@@ -4,14 +4,17 @@ One *iteration* k (see ALGORITHM.md, "Mapping to RLHF"):
   1. rollout (in `_prepare_inputs`, buffered): theta samples `num_completions` completions per prompt, consecutive
      ones form the pairs (2i, 2i+1) the oracle labels; phi samples as many; r_x scores everything; per-token reward
      -tau_k * penalty_t plus the terminal score (phi: r_x; theta: r_x - BT-NLL(pair) / lambda_k); GAE per critic.
-  2. `num_ppo_epochs * num_mini_batches` optimizer steps, each one PPO mini-batch: the loss is the sum of the roles'
+  2. `num_ppo_epochs * num_mini_batches` optimizer steps, each one PPO mini-batch. The loss is the sum of the parts'
      losses (disjoint parameter sets, one parameter group and learning rate per role):
        phi, theta: PPO-clip + vf_coef * clipped value loss;
        x (reward model), during the first epoch only, so each sample enters x's gradient once per iteration:
          BT-NLL(theta's labelled pairs) + lambda_k * (mean r_x(phi's completions) - mean r_x(theta's completions)).
+     Each part runs its own forward/backward in turn (`loss_parts`; gradient accumulation over the parts), so only
+     one part's activations are held at a time: the peak is the largest part's, not their sum.
   3. tau_k, lambda_k and the learning rates are functions of k = global_step // (num_ppo_epochs * num_mini_batches).
-With one micro-step per iteration (num_ppo_epochs = num_mini_batches = gradient_accumulation_steps = 1) the rollout's
-actor and r_x forward pass runs once, with gradients, and doubles as the update's (`fuse_rollout_and_update`).
+With one micro-step per iteration (num_ppo_epochs = num_mini_batches = gradient_accumulation_steps = 1) the rollout
+does not run the actors (nor r_x when x is trained): the update's forward pass, with gradients, also gives the old
+log-probs, values and scores (`fuse_rollout_and_update`).
 Checkpoints are taken at iteration boundaries only (validated in the config), so the rollout buffer is never lost.
 """
 

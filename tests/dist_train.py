@@ -1,6 +1,7 @@
-"""Worker of tests/test_trainer_distributed.py: `torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR`.
+"""Worker of tests/test_trainer_distributed.py: `torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR MODE`.
 
-Trains a tiny single_loop run on CPU (gloo) and writes, after every optimizer step, a checksum of each role's
+Trains a tiny single_loop run on CPU (gloo), MODE "plain" (2 PPO epochs x 2 mini-batches per iteration) or "fused"
+(one micro-step per iteration: the rollout's forward pass is the update's), and writes, after every optimizer step, a checksum of each role's
 parameters to OUT_DIR/rank{r}.json.
 """
 
@@ -33,12 +34,14 @@ class Checksums(TrainerCallback):
         self.steps.append({r: checksum(getattr(unwrapped, r)) for r in roles})
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, mode: str) -> None:
     tok = make_tokenizer()
+    steps_per_iteration = {"plain": 2, "fused": 1}[mode]
     prompts = ["the cat is", "a dog was", "we love the", "it is very", "the day was", "they hate a"] * 4
     args = BilevelConfig(
-        output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=2,
-        max_steps=8, max_completion_length=4, max_prompt_length=8, use_cpu=True, report_to="none", seed=0,
+        output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=4, max_steps=8,
+        num_mini_batches=steps_per_iteration, num_ppo_epochs=steps_per_iteration,
+        max_completion_length=4, max_prompt_length=8, use_cpu=True, report_to="none", seed=0,
         actor_learning_rate=3e-3, critic_learning_rate=3e-3, reward_learning_rate=1e-3, disable_tqdm=True,
     )
     callback = Checksums()
@@ -55,6 +58,7 @@ def main(out_dir: str) -> None:
     trainer.train()
     result = {
         "world_size": trainer.accelerator.num_processes,
+        "fused": trainer.fuse_rollout_and_update,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "steps": callback.steps,
         "oracle_queries": trainer.oracle_queries,
@@ -65,4 +69,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

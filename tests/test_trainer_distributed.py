@@ -15,15 +15,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_run_keeps_ranks_in_sync(tmp_path):
+@pytest.mark.parametrize("mode", ["plain", "fused"])
+def test_two_process_run_keeps_ranks_in_sync(tmp_path, mode):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(os.path.dirname(__file__), "dist_train.py"), str(tmp_path)]
+           os.path.join(os.path.dirname(__file__), "dist_train.py"), str(tmp_path), mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 and "MULTI_CPU" in r["distributed_type"] for r in ranks)
+    assert all(r["fused"] == (mode == "fused") for r in ranks)
     assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 8
     for step, (a, b) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"])):
         for role in a:
@@ -31,7 +33,8 @@ def test_two_process_run_keeps_ranks_in_sync(tmp_path):
     # the parameters did move, and the oracle counter counts both ranks' pairs (2 x 4 pairs per iteration)
     assert ranks[0]["steps"][0]["policy_theta"] != ranks[0]["steps"][-1]["policy_theta"]
     assert ranks[0]["steps"][0]["reward_model"] != ranks[0]["steps"][-1]["reward_model"]
-    # each rank rolled out its own half of every global batch of prompts
-    assert [len(p) for p in ranks[0]["rollout_prompts"]] == [4, 4]
+    # each rank rolled out its own half of every global batch of prompts (4 optimizer steps per iteration, or 1)
+    iterations = 2 if mode == "plain" else 8
+    assert [len(p) for p in ranks[0]["rollout_prompts"]] == [4] * iterations
     assert ranks[0]["rollout_prompts"] != ranks[1]["rollout_prompts"]
-    assert ranks[0]["oracle_queries"] == ranks[1]["oracle_queries"] == 2 * 2 * 4
+    assert ranks[0]["oracle_queries"] == ranks[1]["oracle_queries"] == iterations * 2 * 4
