@@ -187,7 +187,7 @@ class BilevelModel(nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = False,
     ) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
-        """One call for a whole training step (so DDP sees a single forward): each given role's outputs."""
+        """Each given role's outputs (the trainer calls it once per loss part, through the DDP/FSDP wrapper)."""
         out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {}
         for role, batch in (("phi", phi), ("theta", theta)):
             if batch is not None:

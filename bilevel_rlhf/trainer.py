@@ -52,18 +52,23 @@ CONFIG_NAME = "bilevel_config.json"
 
 
 def reward_model_loss(
-    r_theta: torch.Tensor, r_phi: torch.Tensor | None, labels: torch.Tensor, lambda_k: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of the reward model x, whose gradient is the hypergradient estimate h_k.
+    r_theta: torch.Tensor | None, r_phi: torch.Tensor | None, labels: torch.Tensor, lambda_k: float, penalty: bool
+) -> torch.Tensor:
+    """Loss of the reward model x, whose gradient is the hypergradient estimate h_k:
+        f + lambda_k * (mean r_x(phi) - mean r_x(theta)),   f = mean BT-NLL over theta's pairs,
+    or f alone without the `penalty` (partial_sgd). It is a theta term plus a phi term, so either score tensor may be
+    None: the loss is then the other term alone (the trainer runs r_x on each actor's completions in turn).
 
     ``r_theta``: r_x of theta's completions, pairs at (2i, 2i+1); ``labels[i]``: P(completion 2i preferred).
-    Returns (loss, f) with f = mean BT-NLL over the pairs (the upper objective) and
-    loss = f + lambda_k * (mean r_x(phi) - mean r_x(theta)), or loss = f when ``r_phi`` is None (partial_sgd).
     """
-    f = bradley_terry_loss(r_theta[0::2], r_theta[1::2], labels).mean()
-    if r_phi is None:
-        return f, f
-    return f + lambda_k * (r_phi.mean() - r_theta.mean()), f
+    loss = torch.zeros((), device=labels.device)
+    if r_theta is not None:
+        loss = bradley_terry_loss(r_theta[0::2], r_theta[1::2], labels).mean()
+        if penalty:
+            loss = loss - lambda_k * r_theta.mean()
+    if r_phi is not None:
+        loss = loss + lambda_k * r_phi.mean()
+    return loss
 
 
 class IterationSampler(Sampler):
@@ -410,18 +415,17 @@ class BilevelTrainer(Trainer):
     def _roles(batch: dict[str, Any]) -> list[str]:
         return [r for r in ("theta", "phi") if r in batch]
 
-    def _set_scores(self, buffer: dict[str, Any], scores: torch.Tensor) -> None:
-        """Store r_x's scores (theta's rows, then phi's) and each actor's terminal reward: phi gets r_x, theta gets
+    def _set_scores(self, buffer: dict[str, Any], role: str, scores: torch.Tensor) -> None:
+        """Store r_x's scores of `role`'s completions and its terminal reward: phi gets r_x, theta gets
         r_x - BT-NLL(its pair) / lambda_k (theta maximizes r_x - f / lambda; each completion of a pair gets the
         pair's loss)."""
-        roles = self._roles(buffer)
-        for r, s in zip(roles, scores.split(len(buffer["labels"]) * 2)):
-            _check_finite(f"r_x score of {r}'s completions", s, buffer["iteration"])
-            buffer[r]["score"] = buffer[r]["terminal"] = s
-        theta = buffer["theta"]
-        buffer["pair_loss"] = bradley_terry_loss(theta["score"][0::2], theta["score"][1::2], buffer["labels"])
-        if "phi" in buffer:
-            theta["terminal"] = theta["score"] - buffer["pair_loss"].repeat_interleave(2) / buffer["lambda"]
+        _check_finite(f"r_x score of {role}'s completions", scores, buffer["iteration"])
+        b = buffer[role]
+        b["score"] = b["terminal"] = scores
+        if role == "theta":
+            buffer["pair_loss"] = bradley_terry_loss(scores[0::2], scores[1::2], buffer["labels"])
+            if "phi" in buffer:
+                b["terminal"] = scores - buffer["pair_loss"].repeat_interleave(2) / buffer["lambda"]
 
     def _set_advantages(self, buffer: dict[str, Any], role: str, out: dict[str, torch.Tensor]) -> None:
         """Store `role`'s old log-probs, values and entropies (`out`, no graph) and its advantages and returns."""
@@ -493,7 +497,8 @@ class BilevelTrainer(Trainer):
                     "ref", seq[r], seq_mask[r], P, a.temperature, with_values=False, with_entropy=False
                 )["logprobs"]
         if not (buffer["fused"] and buffer["reward_step"]):  # else r_x's training forward pass gives the scores
-            self._set_scores(buffer, unwrapped.reward_forward(reward_ids, reward_mask))
+            for r, scores in zip(roles, unwrapped.reward_forward(reward_ids, reward_mask).split(len(rep_prompts))):
+                self._set_scores(buffer, r, scores)
         if not buffer["fused"]:
             for r in roles:
                 self._set_advantages(buffer, r, unwrapped.policy_forward(r, seq[r], seq_mask[r], P, a.temperature))
@@ -586,11 +591,13 @@ class BilevelTrainer(Trainer):
         return batch
 
     def loss_parts(self, batch: dict[str, Any]) -> list[list[str]]:
-        """The groups of loss parts that get one forward/backward each, in order: "reward" (x; first, since in the
-        fused mode its scores enter the actors' advantages), then "theta" and "phi" (actor + critic). One part per
-        group, so only one part's activations are held at a time; under DeepSpeed, whose engine steps inside each
-        backward, all parts in one group."""
-        parts = (["reward"] if batch["reward_step"] else []) + self._roles(batch)
+        """The groups of loss parts that get one forward/backward each, in order: x's loss on theta's and on phi's
+        completions ("reward/theta", "reward/phi"; first, since in the fused mode their scores enter the actors'
+        advantages), then "theta" and "phi" (actor + critic). One part per group, so only one part's activations are
+        held at a time, none over more rows than a single-policy step; under DeepSpeed, whose engine steps inside
+        each backward, all parts in one group."""
+        roles = self._roles(batch)
+        parts = ([f"reward/{r}" for r in roles] if batch["reward_step"] else []) + roles
         return [parts] if self.is_deepspeed_enabled else [[p] for p in parts]
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -646,9 +653,12 @@ class BilevelTrainer(Trainer):
         advantages first (so the PPO ratio is exactly 1)."""
         parts = inputs.get("parts") or sum(self.loss_parts(inputs), [])
         roles, fused = [r for r in ("theta", "phi") if r in parts], inputs["fused"]
+        reward_roles = [r for r in ("theta", "phi") if f"reward/{r}" in parts]
+        n = len(inputs["theta"]["input_ids"])  # rows per actor; r_x's inputs hold theta's rows, then phi's
+        rows = slice(0 if "theta" in reward_roles else n, 2 * n if "phi" in reward_roles else n)
         out = model(
             **{r: inputs[r] for r in roles},
-            reward=inputs["reward"] if "reward" in parts else None,
+            reward={key: t[rows] for key, t in inputs["reward"].items()} if reward_roles else None,
             prompt_length=inputs["prompt_length"],
             temperature=self.args.temperature,
             with_entropy=fused,
@@ -656,14 +666,16 @@ class BilevelTrainer(Trainer):
         k = inputs["iteration"]
         loss = torch.zeros((), device=self.accelerator.device)
         metrics = self._step_metrics
-        if "reward" in parts:
+        if reward_roles:
+            scores = dict(zip(reward_roles, out["reward"].split(n)))
             if fused:
-                self._set_scores(inputs, out["reward"].detach())
-            n_theta = len(inputs["theta"]["input_ids"])
-            r_theta, r_phi = out["reward"][:n_theta], (out["reward"][n_theta:] if "phi" in inputs else None)
-            loss_x, _ = reward_model_loss(r_theta, r_phi, inputs["labels"], inputs["lambda"])
+                for r in reward_roles:
+                    self._set_scores(inputs, r, scores[r].detach())
+            loss_x = reward_model_loss(
+                scores.get("theta"), scores.get("phi"), inputs["labels"], inputs["lambda"], penalty="phi" in inputs
+            )
             loss = loss + loss_x
-            metrics["objective/reward_loss"] = loss_x.detach()
+            metrics["objective/reward_loss"] = metrics.get("objective/reward_loss", 0.0) + loss_x.detach()
         for r in roles:
             if fused:
                 self._set_advantages(inputs, r, {key: v.detach() for key, v in out[r].items()})

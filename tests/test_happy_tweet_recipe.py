@@ -234,3 +234,55 @@ def test_bad_model_folders_and_arguments_name_the_problem(tiny_model, tmp_path):
         HappyTweetArguments(n_prompt_words=0)
     with pytest.raises(FileNotFoundError, match="tweets_path"):
         HappyTweetArguments(tweets_path=str(missing))
+
+
+def test_recipe_with_lora_saves_adapters_that_load_and_resume(tiny_model, tmp_path):
+    """`--use_peft`: one frozen base with adapters theta and phi; the saved adapters load with transformers, and a
+    resumed LoRA run ends where the uninterrupted one does."""
+    from transformers import AutoModelForCausalLM
+
+    from bilevel_rlhf.happy_tweet.recipe import run
+
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--report_to", "none"]
+    out = tmp_path / "lora"
+    summary = run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(out), *TINY, *lora])
+    assert summary["status"] == "completed" and summary["use_peft"] and summary["oracle_queries"] == 8
+    assert set(summary["eval_metrics"]) == {"eval_reward/theta_mean", "eval_oracle/score_theta"}
+    for sub in ("", "phi"):  # adapters only: the frozen base is not copied
+        assert (out / sub / "adapter_model.safetensors").is_file() and not (out / sub / "model.safetensors").exists()
+    theta = AutoModelForCausalLM.from_pretrained(out)  # reads adapter_config.json, loads the base it names
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(theta(ids).logits, base(ids).logits)  # the adapter was trained and is applied
+
+    resumed = tmp_path / "lora_resumed"
+    first = run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(resumed), *TINY, *lora,
+                 "--max_steps", "4"])
+    assert first["global_step"] == 4
+    second = run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(resumed), *TINY, *lora,
+                  "--resume_from_checkpoint", "last"])
+    assert second["global_step"] == 8 and second["resumed_from"].endswith("checkpoint-4")
+    from safetensors.torch import load_file
+
+    for sub in ("", "phi"):
+        a, b = load_file(resumed / sub / "adapter_model.safetensors"), load_file(out / sub / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=f"{sub or 'theta'}: {name}")
+
+
+def test_recipe_with_the_minilm_oracle(tiny_model, tmp_path):
+    """`--oracle minilm`: the head is fitted on first use and cached; the run queries it like any oracle."""
+    from bilevel_rlhf.happy_tweet.recipe import run
+
+    out, cache = tmp_path / "minilm", tmp_path / "cache"
+    summary = run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(out), *TINY,
+                   "--report_to", "none", "--oracle", "minilm", "--model_cache_dir", str(cache), "--max_steps", "4",
+                   "--save_strategy", "no"])
+    assert summary["status"] == "completed" and summary["oracle"] == "minilm" and summary["oracle_queries"] == 4
+    heads = list((cache / "models").glob("minilm-tweet-head-*.json"))
+    assert len(heads) == 1
+    assert json.loads(heads[0].read_text())["metrics"]["eval_pearson_r"] > 0.5
+    # the oracle's score (a predicted human rating in [-4, 4], roughly) is what the run logged
+    assert -5 < summary["final_metrics"]["oracle/score_theta"] < 5

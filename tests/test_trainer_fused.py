@@ -121,7 +121,7 @@ def test_one_backward_per_part_gives_the_joint_gradients_with_one_part_held_at_a
     forward = trainer.model.forward
 
     def recording_forward(**kw):
-        calls.append(sorted(name for name in ("phi", "theta", "reward") if kw.get(name) is not None))
+        calls.append({name: len(kw[name]["input_ids"]) for name in ("phi", "theta", "reward") if kw.get(name)})
         return forward(**kw)
 
     trainer.model.forward = recording_forward
@@ -132,7 +132,9 @@ def test_one_backward_per_part_gives_the_joint_gradients_with_one_part_held_at_a
         loss = trainer.training_step(trainer.model, [{"prompt": p} for p in PROMPTS])
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
-    assert calls == [["reward"], ["theta"], ["phi"]]  # one forward/backward per part, r_x first
+    # one forward/backward per part, r_x first (on theta's completions, then phi's), none over more than N rows
+    N = len(PROMPTS) * 2
+    assert calls == [{"reward": N}, {"reward": N}, {"theta": N}, {"phi": N}]
     torch.testing.assert_close(loss, loss_j, atol=1e-6, rtol=1e-5)
     assert grads.keys() == grads_j.keys()
     for n in grads:
