@@ -24,7 +24,8 @@ class BilevelConfig(TrainingArguments):
     Only the parameters specific to bilevel training are listed; see [`~transformers.TrainingArguments`] for the
     rest. Defaults that differ from `TrainingArguments`: `bf16=False`, `logging_steps=1`,
     `remove_unused_columns=False`, `save_strategy="no"`. `learning_rate` and `lr_scheduler_type` of
-    `TrainingArguments` are **not used**: the three learning rates below replace them (one parameter group per role).
+    `TrainingArguments` are **not used**: the three learning rates below replace them (one parameter group per role);
+    setting them gives a warning. `optim` must be an AdamW (`adamw_torch` or `adamw_torch_fused`).
 
     Counting: one *iteration* k = one rollout (generation + scoring) followed by
     `num_ppo_epochs * num_mini_batches` optimizer steps (each step one PPO mini-batch, made of
@@ -206,6 +207,18 @@ class BilevelConfig(TrainingArguments):
             raise ValueError(
                 f"save_steps must be a multiple of num_ppo_epochs * num_mini_batches = {self.steps_per_iteration} "
                 f"(checkpoints are taken at iteration boundaries), got {self.save_steps}"
+            )
+        optim = getattr(self.optim, "value", self.optim)
+        if optim not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                f"optim must be adamw_torch or adamw_torch_fused (the BilevelTrainer builds one AdamW with a parameter "
+                f"group per role), got {optim!r}"
+            )
+        if getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type) != TrainingArguments.lr_scheduler_type:
+            warnings.warn(
+                "lr_scheduler_type is not used by the BilevelTrainer: set actor_lr_schedule, critic_lr_schedule and "
+                "reward_lr_schedule",
+                stacklevel=2,
             )
         if self.learning_rate != TrainingArguments.learning_rate:
             warnings.warn(

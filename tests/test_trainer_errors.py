@@ -57,6 +57,14 @@ def test_config_warns_when_time_scales_are_inverted(tmp_path):
 def test_config_warns_that_learning_rate_is_not_used(tmp_path):
     with pytest.warns(UserWarning, match="learning_rate is not used"):
         BilevelConfig(output_dir=str(tmp_path), learning_rate=1e-3)
+    with pytest.warns(UserWarning, match="lr_scheduler_type is not used"):
+        BilevelConfig(output_dir=str(tmp_path), lr_scheduler_type="cosine")
+
+
+def test_config_rejects_optimizers_other_than_adamw(tmp_path):
+    with pytest.raises(ValueError, match="optim must be adamw_torch or adamw_torch_fused.*'adafactor'"):
+        BilevelConfig(output_dir=str(tmp_path), optim="adafactor")
+    BilevelConfig(output_dir=str(tmp_path), optim="adamw_torch")  # both AdamW spellings are accepted
 
 
 def _build(tmp_path, dataset=None, reward_model=None, oracle=None, tok=None, **kw):
