@@ -1,8 +1,9 @@
-"""Worker of tests/test_trainer_distributed.py: `torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR MODE`.
+"""Worker of tests/test_trainer_distributed.py: `torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR MODE STAGE`.
 
 Trains a tiny single_loop run on CPU (gloo), MODE "plain" (2 PPO epochs x 2 mini-batches per iteration) or "fused"
-(one micro-step per iteration: the rollout's forward pass is the update's), and writes, after every optimizer step, a checksum of each role's
-parameters to OUT_DIR/rank{r}.json.
+(one micro-step per iteration: the rollout's forward pass is the update's); STAGE "full" (8 steps), "first" (4 steps,
+then a checkpoint) or "resumed" (from the checkpoint of "first" to step 8). It writes, after every optimizer step, a checksum of each role's
+parameters to OUT_DIR/rank{r}-{STAGE}.json.
 """
 
 import json
@@ -34,12 +35,14 @@ class Checksums(TrainerCallback):
         self.steps.append({r: checksum(getattr(unwrapped, r)) for r in roles})
 
 
-def main(out_dir: str, mode: str) -> None:
+def main(out_dir: str, mode: str, stage: str) -> None:
     tok = make_tokenizer()
+    run_dir = os.path.join(out_dir, "run")
     steps_per_iteration = {"plain": 2, "fused": 1}[mode]
     prompts = ["the cat is", "a dog was", "we love the", "it is very", "the day was", "they hate a"] * 4
     args = BilevelConfig(
-        output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=4, max_steps=8,
+        output_dir=run_dir, per_device_train_batch_size=4, max_steps=4 if stage == "first" else 8,
+        save_strategy="steps" if stage == "first" else "no", save_steps=4,
         num_mini_batches=steps_per_iteration, num_ppo_epochs=steps_per_iteration,
         max_completion_length=4, max_prompt_length=8, use_cpu=True, report_to="none", seed=0,
         actor_learning_rate=3e-3, critic_learning_rate=3e-3, reward_learning_rate=1e-3, disable_tqdm=True,
@@ -55,7 +58,7 @@ def main(out_dir: str, mode: str) -> None:
     oracle = ScoreOracle(lambda texts: [t.split().count("happy") for t in texts])
     trainer = RecordingTrainer(make_policy(tok), make_reward_model(tok), oracle, args, Dataset.from_dict({"prompt": prompts}),
                              processing_class=tok, callbacks=[callback])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-4") if stage == "resumed" else None)
     result = {
         "world_size": trainer.accelerator.num_processes,
         "fused": trainer.fuse_rollout_and_update,
@@ -64,9 +67,9 @@ def main(out_dir: str, mode: str) -> None:
         "oracle_queries": trainer.oracle_queries,
         "rollout_prompts": rollout_prompts,
     }
-    with open(os.path.join(out_dir, f"rank{trainer.accelerator.process_index}.json"), "w") as fh:
+    with open(os.path.join(out_dir, f"rank{trainer.accelerator.process_index}-{stage}.json"), "w") as fh:
         json.dump(result, fh)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])
