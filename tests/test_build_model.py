@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bilevel_rlhf.happy_tweet.build_model import (
+    BUILD_THREADS,
     BUILD_VERSION,
     TweetModelConfig,
     build_tweet_model,
@@ -66,6 +67,21 @@ def test_build_deterministic_and_seed_dependent(built, tmp_path):
     assert (path / "tokenizer.json").read_bytes() == (tmp_path / "again" / "tokenizer.json").read_bytes()
     build_tweet_model(tmp_path / "other", TweetModelConfig.cut_down(seed=1))
     assert not _same_weights(path, tmp_path / "other")
+
+
+def test_build_pins_its_thread_count(built, tmp_path):
+    """The thread count changes the weights (float summation order), so a build ignores the caller's count."""
+    path, info = built
+    assert info["torch_threads"] == BUILD_THREADS == 1
+    torch.set_num_threads(2)
+    try:
+        build_tweet_model(tmp_path / "caller_two", TweetModelConfig.cut_down(seed=0))  # pinned: same as the fixture
+        assert torch.get_num_threads() == 2  # the caller's count is restored
+        build_tweet_model(tmp_path / "two", TweetModelConfig.cut_down(seed=0), threads=2)
+    finally:
+        torch.set_num_threads(1)
+    assert _same_weights(path, tmp_path / "caller_two")
+    assert not _same_weights(path, tmp_path / "two")  # the pin is what makes builds comparable
 
 
 def test_loads_with_auto_classes_and_generates(built):

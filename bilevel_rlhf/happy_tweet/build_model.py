@@ -1,6 +1,7 @@
 """The embedded default policy: a small GPT-2 pretrained on the tweets, then fine-tuned to continue prompts.
 
-Build (deterministic, about 3-5 minutes on 2 CPU cores):
+Build (deterministic for a given torch thread count, pinned to `BUILD_THREADS` = 1 by default; about 3-5 minutes
+on 2 CPU cores):
   1. a byte-level BPE (`tokenizers`, `vocab_size` tokens) trained on the training tweets;
   2. pretraining: causal LM on the training tweets' text, `<|endoftext|> text <|endoftext|>`
      (HF `Trainer`);
@@ -36,6 +37,7 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 BUILD_VERSION = 1  # bump when the build procedure changes in a way the config does not show
+BUILD_THREADS = 1  # torch CPU threads of a build: a fixed count makes builds bit-identical (1 is also fastest here)
 MODEL_PREFIX = "tweet-gpt2"
 BOS_EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -172,11 +174,28 @@ def build_tweet_model(
     tweets_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    threads: int = BUILD_THREADS,
 ) -> dict[str, Any]:
     """Build the tweet GPT-2 into `output_dir` (atomically) and return its build info (losses, timings).
 
-    `progress=True` shows the Trainer's progress bars and loss logs.
+    `progress=True` shows the Trainer's progress bars and loss logs. The build runs on `threads` torch CPU threads
+    (restored afterwards): the thread count changes the floating-point summation order, so only builds with the same
+    count are bit-identical, and RL runs started from two such builds visibly diverge.
     """
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        info = _build(output_dir, config, tweets_path, overwrite, progress, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return info
+
+
+def _build(output_dir, config, tweets_path, overwrite, progress, threads) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, set_seed
 
     from .data import TWEETS_PATH, is_eval_id, load_tweets, split_prompt
@@ -234,7 +253,7 @@ def build_tweet_model(
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     info: dict[str, Any] = {"config": asdict(config), "config_hash": config_hash(config, tweets_path),
-                            "build_version": BUILD_VERSION, "n_train_tweets": len(train_texts),
+                            "build_version": BUILD_VERSION, "torch_threads": threads, "n_train_tweets": len(train_texts),
                             "n_eval_tweets": len(eval_texts), "n_parameters": model.num_parameters()}
     with tempfile.TemporaryDirectory(prefix="tweet-gpt2-trainer-") as trainer_dir:
         stages = [("pretrain", pretrain_train, pretrain_eval, config.pretrain_epochs, config.pretrain_learning_rate)]
