@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 BUILD_VERSION = 1  # bump when the build procedure changes in a way the config does not show
-BUILD_THREADS = 1  # torch CPU threads of a build: a fixed count makes builds bit-identical (1 is also fastest here)
+BUILD_THREADS = 1  # torch CPU threads of a build: a fixed count makes builds bit-identical whatever the core count
 MODEL_PREFIX = "tweet-gpt2"
 BOS_EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
