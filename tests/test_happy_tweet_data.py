@@ -1,7 +1,6 @@
 """Happy-tweet data: the bundled JSONL, its loader's errors, prompts, the hashed split and the display filter."""
 
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -10,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from bilevel_rlhf.happy_tweet.data import (
     TWEETS_PATH,
@@ -22,13 +22,6 @@ from bilevel_rlhf.happy_tweet.data import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +50,7 @@ def test_bundled_tweets_complete(tweets):
 
 def test_bundled_file_is_canonical_output_of_prepare_script(tweets):
     """Re-serializing the loaded records with the script's writer reproduces the shipped bytes."""
-    prepare = _load_script("prepare_tweets")
+    prepare = load_script("prepare_tweets")
     records = [{"id": i, "human_rating": r, "text": t}
                for i, r, t in zip(tweets["id"], tweets["human_rating"], tweets["text"])]
     assert prepare.to_jsonl(records) == TWEETS_PATH.read_bytes()
@@ -77,7 +70,7 @@ def _tar_gz(path: Path, member: str, data: bytes) -> Path:
 
 
 def test_prepare_script_parses_archive(tmp_path):
-    prepare = _load_script("prepare_tweets")
+    prepare = load_script("prepare_tweets")
     raw = _ground_truth_bytes()
     inner = _tar_gz(tmp_path / "hutto_ICWSM_2014.tar.gz", prepare.TWEETS_MEMBER, raw)
     sdist = _tar_gz(tmp_path / "sdist.tar.gz", prepare.INNER_ARCHIVE, inner.read_bytes())

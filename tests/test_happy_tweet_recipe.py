@@ -1,7 +1,6 @@
 """The happy-tweet recipe end to end on a cut-down tweet model: training, artifacts, resume after SIGTERM,
 a real 2-process accelerate run, the evaluation script, and clear errors for bad model folders."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,19 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "recipes" / "happy_tweet" / "config.yaml")
 # a handful of steps: 4 prompts x 2 completions per iteration, 2 PPO epochs x 2 mini-batches = 4 steps per iteration
 TINY = ["--per_device_train_batch_size", "4", "--max_completion_length", "6", "--num_eval_prompts", "4",
         "--save_steps", "4", "--logging_steps", "4", "--max_steps", "8", "--disable_tqdm", "true"]
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +136,7 @@ def test_two_process_cpu_accelerate_config(tiny_model, tmp_path):
 
 def test_evaluation_script(trained_run, tmp_path):
     out, _ = trained_run
-    evaluate = _load_script("evaluate_happy_tweet")
+    evaluate = load_script("evaluate_happy_tweet")
     report = evaluate.main([f"single_loop={out}", "--num_prompts", "4", "--num_samples", "2",
                             "--max_completion_length", "6", "--output_dir", str(tmp_path)])
     rows = {r["name"]: r for r in report["results"]}
