@@ -14,6 +14,7 @@ disabled. No copy of the base exists.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -71,6 +72,9 @@ class BilevelModel(nn.Module):
         self.policy_phi = phi
         self.ref_policy = ref
         self.reward_model = reward_model
+        # r_x(prompt, y) must not depend on how far the batch left-pads the prompt: pass positions that skip the
+        # padding to every reward model that takes them (HF causal-LM classifiers do; a custom module may not)
+        self._reward_positions = "position_ids" in inspect.signature(reward_model.forward).parameters
         self.use_peft = use_peft
         self.has_phi = has_phi
         hidden = theta.config.hidden_size if hasattr(theta.config, "hidden_size") else theta.config.n_embd
@@ -173,7 +177,8 @@ class BilevelModel(nn.Module):
 
     def reward_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """r_x of each sequence, ``[N]``."""
-        logits = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        extra = {"position_ids": position_ids_from_mask(attention_mask)} if self._reward_positions else {}
+        logits = self.reward_model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
         if logits.ndim != 2 or logits.shape[-1] != 1:
             raise ValueError(f"reward_model must output one score per sequence ([N, 1]), got shape {tuple(logits.shape)}")
         return logits[:, 0].float()

@@ -390,6 +390,14 @@ class BilevelTrainer(Trainer):
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(positions[:1], T - 1))
         return (positions[None, :] <= first[:, None]).long()
 
+    def _decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """The text of each completion's real tokens. The padding is cut by the mask, not by `skip_special_tokens`,
+        which keeps a pad token that the tokenizer's backend does not mark as special."""
+        return [
+            self.processing_class.decode(ids[m.bool()], skip_special_tokens=True)
+            for ids, m in zip(completion_ids, mask)
+        ]
+
     def _reward_inputs(self, prompts: list[str], texts: list[str], ids: torch.Tensor, mask: torch.Tensor):
         """Inputs of r_x: the policy's own ids, or prompt + completion re-tokenized by reward_processing_class."""
         if self.reward_processing_class is None:
@@ -461,7 +469,7 @@ class BilevelTrainer(Trainer):
             completions[r] = torch.nn.functional.pad(completions[r], (0, pad), value=tok.pad_token_id)
             masks[r] = torch.nn.functional.pad(masks[r], (0, pad), value=0)
             completions[r] = torch.where(masks[r].bool(), completions[r], tok.pad_token_id)
-        texts = {r: tok.batch_decode(completions[r], skip_special_tokens=True) for r in roles}
+        texts = {r: self._decode(completions[r], masks[r]) for r in roles}
         rep_prompts = [p for p in prompts for _ in range(n)]
         seq = {r: torch.cat([rep_ids, completions[r]], 1) for r in roles}
         seq_mask = {r: torch.cat([rep_mask, masks[r]], 1) for r in roles}
@@ -696,9 +704,17 @@ class BilevelTrainer(Trainer):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """theta's mean r_x and mean oracle score (if the oracle has `score`) on the eval prompts; no oracle queries."""
+        """theta's mean r_x and mean oracle score (if the oracle has `score`) on the eval prompts; no oracle queries.
+        Sampling uses its own RNG stream seeded with `args.seed` (every evaluation draws the same noise, and training
+        continues with the random state it had: evaluating never changes a run)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         _check_prompt_dataset(dataset, "eval_dataset")
+        device = self.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.args.seed + self.accelerator.process_index)
+            return self._evaluate_prompts(dataset, metric_key_prefix)
+
+    def _evaluate_prompts(self, dataset: Any, metric_key_prefix: str) -> dict[str, float]:
         unwrapped = self.accelerator.unwrap_model(self.model)
         shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
         r_sum, o_sum, count = 0.0, 0.0, 0
@@ -710,7 +726,7 @@ class BilevelTrainer(Trainer):
             completion = self._generate("theta", ids, mask)
             cmask = self._completion_mask(completion)
             completion = torch.where(cmask.bool(), completion, self.processing_class.pad_token_id)
-            texts = self.processing_class.batch_decode(completion, skip_special_tokens=True)
+            texts = self._decode(completion, cmask)
             r_ids, r_mask = self._reward_inputs(prompts, texts, torch.cat([ids, completion], 1), torch.cat([mask, cmask], 1))
             r_sum += float(unwrapped.reward_forward(r_ids, r_mask).sum())
             if callable(score_fn):

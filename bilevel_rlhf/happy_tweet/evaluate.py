@@ -130,7 +130,8 @@ def sample_completions(
         "attention_mask": torch.cat([enc["attention_mask"], mask], 1),
         "prompt_length": P,
         "completion_mask": mask,
-        "texts": tokenizer.batch_decode(completion, skip_special_tokens=True),
+        # cut by the mask: skip_special_tokens keeps a pad token that the tokenizer's backend does not mark special
+        "texts": [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion, mask)],
     }
 
 

@@ -1,0 +1,432 @@
+"""The trainer's mathematics against independent recomputations: the PPO loss by hand, the rollout buffer (scores,
+log-probs, per-token rewards, GAE, whitening, tau_k and lambda_k) recomputed row by row without padding, the
+optimizer's per-role structure in a real run, and the logged metrics' values.
+
+Each check is written so that a small bug in the quantity it names (a sign, a swapped argument, a dropped term, a
+wrong iteration index) fails it: the models are perturbed away from the reference, the schedules are not constant,
+and gamma and the GAE lambda differ from each other and from 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from lm_fixtures import make_policy, make_reward_model, make_tokenizer
+
+from bilevel_rlhf.config import BilevelConfig
+from bilevel_rlhf.preference import ScoreOracle
+from bilevel_rlhf.trainer import BilevelTrainer
+
+# prompts of different lengths, so that rows are left-padded by different amounts
+PROMPTS = ["the cat", "a dog was very", "we love", "it is very good and", "the sun", "they hate a dark",
+           "you and we", "bright day"]
+GAMMA, GAE_LAMBDA = 0.9, 0.7
+TAU0, TAU_C, TAU_K0 = 0.3, 0.7, 2.0
+LAM0, LAM_G, LAM_K0 = 2.0, 0.5, 3.0
+
+
+def char_score(texts: list[str]) -> list[float]:
+    """A score that varies between almost all completions (so labels are rarely 1/2)."""
+    return [len(t.replace(" ", "")) / 4.0 for t in texts]
+
+
+def make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, **kw) -> BilevelTrainer:
+    tok = make_tokenizer()
+    base = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_completions=2, num_ppo_epochs=2,
+        num_mini_batches=2, max_completion_length=5, max_prompt_length=8, use_cpu=True, report_to="none", seed=0,
+        disable_tqdm=True, gamma=GAMMA, lam=GAE_LAMBDA, tau_init=TAU0, tau_schedule="polynomial",
+        tau_decay_rate=TAU_C, tau_horizon=TAU_K0, penalty_lambda=LAM0, penalty_lambda_schedule="polynomial",
+        penalty_lambda_growth=LAM_G, penalty_lambda_horizon=LAM_K0, actor_learning_rate=1e-3,
+        critic_learning_rate=1e-3, reward_learning_rate=1e-3, logging_steps=1,
+    )
+    base.update(kw)
+    oracle = ScoreOracle(char_score, mode="probability", name="chars")
+    trainer = BilevelTrainer(
+        make_policy(tok), make_reward_model(tok), oracle, BilevelConfig(**base), Dataset.from_dict({"prompt": prompts}),
+        eval_dataset=Dataset.from_dict({"prompt": eval_prompts}) if eval_prompts else None, processing_class=tok,
+    )
+    # move the actors and critics away from the reference and from each other: the KL terms, the penalty gap and the
+    # values are then all non-zero, so a wrong sign or a dropped term shows
+    model = trainer.model
+    with torch.no_grad():
+        for i, module in enumerate([model.policy_theta, model.policy_phi, model.value_theta, model.value_phi]):
+            if module is None:
+                continue
+            g = torch.Generator().manual_seed(100 + i)
+            for p in module.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return trainer
+
+
+def rollout(trainer: BilevelTrainer, iteration: int, seed: int = 5) -> tuple[dict, dict]:
+    """The first micro-step of `iteration`: its mini-batch and the whole buffer."""
+    trainer.state.global_step = iteration * trainer.args.steps_per_iteration
+    trainer._micro_step = iteration * trainer.micro_steps_per_iteration
+    torch.manual_seed(seed)
+    batch = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[: trainer.args.per_device_train_batch_size]])
+    return batch, trainer._buffer
+
+
+def unpadded_rows(buf: dict, role: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(prompt ids, completion ids) of each row, without any padding."""
+    P, b = buf["prompt_length"], buf[role]
+    rows = []
+    for ids, am, cm in zip(b["input_ids"], b["attention_mask"], b["mask"]):
+        rows.append((ids[:P][am[:P].bool()], ids[P:][cm.bool()]))
+    return rows
+
+
+@torch.no_grad()
+def recompute_row(model, value_head, prompt: torch.Tensor, completion: torch.Tensor, temperature: float):
+    """log pi(y_t | s_t), V(s_t) and the entropy at each completion token, from one unpadded forward pass."""
+    x = torch.cat([prompt, completion])[None]
+    out = model(input_ids=x, output_hidden_states=True)
+    start, L = len(prompt) - 1, len(completion)
+    logits = out.logits[0, start : start + L].double() / temperature
+    logp = torch.log_softmax(logits, -1)
+    lp = logp[torch.arange(L), completion]
+    entropy = -(logp.exp() * logp).sum(-1)
+    values = value_head(out.hidden_states[-1][:, start : start + L])[0].double() if value_head is not None else None
+    return lp, values, entropy
+
+
+def bt_nll(r_a: np.ndarray, r_b: np.ndarray, label: np.ndarray) -> np.ndarray:
+    d = r_a - r_b
+    return -(label * np.log(1 / (1 + np.exp(-d))) + (1 - label) * np.log(1 / (1 + np.exp(d))))
+
+
+def gae_reverse_scan(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float):
+    """A_t = delta_t + gamma lam A_{t+1}, delta_t = r_t + gamma V_{t+1} - V_t, V after the last token = 0."""
+    L = len(rewards)
+    adv, running = np.zeros(L), 0.0
+    for t in reversed(range(L)):
+        next_v = values[t + 1] if t + 1 < L else 0.0
+        running = rewards[t] + gamma * next_v - values[t] + gamma * lam * running
+        adv[t] = running
+    return adv, adv + values
+
+
+def expected_schedule(k: int) -> tuple[float, float]:
+    return TAU0 * (1 + k / TAU_K0) ** (-TAU_C), LAM0 * (1 + k / LAM_K0) ** LAM_G
+
+
+# ---------------------------------------------------------------------------------------------------------- PPO loss
+def test_ppo_loss_equals_hand_computed_values(tmp_path):
+    trainer = make_trainer(tmp_path, cliprange=0.2, cliprange_value=0.3, vf_coef=0.5)
+    # token:          1     2     3     4     5     6 (masked out)
+    ratio = torch.tensor([[1.1, 1.5, 0.5, 0.5, 1.5, 3.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, 1.0, -2.0, -2.0, 5.0]], dtype=torch.float64)
+    old_v = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    new_v = torch.tensor([[0.1, 0.5, -0.5, 0.5, 2.0, 5.0]], dtype=torch.float64)
+    returns = torch.tensor([[1.0, 1.0, -1.0, 0.0, 1.0, -5.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    new_lp = torch.log(ratio).requires_grad_(True)
+    new = {"logprobs": new_lp, "values": new_v}
+    old = {"logprobs": torch.zeros_like(ratio), "values": old_v, "returns": returns, "advantages": adv, "mask": mask}
+    loss, stats = trainer._ppo_loss(new, old)
+    # policy terms max(-A r, -A clip(r, 0.8, 1.2)):
+    #   1: -1.1 (inside)  2: max(-1.5, -1.2) = -1.2  3: max(-0.5, -0.8) = -0.5  4: max(1.0, 1.6) = 1.6
+    #   5: max(3.0, 2.4) = 3.0                       -> mean 1.8 / 5 = 0.36
+    # value terms max((V - R)^2, (V0 + clip(V - V0, -0.3, 0.3) - R)^2):
+    #   1: 0.81  2: max(0.25, 0.49)  3: max(0.25, 0.49)  4: max(0.25, 0.49)  5: max(1.0, 0.49) -> 0.5 * 3.28 / 5 = 0.328
+    assert stats["policy_loss"].item() == pytest.approx(0.36, abs=1e-9)
+    assert stats["value_loss"].item() == pytest.approx(0.328, abs=1e-9)
+    assert loss.item() == pytest.approx(0.36 + 0.5 * 0.328, abs=1e-9)
+    assert stats["clipfrac"].item() == pytest.approx(4 / 5)  # |r - 1| > 0.2 at tokens 2-5
+    logr = np.log([1.1, 1.5, 0.5, 0.5, 1.5])
+    assert stats["approxkl"].item() == pytest.approx(0.5 * np.mean(logr**2), rel=1e-9)
+    # gradient in the log-probs: -A r / N where the unclipped term is active, 0 where the clip is (tokens 2 and 4)
+    (grad,) = torch.autograd.grad(loss, new_lp)
+    expected = np.array([-1.1, 0.0, -0.5, 0.0, 3.0, 0.0]) / 5
+    np.testing.assert_allclose(grad[0].numpy(), expected, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------- rollout buffer
+@pytest.mark.parametrize(
+    "method, regularization, whiten_rewards, fused",
+    [("single_loop", "kl", False, False), ("single_loop", "entropy", True, False), ("single_loop", "kl", False, True),
+     ("partial_sgd", "kl", False, False)],
+)
+def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, regularization, whiten_rewards, fused):
+    kw = dict(num_ppo_epochs=1, num_mini_batches=1) if fused else {}
+    trainer = make_trainer(tmp_path, method=method, regularization=regularization, whiten_rewards=whiten_rewards,
+                           temperature=0.8, **kw)
+    assert trainer.fuse_rollout_and_update == fused
+    k = 3
+    batch, buf = rollout(trainer, iteration=k)
+    if fused:  # the update's forward pass fills the buffer in
+        trainer.compute_loss(trainer.model, batch)
+    model = trainer.model
+    tau, lam = expected_schedule(k)
+    assert buf["iteration"] == k
+    assert buf["tau"] == pytest.approx(tau, rel=1e-12)
+    assert buf["lambda"] == pytest.approx(lam, rel=1e-12)
+    roles = ["theta"] + (["phi"] if method != "partial_sgd" else [])
+    assert [r for r in ("theta", "phi") if r in buf] == roles
+    tok = trainer.processing_class
+    labels = buf["labels"].double().numpy()
+
+    scores = {}
+    for r in roles:
+        rows = unpadded_rows(buf, r)
+        texts = [tok.decode(c, skip_special_tokens=True) for _, c in rows]
+        assert texts == buf["stats"]["texts"][r]
+        # r_x of each (prompt, completion) scored alone, without padding
+        with torch.no_grad():
+            scores[r] = np.array([model.reward_model(input_ids=torch.cat([p, c])[None]).logits[0, 0].item()
+                                  for p, c in rows])
+        np.testing.assert_allclose(buf[r]["score"].double().numpy(), scores[r], atol=1e-5)
+    # the oracle's soft labels on theta's pairs (2i, 2i+1)
+    s = np.array(char_score(buf["stats"]["texts"]["theta"]))
+    np.testing.assert_allclose(labels, 1 / (1 + np.exp(-(s[0::2] - s[1::2]))), atol=1e-6)
+    pair_loss = bt_nll(scores["theta"][0::2], scores["theta"][1::2], labels)
+    np.testing.assert_allclose(buf["pair_loss"].double().numpy(), pair_loss, atol=1e-5)
+
+    for r in roles:
+        rows = unpadded_rows(buf, r)
+        policy = model.policy_theta if r == "theta" else model.policy_phi
+        terminal = scores[r] - (np.repeat(pair_loss, 2) / lam if (r == "theta" and "phi" in buf) else 0.0)
+        per_row = []
+        for i, (p, c) in enumerate(rows):
+            lp, values, _ = recompute_row(policy, model.value_head(r), p, c, 0.8)
+            L = len(c)
+            np.testing.assert_allclose(buf[r]["logprobs"][i, :L].double().numpy(), lp.numpy(), atol=1e-4)
+            np.testing.assert_allclose(buf[r]["values"][i, :L].double().numpy(), values.numpy(), atol=1e-4)
+            if regularization == "kl":
+                ref_lp, _, _ = recompute_row(model.ref_policy, None, p, c, 0.8)
+                np.testing.assert_allclose(buf[r]["ref_logprobs"][i, :L].double().numpy(), ref_lp.numpy(), atol=1e-4)
+                penalty = (lp - ref_lp).numpy()
+            else:
+                penalty = lp.numpy()
+            rewards = -tau * penalty
+            rewards[-1] += terminal[i]
+            per_row.append((rewards, values.numpy(), penalty))
+        if whiten_rewards:  # rescaled to unit variance over the role's real tokens; the mean is kept
+            flat = np.concatenate([rw for rw, _, _ in per_row])
+            mean, std = flat.mean(), np.sqrt(flat.var(ddof=1) + 1e-8)
+            per_row = [((rw - mean) / std + mean, v, pen) for rw, v, pen in per_row]
+        gae = [gae_reverse_scan(rw, v, GAMMA, GAE_LAMBDA) for rw, v, _ in per_row]
+        flat = np.concatenate([a for a, _ in gae])
+        mean, std = flat.mean(), np.sqrt(flat.var(ddof=1) + 1e-8)
+        for i, ((adv, ret), (_, _, pen)) in enumerate(zip(gae, per_row)):
+            L = len(adv)
+            np.testing.assert_allclose(buf[r]["advantages"][i, :L].double().numpy(), (adv - mean) / std, atol=2e-4)
+            np.testing.assert_allclose(buf[r]["returns"][i, :L].double().numpy(), ret, atol=1e-4)
+            assert buf[r]["seq_penalty"][i].item() == pytest.approx(pen.sum(), abs=1e-4)
+            assert not buf[r]["advantages"][i, L:].any() and not buf[r]["returns"][i, L:].any()
+
+
+def test_each_epoch_partitions_the_rollout_and_only_the_first_trains_x(tmp_path):
+    trainer = make_trainer(tmp_path)  # 2 epochs x 2 mini-batches over 4 prompts x 2 completions
+    first, buf = rollout(trainer, iteration=1)
+    N = len(buf["theta"]["input_ids"])
+
+    def key(role_batch, i):
+        return tuple(role_batch["input_ids"][i].tolist()) + tuple(np.round(role_batch["advantages"][i].tolist(), 6))
+
+    whole = {r: sorted(key(buf[r], i) for i in range(N)) for r in ("theta", "phi")}
+    for epoch in range(2):
+        seen = {"theta": [], "phi": []}
+        for j in range(2):
+            if epoch == j == 0:
+                batch = first
+            else:
+                trainer._micro_step = trainer.micro_steps_per_iteration * 1 + epoch * 2 + j
+                batch = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[:4]])
+                assert trainer._buffer is buf  # replayed, not regenerated
+            assert batch["reward_step"] == (epoch == 0)
+            assert ("reward" in batch) == (epoch == 0)
+            for r in seen:
+                seen[r] += [key(batch[r], i) for i in range(len(batch[r]["input_ids"]))]
+            # the pair labels travel with their completions
+            ids = batch["theta"]["input_ids"]
+            for p in range(len(batch["labels"])):
+                a = [i for i in range(N) if torch.equal(buf["theta"]["input_ids"][i], ids[2 * p])]
+                assert any(i % 2 == 0 and torch.equal(buf["theta"]["input_ids"][i + 1], ids[2 * p + 1])
+                           and buf["labels"][i // 2] == batch["labels"][p] for i in a)
+            if epoch == 0:  # r_x's inputs: theta's rows, then phi's
+                n = len(ids)
+                assert torch.equal(batch["reward"]["input_ids"][:n], batch["theta"]["input_ids"])
+                assert torch.equal(batch["reward"]["input_ids"][n:], batch["phi"]["input_ids"])
+        for r in seen:
+            assert sorted(seen[r]) == whole[r]
+
+
+# ------------------------------------------------------------------------------------------------ optimizer structure
+class StepRecorder:
+    """Records, at each optimizer step (after clipping), every group's learning rate and post-clip gradient norm, and
+    the pre-clip norms the trainer logged for this step."""
+
+    def __init__(self, trainer: BilevelTrainer):
+        self.trainer, self.steps = trainer, []
+        trainer.create_optimizer()
+        trainer.optimizer.register_step_pre_hook(self)
+
+    def __call__(self, optimizer, args, kwargs):
+        rec = {"step": self.trainer.state.global_step}
+        for g in optimizer.param_groups:
+            grads = [p.grad for p in g["params"] if p.grad is not None]
+            post = float(torch.sqrt(sum((q.double() ** 2).sum() for q in grads))) if grads else None
+            pre = self.trainer._metrics[f"grad_norm/{g['name']}"][-1] if grads else None
+            rec[g["name"]] = {"lr": g["lr"], "post": post, "pre": pre}
+        self.steps.append(rec)
+
+
+def test_learning_rates_follow_their_schedules_and_clipping_is_per_role(tmp_path):
+    trainer = make_trainer(
+        tmp_path, max_steps=12, penalty_lambda=1e4, penalty_lambda_schedule="constant", max_grad_norm=1.0,
+        actor_lr_schedule="polynomial", actor_lr_decay=0.5, critic_lr_schedule="polynomial", critic_lr_decay=1.0,
+        reward_lr_schedule="polynomial", reward_lr_decay=2.0, lr_horizon=1.5,
+    )
+    rec = StepRecorder(trainer)
+    trainer.train()
+    spi = trainer.args.steps_per_iteration
+    assert [s["step"] for s in rec.steps] == list(range(12))
+    base = {"actor": 1e-3, "critic": 1e-3, "reward": 1e-3}
+    decay = {"actor": 0.5, "critic": 1.0, "reward": 2.0}
+    for s in rec.steps:
+        k, epoch = divmod(s["step"], spi)[0], (s["step"] % spi) // trainer.args.num_mini_batches
+        for role in base:
+            assert s[role]["lr"] == pytest.approx(base[role] * (1 + k / 1.5) ** (-decay[role]), rel=1e-9), (s, role)
+        # x gets a gradient in the first epoch of each iteration only
+        assert (s["reward"]["post"] is not None) == (epoch == 0), s
+        # each role is clipped to max_grad_norm on its own: the lambda-scaled reward gradient does not shrink the
+        # actors' and critics' steps
+        for role in base:
+            if s[role]["post"] is not None:
+                assert s[role]["post"] == pytest.approx(min(s[role]["pre"], 1.0), rel=1e-4), (s, role)
+        if epoch == 0:
+            assert s["reward"]["pre"] > 50.0  # the test needs a reward gradient far above the clip norm
+
+
+def test_nested_loop_updates_x_only_at_every_nth_iteration(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4 * 6, method="nested_loop", nested_inner_steps=3)
+    rec = StepRecorder(trainer)
+    x_before = [p.detach().clone() for p in trainer.model.reward_model.parameters()]
+    trainer.train()
+    spi = trainer.args.steps_per_iteration
+    reward_steps = [s["step"] for s in rec.steps if s["reward"]["post"] is not None]
+    # iterations k = 2 and 5 ((k + 1) % 3 == 0), first epoch (2 mini-batches) of each
+    assert reward_steps == [2 * spi, 2 * spi + 1, 5 * spi, 5 * spi + 1]
+    assert all(s["actor"]["post"] is not None for s in rec.steps)
+    assert any(not torch.equal(a, b) for a, b in zip(x_before, trainer.model.reward_model.parameters()))
+
+
+def test_x_does_not_move_outside_its_steps(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=8)
+    x = lambda: torch.cat([p.detach().flatten().clone() for p in trainer.model.reward_model.parameters()])  # noqa: E731
+    snapshots = []
+    trainer.create_optimizer()
+    trainer.optimizer.register_step_post_hook(lambda opt, a, kw: snapshots.append(x()))
+    x0 = x()
+    trainer.train()
+    spi = trainer.args.steps_per_iteration
+    moved = [not torch.equal(snapshots[i], snapshots[i - 1] if i else x0) for i in range(len(snapshots))]
+    # moves at the first epoch's two mini-batches of each iteration; AdamW's momentum must not move x afterwards
+    assert moved == [(i % spi) < 2 for i in range(8)]
+
+
+# -------------------------------------------------------------------------------------------------------- metrics
+def test_rollout_metrics_equal_their_recomputation_from_the_buffer(tmp_path):
+    trainer = make_trainer(tmp_path)
+    k = 2
+    _, buf = rollout(trainer, iteration=k)
+    m = trainer._rollout_metrics
+    tau, lam = expected_schedule(k)
+    labels = buf["labels"].double().numpy()
+    th, ph = (buf[r]["score"].double().numpy() for r in ("theta", "phi"))
+    d = th[0::2] - th[1::2]
+    correct = np.where(d > 0, labels, np.where(d < 0, 1 - labels, 0.5))  # P(r_x orders the pair as the oracle)
+    assert abs(correct.mean() - 0.5) > 0.01  # an inverted accuracy would differ
+    assert m["objective/pref_accuracy"] == pytest.approx(correct.mean(), abs=1e-6)
+    assert m["objective/upper_loss"] == pytest.approx(bt_nll(th[0::2], th[1::2], labels).mean(), abs=1e-5)
+    assert m["objective/tau"] == pytest.approx(tau) and m["objective/lambda"] == pytest.approx(lam)
+    assert m["reward/theta_mean"] == pytest.approx(th.mean(), abs=1e-5)
+    assert m["reward/phi_mean"] == pytest.approx(ph.mean(), abs=1e-5)
+    kl, J = {}, {}
+    for r, score in (("theta", th), ("phi", ph)):
+        b = buf[r]
+        mask = b["mask"].double()
+        kl[r] = ((b["logprobs"].double() - b["ref_logprobs"].double()) * mask).sum(1)
+        J[r] = score - tau * kl[r].numpy()  # regularized return of each completion
+        assert m[f"policy_{r}/kl"] == pytest.approx(kl[r].mean().item(), abs=1e-5)
+        assert m[f"completions/{r}_mean_length"] == pytest.approx(mask.sum(1).mean().item())
+        # entropies recomputed from unpadded forward passes
+        policy = trainer.model.policy_theta if r == "theta" else trainer.model.policy_phi
+        ent = torch.cat([recompute_row(policy, None, p, c, 1.0)[2] for p, c in unpadded_rows(buf, r)])
+        assert m[f"policy_{r}/entropy"] == pytest.approx(ent.mean().item(), abs=1e-4)
+    assert kl["theta"].abs().max() > 1e-2  # the actors differ from the reference: the KL terms matter
+    gap = J["phi"].mean() - J["theta"].mean()
+    assert abs(gap) > 1e-3
+    assert m["objective/penalty_gap"] == pytest.approx(gap, abs=1e-5)
+    texts = buf["stats"]["texts"]["theta"]
+    assert m["oracle/score_theta"] == pytest.approx(np.mean(char_score(texts)), abs=1e-6)
+    assert m["oracle/queries"] == len(labels) == 4
+
+
+def test_evaluate_reports_means_over_all_prompts_and_leaves_training_untouched(tmp_path):
+    eval_prompts = ["the cat", "a dog was very", "we love", "it is very good and", "the sun", "dark night", "fun"]
+    trainer = make_trainer(tmp_path, eval_prompts=eval_prompts, per_device_eval_batch_size=3)
+    generated = []
+    generate = trainer._generate
+
+    def spy(role, ids, mask):
+        out = generate(role, ids, mask)
+        generated.append((ids, mask, out))
+        return out
+
+    trainer._generate = spy
+    params = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.evaluate()
+    assert [len(ids) for ids, _, _ in generated] == [3, 3, 1]  # an uneven last batch: a mean of batch means differs
+    tok, rewards, texts = trainer.processing_class, [], []
+    for ids, mask, out in generated:
+        for row, am, comp in zip(ids, mask, out):
+            eos = (comp == tok.eos_token_id).nonzero()
+            comp = comp[: int(eos[0]) + 1] if len(eos) else comp
+            texts.append(tok.decode(comp, skip_special_tokens=True))
+            with torch.no_grad():
+                x = torch.cat([row[am.bool()], comp])[None]
+                rewards.append(trainer.model.reward_model(input_ids=x).logits[0, 0].item())
+    assert metrics["eval_reward/theta_mean"] == pytest.approx(np.mean(rewards), abs=1e-5)
+    assert metrics["eval_oracle/score_theta"] == pytest.approx(np.mean(char_score(texts)), abs=1e-6)
+    assert trainer.oracle_queries == 0
+    assert all(torch.equal(a, b) for a, b in zip(params, trainer.model.parameters()))
+
+
+def test_evaluation_during_training_does_not_change_training(tmp_path):
+    def run(path, **kw):
+        trainer = make_trainer(path, max_steps=8, eval_prompts=PROMPTS[:3], **kw)
+        trainer.train()
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    plain = run(tmp_path / "plain")
+    with_eval = run(tmp_path / "eval", eval_strategy="steps", eval_steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(plain, with_eval))
+
+
+def test_schedules_are_read_at_the_rollouts_iteration(tmp_path):
+    """A polynomial tau and lambda inside a run: the logged values are those of k = global_step // steps_per_iteration."""
+    trainer = make_trainer(tmp_path, max_steps=12)
+    logged = []
+
+    class Capture(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs))
+
+    trainer.add_callback(Capture())
+    trainer.train()
+    spi = trainer.args.steps_per_iteration
+    steps = [entry for entry in logged if "objective/tau" in entry and "train_runtime" not in entry]
+    assert len(steps) == 12
+    for step, entry in enumerate(steps):
+        tau, lam = expected_schedule(step // spi)
+        assert entry["objective/tau"] == pytest.approx(tau, rel=1e-6)
+        assert entry["objective/lambda"] == pytest.approx(lam, rel=1e-6)
+    assert math.isclose(steps[-1]["oracle/queries"], 3 * 4)  # 3 iterations x 4 pairs
