@@ -20,7 +20,7 @@ from lm_fixtures import make_policy, make_reward_model, make_tokenizer
 
 from bilevel_rlhf.config import BilevelConfig
 from bilevel_rlhf.preference import ScoreOracle
-from bilevel_rlhf.trainer import BilevelTrainer
+from bilevel_rlhf.trainer import BilevelTrainer, reward_model_loss
 
 # prompts of different lengths, so that rows are left-padded by different amounts
 PROMPTS = ["the cat", "a dog was very", "we love", "it is very good and", "the sun", "they hate a dark",
@@ -174,6 +174,13 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
 
     scores = {}
     for r in roles:
+        # the completion mask: 1 up to and including the first eos, 0 after it (where the ids are pad)
+        P = buf["prompt_length"]
+        for ids, m in zip(buf[r]["input_ids"][:, P:], buf[r]["mask"]):
+            eos = (ids == tok.eos_token_id).nonzero()
+            end = int(eos[0]) + 1 if len(eos) else len(ids)
+            assert m.tolist() == [1] * end + [0] * (len(ids) - end)
+            assert (ids[end:] == tok.pad_token_id).all()
         rows = unpadded_rows(buf, r)
         texts = [tok.decode(c, skip_special_tokens=True) for _, c in rows]
         assert texts == buf["stats"]["texts"][r]
@@ -430,3 +437,55 @@ def test_schedules_are_read_at_the_rollouts_iteration(tmp_path):
         assert entry["objective/tau"] == pytest.approx(tau, rel=1e-6)
         assert entry["objective/lambda"] == pytest.approx(lam, rel=1e-6)
     assert math.isclose(steps[-1]["oracle/queries"], 3 * 4)  # 3 iterations x 4 pairs
+
+
+def test_reward_model_loss_equals_hand_computed_values():
+    r_theta = torch.tensor([1.0, 0.0, -0.5, 0.5])  # pairs (1, 0) and (-0.5, 0.5)
+    r_phi = torch.tensor([2.0, 1.0, 0.0, 1.0])
+    labels = torch.tensor([1.0, 0.25])
+    bt = -math.log(1 / (1 + math.exp(-1.0))) + -(0.25 * math.log(1 / (1 + math.exp(1.0)))
+                                                  + 0.75 * math.log(1 / (1 + math.exp(-1.0))))
+    f = bt / 2
+    lam = 3.0
+    # f + lambda (mean r_x(phi) - mean r_x(theta)) = f + 3 (1.0 - 0.25)
+    assert reward_model_loss(r_theta, r_phi, labels, lam, penalty=True).item() == pytest.approx(f + 3 * 0.75, rel=1e-6)
+    assert reward_model_loss(r_theta, None, labels, lam, penalty=True).item() == pytest.approx(f - 3 * 0.25, rel=1e-6)
+    assert reward_model_loss(None, r_phi, labels, lam, penalty=True).item() == pytest.approx(3 * 1.0, rel=1e-6)
+    assert reward_model_loss(r_theta, None, labels, lam, penalty=False).item() == pytest.approx(f, rel=1e-6)
+
+
+def test_logged_losses_equal_their_recomputation(tmp_path):
+    trainer = make_trainer(tmp_path)
+    captured = []
+    prepare = trainer._prepare_inputs
+    trainer._prepare_inputs = lambda inputs: captured.append(prepare(inputs)) or captured[-1]
+    trainer.state.global_step, trainer._micro_step = 0, 0
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
+    trainer.model.train()
+    torch.manual_seed(3)
+    trainer.training_step(trainer.model, [{"prompt": p} for p in PROMPTS[:4]])
+    batch = captured[0]  # Trainer.training_step passes the prepared dict through again, once per loss part
+    metrics = {key: v[-1] for key, v in trainer._metrics.items()}
+    P = batch["prompt_length"]
+    scores = {}
+    for r in ("theta", "phi"):
+        with torch.no_grad():
+            scores[r] = torch.tensor([
+                trainer.model.reward_model(input_ids=torch.cat([ids[:P][am[:P].bool()], ids[P:][m.bool()]])[None])
+                .logits[0, 0].item()
+                for ids, am, m in zip(batch[r]["input_ids"], batch[r]["attention_mask"], batch[r]["mask"])
+            ])
+    th, labels = scores["theta"].double().numpy(), batch["labels"].double().numpy()
+    expected = bt_nll(th[0::2], th[1::2], labels).mean() + batch["lambda"] * (scores["phi"].mean() - scores["theta"].mean())
+    assert metrics["objective/reward_loss"] == pytest.approx(float(expected), abs=1e-5)
+    for r in ("theta", "phi"):
+        b = batch[r]
+        mask = b["mask"].double()
+        # the first micro-step's policy equals the rollout's: ratio 1, so the PPO terms reduce to -A and (V - R)^2
+        assert metrics[f"policy_{r}/approxkl"] == pytest.approx(0.0, abs=1e-10)
+        pg = -(b["advantages"].double() * mask).sum() / mask.sum()
+        assert metrics[f"policy_{r}/policy_loss"] == pytest.approx(pg.item(), abs=1e-5)
+        vf = 0.5 * (((b["values"].double() - b["returns"].double()) ** 2) * mask).sum() / mask.sum()
+        assert vf.item() > 1e-3
+        assert metrics[f"value_{r}/loss"] == pytest.approx(vf.item(), rel=1e-4)
+    assert metrics["value/loss"] == pytest.approx((metrics["value_theta/loss"] + metrics["value_phi/loss"]) / 2)
