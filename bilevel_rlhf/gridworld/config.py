@@ -3,6 +3,7 @@ loadable from YAML and overridable from the command line (``--field value``)."""
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,21 @@ class GridWorldConfig:
             if not ok:
                 raise ValueError(f"config field {name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
+        # types first, so that the range checks below compare numbers (a YAML "abc" names its field, not a TypeError)
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = getattr(self, f.name)
+            if isinstance(default, bool):
+                need(isinstance(value, bool), f.name, "true or false")
+            elif isinstance(default, int):
+                need(isinstance(value, int) and not isinstance(value, bool), f.name, "an integer")
+            elif isinstance(default, float):
+                need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                     f.name, "a finite number")
+            elif isinstance(default, str):
+                need(isinstance(value, str), f.name, "a string")
+            elif isinstance(default, (list, tuple)):
+                need(isinstance(value, (list, tuple)), f.name, "a list")
         need(0.0 <= self.slip <= 1.0, "slip", "in [0, 1]")
         need(0.0 <= self.gamma < 1.0, "gamma", "in [0, 1)")
         need(self.parameterization in ("position", "cells"), "parameterization", "'position' or 'cells'")
@@ -86,7 +102,8 @@ class GridWorldConfig:
         for name in ("hazard_cost", "target_bonus", "placement_weight", "tau_power", "beta_power", "lam_power"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(0.0 <= self.tau_min <= self.tau_0, "tau_min", f"in [0, tau_0={self.tau_0}]")
-        need(len(self.x0) == 2, "x0", "a (row, col) pair")
+        need(len(self.x0) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.x0), "x0",
+             "a (row, col) pair of finite numbers")
         # three time-scales: beta_t >= alpha_t >= zeta_t for every t
         need(self.alpha <= self.beta, "alpha", f"<= beta={self.beta} (critic fastest)")
         need(self.zeta <= self.alpha, "zeta", f"<= alpha={self.alpha} (x slowest)")
@@ -133,5 +150,11 @@ def parse_args(argv: list[str] | None = None) -> GridWorldConfig:
         parser.add_argument(f"--{f.name}", default=None, help=f.metadata.get("help", ""))
     args = vars(parser.parse_args(argv))
     path = args.pop("config")
-    overrides = {k: _parse_value(v, getattr(defaults, k)) for k, v in args.items() if v is not None}
+    overrides = {}
+    for k, v in args.items():
+        if v is not None:
+            try:
+                overrides[k] = _parse_value(v, getattr(defaults, k))
+            except ValueError as err:
+                raise ValueError(f"config field {k}={v!r} is invalid: {err}") from None
     return load_config(path, overrides)

@@ -1,0 +1,134 @@
+"""Every condition of GridWorldConfig.validate: the smallest bad value is rejected with a ValueError
+naming the field, the valid boundary value is accepted; and load_config / parse_args name the field."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from bilevel_rlhf.gridworld.config import GridWorldConfig, load_config, parse_args
+
+
+def below(v):
+    return float(np.nextafter(v, -np.inf))
+
+
+def above(v):
+    return float(np.nextafter(v, np.inf))
+
+
+TINY = float(np.nextafter(0.0, 1.0))  # the smallest positive float
+POSITIVE = ("reward_scale", "bump_width", "tau_0", "tau_k0", "beta", "alpha", "zeta", "step_k0", "lam",
+            "nested_zeta", "fd_eps", "fd_zeta", "exact_tau", "exact_zeta", "search_step", "search_refine_step")
+NONNEGATIVE = ("hazard_cost", "target_bonus", "placement_weight", "tau_power", "beta_power", "lam_power")
+INTEGERS = ("iterations", "batch_size", "nested_inner_steps", "fd_inner_steps", "fd_directions",
+            "exact_iterations", "eval_every", "seeds")
+# fields that a boundary value of another field drags along (three time-scales, tau_min <= tau_0)
+COMPANIONS = {"tau_0": {"tau_min": 0.0}, "beta": {"alpha": TINY, "zeta": TINY}, "alpha": {"zeta": TINY}}
+
+# (field, bad overrides, good boundary overrides); defaults: beta = alpha = 0.5, tau_0 = 0.3, powers 0 / 0 / 0.5
+CASES = [
+    ("slip", {"slip": below(0.0)}, {"slip": 0.0}),
+    ("slip", {"slip": above(1.0)}, {"slip": 1.0}),
+    ("slip", {"slip": float("nan")}, {"slip": 0.5}),
+    ("gamma", {"gamma": below(0.0)}, {"gamma": 0.0}),
+    ("gamma", {"gamma": 1.0}, {"gamma": below(1.0)}),
+    ("parameterization", {"parameterization": "Position"}, {"parameterization": "cells"}),
+    ("parameterization", {"parameterization": ""}, {"parameterization": "position"}),
+    *[(name, {name: 0.0, **COMPANIONS.get(name, {})}, {name: TINY, **COMPANIONS.get(name, {})}) for name in POSITIVE],
+    ("lam", {"lam": float("nan")}, {"lam": 1.0}),
+    *[(name, {name: below(0.0)}, {name: 0.0}) for name in NONNEGATIVE],
+    ("tau_min", {"tau_min": below(0.0)}, {"tau_min": 0.0}),
+    ("tau_min", {"tau_min": above(0.3)}, {"tau_min": 0.3}),
+    ("x0", {"x0": [1.0]}, {"x0": [0.0, 0.0]}),
+    ("x0", {"x0": [1.0, 2.0, 3.0]}, {"x0": [9.0, 9.0]}),
+    ("alpha", {"alpha": above(0.5)}, {"alpha": 0.5, "beta": 0.5}),
+    ("zeta", {"zeta": above(0.5)}, {"zeta": 0.5, "alpha": 0.5}),
+    ("zeta", {"alpha": 0.2, "zeta": above(0.2)}, {"alpha": 0.2, "zeta": 0.2}),  # bounded by alpha, not beta
+    ("alpha_power", {"beta_power": 0.5, "alpha_power": below(0.5)}, {"beta_power": 0.5, "alpha_power": 0.5}),
+    ("zeta_power", {"zeta_power": below(0.0)}, {"zeta_power": 0.0}),
+    ("zeta_power", {"alpha_power": 0.7, "zeta_power": below(0.7)}, {"alpha_power": 0.7, "zeta_power": 0.7}),
+    *[(name, {name: 0}, {name: 1}) for name in INTEGERS],
+    *[(name, {name: 1.0}, {name: 2}) for name in ("iterations", "batch_size")],  # a float is not an integer
+    ("methods", {"methods": []}, {"methods": ["exact"]}),
+    ("methods", {"methods": ["single_loop", "magic"]}, {"methods": ["single_loop", "exact_decay"]}),
+]
+
+
+@pytest.mark.parametrize("field,bad,good", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_validate_rejects_the_smallest_bad_value_and_accepts_the_boundary(field, bad, good):
+    with pytest.raises(ValueError, match=rf"^config field {field}="):
+        GridWorldConfig(**bad)
+    cfg = GridWorldConfig(**good)
+    for name, value in good.items():
+        assert getattr(cfg, name) == value
+    # validate() itself, not only construction, checks: break a valid config in place
+    for name, value in bad.items():
+        setattr(cfg, name, value)
+    with pytest.raises(ValueError, match=rf"^config field {field}="):
+        cfg.validate()
+
+
+def test_every_validated_field_has_a_case():
+    """Fields without a condition in validate (layout is validated by make_grid); any other field must
+    appear in CASES, so a new condition needs a new case."""
+    unvalidated = {"layout", "cells_init_peak", "common_random_numbers", "output_dir", "progress"}
+    covered = {c[0] for c in CASES}
+    assert covered | unvalidated == {f.name for f in dataclasses.fields(GridWorldConfig)}
+    assert not covered & unvalidated
+    GridWorldConfig().validate()  # the defaults are valid
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_load_config_unknown_field_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config fields \['gama'\]"):
+        load_config(write_yaml(tmp_path, "gamma: 0.8\ngama: 0.5\n"))
+    with pytest.raises(ValueError, match=r"unknown config fields \['tau'\]"):
+        load_config(None, {"tau": 0.1})
+
+
+def test_load_config_bad_value_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"^config field gamma=1.5 is invalid"):
+        load_config(write_yaml(tmp_path, "gamma: 1.5\n"))
+    with pytest.raises(ValueError, match=r"^config field batch_size=2.5 is invalid"):
+        load_config(write_yaml(tmp_path, "batch_size: 2.5\n"))
+    # overrides are applied on top of the file and validated too
+    with pytest.raises(ValueError, match=r"^config field zeta="):
+        load_config(write_yaml(tmp_path, "alpha: 0.1\n"), {"zeta": 0.2})
+    assert load_config(write_yaml(tmp_path, "alpha: 0.1\n"), {"zeta": 0.1}).zeta == 0.1
+
+
+def test_parse_args_bad_value_and_unknown_flag_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^config field gamma=1.5 is invalid"):
+        parse_args(["--gamma", "1.5"])
+    with pytest.raises(ValueError, match=r"^config field x0=\[1.0, 2.0, 3.0\] is invalid"):
+        parse_args(["--x0", "1,2,3"])
+    with pytest.raises(ValueError, match=r"^config field iterations=-3 is invalid"):
+        parse_args(["--iterations", "-3"])
+    with pytest.raises(ValueError, match=r"unknown config fields \['gama'\]"):
+        parse_args(["--config", write_yaml(tmp_path, "gama: 0.5\n")])
+    with pytest.raises(SystemExit):
+        parse_args(["--gama", "0.8"])
+    assert "unrecognized arguments: --gama 0.8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how,value,field", [
+    ("cli", "1.5", "batch_size"), ("cli", "abc", "gamma"), ("cli", "maybe", "progress"),
+    ("yaml", "abc", "gamma"), ("yaml", "[1]", "slip"), ("yaml", "4", "x0"),
+])
+def test_unconvertible_value_error_names_the_field(tmp_path, how, value, field):
+    try:
+        if how == "cli":
+            parse_args([f"--{field}", value])
+        else:
+            load_config(write_yaml(tmp_path, f"{field}: {value}\n"))
+    except (ValueError, TypeError) as err:
+        assert isinstance(err, ValueError) and field in str(err), repr(err)
+    else:
+        pytest.fail("no error")
