@@ -8,7 +8,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop")
+METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance")
+PENALTY_METHODS = ("single_loop", "fixed_tau", "nested_loop")  # two actors, theta penalized by lambda
+OBJECTIVES = ("preference_nll", "win_rate")
 REGULARIZATIONS = ("kl", "entropy")
 TAU_SCHEDULES = ("constant", "polynomial", "exponential")
 LAMBDA_SCHEDULES = ("constant", "polynomial")
@@ -38,11 +40,25 @@ class BilevelConfig(TrainingArguments):
         method (`str`, *optional*, defaults to `"single_loop"`):
             `"single_loop"` (the paper's method: decaying tau, penalty actor theta, lower-level actor phi, reward step
             every iteration), `"fixed_tau"` (the same with tau_k = tau_init, `tau_schedule` ignored),
-            `"partial_sgd"` (usual RLHF alternation: one actor theta on r_x, reward model fit by BT-NLL on theta's
-            pairs, no phi, no penalty term), `"nested_loop"` (`nested_inner_steps` lower-level iterations per
-            reward-model step).
+            `"partial_sgd"` (usual RLHF alternation: one actor theta on r_x, reward model stepped along grad_x f
+            alone, no phi, no penalty term), `"nested_loop"` (`nested_inner_steps` lower-level iterations per
+            reward-model step), `"covariance"` (the penalty's lambda -> infinity limit: one actor theta on r_x, and
+            x's gradient grad_x f + (1/tau_k) Cov(grad_x r_x(y), g(y)) over theta's completions; exact where the
+            regularized lower level is a Boltzmann tilt of the reference, as in KL-regularized LM fine-tuning).
         nested_inner_steps (`int`, *optional*, defaults to `4`):
             Lower-level (actor/critic) iterations per reward-model step for `method="nested_loop"`.
+        objective (`str`, *optional*, defaults to `"preference_nll"`):
+            The upper-level objective f (`bilevel_rlhf.objectives`): `"preference_nll"` (r_x's BT-NLL on oracle-labelled
+            pairs of theta's own completions (2i, 2i+1)) or `"win_rate"` (minus the oracle's win rate of theta's
+            completion i against the reference's completion i for the same prompt, plus `objective_weight` times
+            r_x's BT-NLL on those pairs: one oracle query per theta completion). A custom `UpperObjective` can be
+            passed to the trainer instead.
+        objective_weight (`float`, *optional*, defaults to `0.1`):
+            w >= 0, the BT-NLL weight of `"win_rate"`.
+        common_random_numbers (`bool`, *optional*, defaults to `False`):
+            theta and phi sample their completions with shared Gumbel noise (`bilevel_rlhf.sampling`): each actor's
+            distribution is unchanged, and identical actors give identical completions, so the penalty term's
+            sampling noise vanishes as they agree.
 
         > Lower-level regularization (tau)
 
@@ -147,6 +163,13 @@ class BilevelConfig(TrainingArguments):
     nested_inner_steps: int = field(
         default=4, metadata={"help": "Lower-level iterations per reward step (method='nested_loop'), >= 1."}
     )
+    objective: str = field(default="preference_nll", metadata={"help": f"Upper-level objective, one of {OBJECTIVES}."})
+    objective_weight: float = field(
+        default=0.1, metadata={"help": "w >= 0: weight of r_x's BT-NLL in the win_rate objective."}
+    )
+    common_random_numbers: bool = field(
+        default=False, metadata={"help": "theta and phi sample with shared Gumbel noise (coupled sampling)."}
+    )
 
     # --- regularization (tau) ---
     regularization: str = field(default="kl", metadata={"help": f"One of {REGULARIZATIONS}."})
@@ -246,6 +269,9 @@ class BilevelConfig(TrainingArguments):
 
         need(self.method in METHODS, "method", f"one of {METHODS}")
         need(self.nested_inner_steps >= 1, "nested_inner_steps", ">= 1")
+        need(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}")
+        need(self.objective_weight >= 0, "objective_weight", ">= 0")
+        need(self.method != "covariance" or self.tau_init > 0, "tau_init", "> 0 for method='covariance' (it divides by tau)")
         need(self.regularization in REGULARIZATIONS, "regularization", f"one of {REGULARIZATIONS}")
         need(self.tau_init >= 0, "tau_init", ">= 0")
         need(0 <= self.tau_min <= self.tau_init, "tau_min", f"in [0, tau_init={self.tau_init}]")

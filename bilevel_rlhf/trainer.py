@@ -42,8 +42,10 @@ from transformers import (
 )
 from trl.trainer.utils import disable_dropout_in_model
 
-from .config import BilevelConfig
+from .config import PENALTY_METHODS, BilevelConfig
 from .modeling import BilevelModel, load_roles, save_roles
+from .objectives import UpperObjective, get_objective
+from .sampling import coupled_sampling_processors
 from .rl_utils import bradley_terry_loss, compute_gae, masked_mean, masked_whiten, token_kl_penalty
 from .schedules import lambda_at, lr_factor, tau_at
 
@@ -52,20 +54,32 @@ CONFIG_NAME = "bilevel_config.json"
 
 
 def reward_model_loss(
-    r_theta: torch.Tensor | None, r_phi: torch.Tensor | None, labels: torch.Tensor, lambda_k: float, penalty: bool
+    objective: UpperObjective,
+    method: str,
+    pair_loss: torch.Tensor | None,
+    labels: torch.Tensor,
+    r_theta: torch.Tensor | None,
+    r_phi: torch.Tensor | None,
+    lambda_k: float,
+    tau_k: float,
+    g: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Loss of the reward model x, whose gradient is the hypergradient estimate h_k:
-        f + lambda_k * (mean r_x(phi) - mean r_x(theta)),   f = mean BT-NLL over theta's pairs,
-    or f alone without the `penalty` (partial_sgd). It is a theta term plus a phi term, so either score tensor may be
-    None: the loss is then the other term alone (the trainer runs r_x on each actor's completions in turn).
-
-    ``r_theta``: r_x of theta's completions, pairs at (2i, 2i+1); ``labels[i]``: P(completion 2i preferred).
+    """Loss of the reward model x; its gradient is the hypergradient estimate h_k. With f's x-part F = `objective`'s
+    `x_loss(pair_loss, labels)`:
+        penalty methods (single_loop, fixed_tau, nested_loop):  F + lambda_k * (mean r_x(phi) - mean r_x(theta));
+        covariance:   F + (1/tau_k) * sum_i (g_i - mean g) r_x(y_i) / (N - 1), y_i theta's completions, g detached:
+                      the lambda -> infinity limit of the penalty, (1/tau) Cov(grad_x r_x, g), unbiased;
+        partial_sgd:  F alone.
+    It is a theta term plus a phi term, so the phi term (``r_phi``) and the theta term (``pair_loss``, ``r_theta``)
+    may each be None: the trainer runs r_x on each actor's completions in turn.
     """
     loss = torch.zeros((), device=labels.device)
-    if r_theta is not None:
-        loss = bradley_terry_loss(r_theta[0::2], r_theta[1::2], labels).mean()
-        if penalty:
+    if pair_loss is not None:
+        loss = objective.x_loss(pair_loss, labels)
+        if method in PENALTY_METHODS:
             loss = loss - lambda_k * r_theta.mean()
+        elif method == "covariance":
+            loss = loss + ((g - g.mean()) * r_theta).sum() / (max(len(g) - 1, 1) * tau_k)
     if r_phi is not None:
         loss = loss + lambda_k * r_phi.mean()
     return loss
@@ -149,6 +163,7 @@ class BilevelTrainer(Trainer):
             token, so with pad == eos the score is read at the last token before the eos).
         peft_config: a `peft` config: one frozen base with LoRA adapters "theta" and "phi" (reference = adapters off).
         callbacks: extra `TrainerCallback`s.
+        objective: an `UpperObjective` instance (your own); None builds the built-in `args.objective`.
     """
 
     _tag_names = ["trl", "bilevel-rlhf"]
@@ -165,11 +180,17 @@ class BilevelTrainer(Trainer):
         reward_processing_class: PreTrainedTokenizerBase | None = None,
         peft_config: Any = None,
         callbacks: list[TrainerCallback] | None = None,
+        objective: UpperObjective | None = None,
     ):
         if not isinstance(args, BilevelConfig):
             raise TypeError(f"args must be a BilevelConfig, got {type(args).__name__}")
         if not callable(preference_oracle):
             raise TypeError("preference_oracle must be callable (prompts, completions_a, completions_b) -> labels")
+        if objective is None:
+            objective = get_objective(args.objective, args.objective_weight)
+        for name in ("x_loss", "completion_values", "value"):
+            if not callable(getattr(objective, name, None)):
+                raise TypeError(f"objective must implement UpperObjective.{name} (see bilevel_rlhf.objectives)")
         _check_prompt_dataset(train_dataset, "train_dataset")
         if eval_dataset is not None:
             _check_prompt_dataset(eval_dataset, "eval_dataset")
@@ -215,7 +236,9 @@ class BilevelTrainer(Trainer):
             rm_config.pad_token_id = tok.pad_token_id
 
         # --- roles ---
-        has_phi = args.method != "partial_sgd"
+        has_phi = args.method in PENALTY_METHODS
+        # the reference policy: the KL anchor, and the opponent of an objective that compares against it
+        needs_ref = args.regularization == "kl" or objective.against_reference
         use_peft = peft_config is not None
         if args.disable_dropout:
             disable_dropout_in_model(model)
@@ -230,13 +253,14 @@ class BilevelTrainer(Trainer):
             theta.set_requires_grad(["phi", "theta"] if has_phi else ["theta"], requires_grad=True)
             phi, ref = None, None
         else:
-            ref = copy.deepcopy(model) if args.regularization == "kl" else None
+            ref = copy.deepcopy(model) if needs_ref else None
             phi = copy.deepcopy(model) if has_phi else None
             theta = model
         torch.manual_seed(args.seed)  # value-head initialization
         wrapper = BilevelModel(theta, phi, ref, reward_model, use_peft=use_peft, has_phi=has_phi)
 
         self.preference_oracle = preference_oracle
+        self.objective = objective
         self.reward_processing_class = reward_processing_class
         self.oracle_queries = 0  # global count of labelled pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -361,21 +385,26 @@ class BilevelTrainer(Trainer):
         return ids.to(device), mask.to(device), truncated
 
     @torch.no_grad()
-    def _generate(self, role: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Sampled completion ids [N, T] from `role`, everything after the first eos replaced by pad."""
+    def _generate(
+        self, role: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, noise_seed: int | None = None
+    ) -> torch.Tensor:
+        """Sampled completion ids [N, T] from `role` (after the first eos: pad or eos). With a `noise_seed`, sampled by
+        Gumbel-max with the noise of that seed (`bilevel_rlhf.sampling`): the same distribution, shared noise."""
         a, tok = self.args, self.processing_class
         unwrapped = self.accelerator.unwrap_model(self.model)
+        if noise_seed is None:
+            sampling = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+        else:
+            processors = coupled_sampling_processors(noise_seed, prompt_ids.shape[1], a.temperature, a.top_k, a.top_p)
+            sampling = dict(do_sample=False, logits_processor=processors, temperature=None, top_k=None, top_p=None)
         with unwrapped.actor(role) as policy:
             out = policy.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 max_new_tokens=a.max_completion_length,
-                do_sample=True,
-                temperature=a.temperature,
-                top_k=a.top_k,
-                top_p=a.top_p,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
+                **sampling,
             )
         return out[:, prompt_ids.shape[1] :]
 
@@ -423,17 +452,35 @@ class BilevelTrainer(Trainer):
     def _roles(batch: dict[str, Any]) -> list[str]:
         return [r for r in ("theta", "phi") if r in batch]
 
-    def _set_scores(self, buffer: dict[str, Any], role: str, scores: torch.Tensor) -> None:
-        """Store r_x's scores of `role`'s completions and its terminal reward: phi gets r_x, theta gets
-        r_x - BT-NLL(its pair) / lambda_k (theta maximizes r_x - f / lambda; each completion of a pair gets the
-        pair's loss)."""
-        _check_finite(f"r_x score of {role}'s completions", scores, buffer["iteration"])
-        b = buffer[role]
-        b["score"] = b["terminal"] = scores
-        if role == "theta":
-            buffer["pair_loss"] = bradley_terry_loss(scores[0::2], scores[1::2], buffer["labels"])
-            if "phi" in buffer:
-                b["terminal"] = scores - buffer["pair_loss"].repeat_interleave(2) / buffer["lambda"]
+    def _pair_loss(self, scores: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """r_x's BT-NLL of each labelled pair: theta's completion i against the reference's completion i, or theta's
+        completions (2i, 2i+1), as the objective compares them."""
+        if self.objective.against_reference:
+            return bradley_terry_loss(scores["theta"], scores["ref"], labels)
+        return bradley_terry_loss(scores["theta"][0::2], scores["theta"][1::2], labels)
+
+    def _set_scores(self, buffer: dict[str, Any], scores: dict[str, torch.Tensor]) -> None:
+        """Store r_x's scores (role -> [N]) and the terminal rewards: r_x for phi and for the one-actor methods'
+        theta; r_x - g / lambda_k for the penalized theta, which maximizes J_tau - f / lambda, with g = df/dpi of each
+        of its completions from the objective. Given theta's scores, also the pairs' losses."""
+        k = buffer["iteration"]
+        for role, s in scores.items():
+            _check_finite(f"r_x score of {role}'s completions", s, k)
+            buffer[role]["score"] = buffer[role]["terminal"] = s
+        if "theta" not in scores:
+            return
+        theta, labels = buffer["theta"], buffer["labels"]
+        buffer["pair_loss"] = self._pair_loss({r: buffer[r]["score"] for r in scores}, labels)
+        g = self.objective.completion_values(buffer["pair_loss"], labels)
+        if not isinstance(g, torch.Tensor) or g.shape != theta["score"].shape:
+            raise ValueError(
+                f"objective {self.objective.name!r}: completion_values must return one value per completion of theta "
+                f"(shape {tuple(theta['score'].shape)}), got {getattr(g, 'shape', type(g).__name__)}"
+            )
+        _check_finite(f"objective {self.objective.name!r} completion values", g, k)
+        theta["g"] = g.detach()
+        if "phi" in buffer:
+            theta["terminal"] = theta["score"] - theta["g"] / buffer["lambda"]
 
     def _set_advantages(self, buffer: dict[str, Any], role: str, out: dict[str, torch.Tensor]) -> None:
         """Store `role`'s old log-probs, values and entropies (`out`, no graph) and its advantages and returns."""
@@ -455,58 +502,66 @@ class BilevelTrainer(Trainer):
         tau, lam = self.schedule(k)
         unwrapped = self.accelerator.unwrap_model(self.model)
         roles = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
+        # the reference also generates when the objective compares theta's completions with its own
+        generators = roles + (["ref"] if self.objective.against_reference else [])
         n = a.num_completions
 
         t0 = time.perf_counter()
         prompt_ids, prompt_mask, truncated = self._tokenize_prompts(prompts)
         P = prompt_ids.shape[1]
         rep_ids, rep_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
-        completions = {r: self._generate(r, rep_ids, rep_mask) for r in roles}
+        # common random numbers: theta and phi share one noise seed (row i of both sees the same noise); the
+        # reference never does, so that its completions stay independent of theta's in the pairs they form
+        seed = int(torch.randint(0, 2**62, ())) if a.common_random_numbers else None
+        completions = {r: self._generate(r, rep_ids, rep_mask, noise_seed=seed if r != "ref" else None)
+                       for r in generators}
         masks = {r: self._completion_mask(c) for r, c in completions.items()}
         T = max(c.shape[1] for c in completions.values())
-        for r in roles:  # a common width T; the padding is masked out
+        for r in generators:  # a common width T; the padding is masked out
             pad = T - completions[r].shape[1]
             completions[r] = torch.nn.functional.pad(completions[r], (0, pad), value=tok.pad_token_id)
             masks[r] = torch.nn.functional.pad(masks[r], (0, pad), value=0)
             completions[r] = torch.where(masks[r].bool(), completions[r], tok.pad_token_id)
-        texts = {r: self._decode(completions[r], masks[r]) for r in roles}
+        texts = {r: self._decode(completions[r], masks[r]) for r in generators}
         rep_prompts = [p for p in prompts for _ in range(n)]
-        seq = {r: torch.cat([rep_ids, completions[r]], 1) for r in roles}
-        seq_mask = {r: torch.cat([rep_mask, masks[r]], 1) for r in roles}
+        seq = {r: torch.cat([rep_ids, completions[r]], 1) for r in generators}
+        seq_mask = {r: torch.cat([rep_mask, masks[r]], 1) for r in generators}
         t_generation = time.perf_counter() - t0
 
-        # oracle labels on theta's pairs (2i, 2i+1)
+        # oracle labels: theta's completion i against the reference's completion i, or theta's pairs (2i, 2i+1)
         t0 = time.perf_counter()
         from .preference import check_labels
 
-        n_pairs = len(prompts) * n // 2
+        if self.objective.against_reference:
+            pair_prompts, side_a, side_b = rep_prompts, texts["theta"], texts["ref"]
+        else:
+            pair_prompts, side_a, side_b = rep_prompts[0::2], texts["theta"][0::2], texts["theta"][1::2]
         oracle_name = getattr(self.preference_oracle, "name", type(self.preference_oracle).__name__)
-        labels = check_labels(
-            self.preference_oracle(rep_prompts[0::2], texts["theta"][0::2], texts["theta"][1::2]), n_pairs, oracle_name
-        )
+        labels = check_labels(self.preference_oracle(pair_prompts, side_a, side_b), len(side_a), oracle_name)
         labels = torch.as_tensor(labels, dtype=torch.float32, device=prompt_ids.device)
-        self.oracle_queries += n_pairs * self.accelerator.num_processes
+        self.oracle_queries += len(side_a) * self.accelerator.num_processes
 
+        N = len(rep_prompts)
         reward_ids, reward_mask = self._reward_inputs(
-            rep_prompts * len(roles), sum((texts[r] for r in roles), []),
-            torch.cat([seq[r] for r in roles]), torch.cat([seq_mask[r] for r in roles]),
+            rep_prompts * len(generators), sum((texts[r] for r in generators), []),
+            torch.cat([seq[r] for r in generators]), torch.cat([seq_mask[r] for r in generators]),
         )
         buffer: dict[str, Any] = {
             "iteration": k, "tau": tau, "lambda": lam, "prompt_length": P, "labels": labels,
             "reward_step": self.is_reward_iteration(k), "fused": self.fuse_rollout_and_update,
-            "reward": {"input_ids": reward_ids, "attention_mask": reward_mask},
+            "reward": {r: {"input_ids": reward_ids[i * N : (i + 1) * N], "attention_mask": reward_mask[i * N : (i + 1) * N]}
+                       for i, r in enumerate(generators)},
             "stats": {"prompts": rep_prompts, "texts": texts, "completions": completions, "truncated": truncated,
                       "time/generation": t_generation},
         }
-        for r in roles:
+        for r in generators:
             buffer[r] = {"input_ids": seq[r], "attention_mask": seq_mask[r], "mask": masks[r]}
-            if a.regularization == "kl":  # one role at a time: its [N, T, vocab] logits are the largest transient
+            if a.regularization == "kl" and r != "ref":  # one role at a time: [N, T, vocab] logits are the peak
                 buffer[r]["ref_logprobs"] = unwrapped.policy_forward(
                     "ref", seq[r], seq_mask[r], P, a.temperature, with_values=False, with_entropy=False
                 )["logprobs"]
         if not (buffer["fused"] and buffer["reward_step"]):  # else r_x's training forward pass gives the scores
-            for r, scores in zip(roles, unwrapped.reward_forward(reward_ids, reward_mask).split(len(rep_prompts))):
-                self._set_scores(buffer, r, scores)
+            self._set_scores(buffer, dict(zip(generators, unwrapped.reward_forward(reward_ids, reward_mask).split(N))))
         if not buffer["fused"]:
             for r in roles:
                 self._set_advantages(buffer, r, unwrapped.policy_forward(r, seq[r], seq_mask[r], P, a.temperature))
@@ -519,20 +574,28 @@ class BilevelTrainer(Trainer):
         """The rollout's metrics (averaged over processes), logged with the optimizer steps of its iteration."""
         tok, stats, theta = self.processing_class, buffer["stats"], buffer["theta"]
         tau, labels = buffer["tau"], buffer["labels"]
-        d = theta["score"][0::2] - theta["score"][1::2]
+        scores = {r: buffer[r]["score"] for r in ("theta", "ref") if r in buffer}
+        if self.objective.against_reference:
+            d = scores["theta"] - scores["ref"]
+        else:
+            d = scores["theta"][0::2] - scores["theta"][1::2]
         s = (torch.sign(d) + 1) / 2
         m: dict[str, torch.Tensor | float] = {
             "objective/tau": tau,
-            "objective/lambda": buffer["lambda"],
-            "objective/upper_loss": buffer["pair_loss"].mean(),
+            "objective/upper_loss": self.objective.value(buffer["pair_loss"], labels),
+            "objective/pair_nll": buffer["pair_loss"].mean(),
             "objective/pref_accuracy": (labels * s + (1 - labels) * (1 - s)).mean(),
             "reward/theta_mean": theta["score"].mean(),
             "completions/truncated_prompts": float(stats["truncated"]),
             "time/generation": stats["time/generation"],
             "time/scoring": stats["time/scoring"],
         }
+        if self.objective.against_reference:
+            m["objective/win_rate"] = labels.mean()
+            m["reward/ref_mean"] = scores["ref"].mean()
         if "phi" in buffer:
             phi = buffer["phi"]
+            m["objective/lambda"] = buffer["lambda"]
             m["reward/phi_mean"] = phi["score"].mean()
             j_phi = phi["score"] - tau * phi["seq_penalty"]
             j_theta = theta["score"] - tau * theta["seq_penalty"]
@@ -580,22 +643,24 @@ class BilevelTrainer(Trainer):
         if buf["fused"]:
             return buf
         epoch, j = divmod(m, a.num_mini_batches * a.gradient_accumulation_steps)
-        B = len(buf["labels"]) * 2 // a.num_completions  # prompts of this process
+        n = a.num_completions
+        B = len(buf["theta"]["input_ids"]) // n  # prompts of this process
         chunk = B // (a.num_mini_batches * a.gradient_accumulation_steps)
         # a fixed permutation per (iteration, epoch): no RNG state involved, so resuming replays it exactly
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + buf["iteration"] * 101 + epoch)
         prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]
-        n = a.num_completions
         rows = (prompt_idx[:, None] * n + torch.arange(n)[None, :]).reshape(-1).to(buf["labels"].device)
-        pairs = (prompt_idx[:, None] * (n // 2) + torch.arange(n // 2)[None, :]).reshape(-1).to(rows.device)
-        batch: dict[str, Any] = {r: {key: t[rows] for key, t in buf[r].items()} for r in self._roles(buf)}
+        if self.objective.against_reference:  # one pair per theta completion
+            pairs = rows
+        else:
+            pairs = (prompt_idx[:, None] * (n // 2) + torch.arange(n // 2)[None, :]).reshape(-1).to(rows.device)
+        sliced = self._roles(buf) + (["ref"] if "ref" in buf else [])
+        batch: dict[str, Any] = {r: {key: t[rows] for key, t in buf[r].items()} for r in sliced}
         batch.update(iteration=buf["iteration"], tau=buf["tau"], labels=buf["labels"][pairs], fused=False)
         batch.update({"lambda": buf["lambda"], "prompt_length": buf["prompt_length"]})
         batch["reward_step"] = epoch == 0 and buf["reward_step"]
         if batch["reward_step"]:
-            N = len(buf["labels"]) * 2  # rows of theta; phi's rows follow in the reward buffer
-            reward_rows = torch.cat([rows, rows + N]) if "phi" in buf else rows
-            batch["reward"] = {key: t[reward_rows] for key, t in buf["reward"].items()}
+            batch["reward"] = {r: {key: t[rows] for key, t in d.items()} for r, d in buf["reward"].items()}
         return batch
 
     def loss_parts(self, batch: dict[str, Any]) -> list[list[str]]:
@@ -661,12 +726,18 @@ class BilevelTrainer(Trainer):
         advantages first (so the PPO ratio is exactly 1)."""
         parts = inputs.get("parts") or sum(self.loss_parts(inputs), [])
         roles, fused = [r for r in ("theta", "phi") if r in parts], inputs["fused"]
-        reward_roles = [r for r in ("theta", "phi") if f"reward/{r}" in parts]
-        n = len(inputs["theta"]["input_ids"])  # rows per actor; r_x's inputs hold theta's rows, then phi's
-        rows = slice(0 if "theta" in reward_roles else n, 2 * n if "phi" in reward_roles else n)
+        # r_x runs on theta's completions (and the reference's they are compared with) for "reward/theta", on phi's
+        # for "reward/phi"
+        scored = [r for r in ("theta", "ref", "phi") if f"reward/{'theta' if r == 'ref' else r}" in parts
+                  and r in inputs.get("reward", {})]
+        n = len(inputs["theta"]["input_ids"])  # rows per role
+        reward_inputs = None
+        if scored:
+            reward_inputs = {key: torch.cat([inputs["reward"][r][key] for r in scored]) for key in ("input_ids",
+                                                                                                   "attention_mask")}
         out = model(
             **{r: inputs[r] for r in roles},
-            reward={key: t[rows] for key, t in inputs["reward"].items()} if reward_roles else None,
+            reward=reward_inputs,
             prompt_length=inputs["prompt_length"],
             temperature=self.args.temperature,
             with_entropy=fused,
@@ -674,14 +745,19 @@ class BilevelTrainer(Trainer):
         k = inputs["iteration"]
         loss = torch.zeros((), device=self.accelerator.device)
         metrics = self._step_metrics
-        if reward_roles:
-            scores = dict(zip(reward_roles, out["reward"].split(n)))
+        if scored:
+            scores = dict(zip(scored, out["reward"].split(n)))
             if fused:
-                for r in reward_roles:
-                    self._set_scores(inputs, r, scores[r].detach())
+                self._set_scores(inputs, {r: v.detach() for r, v in scores.items()})
+            pair_loss = self._pair_loss(scores, inputs["labels"]) if "theta" in scores else None
             loss_x = reward_model_loss(
-                scores.get("theta"), scores.get("phi"), inputs["labels"], inputs["lambda"], penalty="phi" in inputs
+                self.objective, self.args.method, pair_loss, inputs["labels"], scores.get("theta"), scores.get("phi"),
+                inputs["lambda"], inputs["tau"], g=inputs["theta"].get("g"),
             )
+            _check_finite(f"reward-model loss (objective {self.objective.name!r})", loss_x, k)
+            if loss_x.ndim != 0:
+                raise ValueError(f"objective {self.objective.name!r}: x_loss must return a scalar, got shape "
+                                 f"{tuple(loss_x.shape)}")
             loss = loss + loss_x
             metrics["objective/reward_loss"] = metrics.get("objective/reward_loss", 0.0) + loss_x.detach()
         for r in roles:

@@ -20,6 +20,8 @@ from lm_fixtures import make_policy, make_reward_model, make_tokenizer
 
 from bilevel_rlhf.config import BilevelConfig
 from bilevel_rlhf.preference import ScoreOracle
+from bilevel_rlhf.objectives import PreferenceNLL, WinRate, get_objective
+from bilevel_rlhf.rl_utils import bradley_terry_loss
 from bilevel_rlhf.trainer import BilevelTrainer, reward_model_loss
 
 # prompts of different lengths, so that rows are left-padded by different amounts
@@ -149,14 +151,16 @@ def test_ppo_loss_equals_hand_computed_values(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- rollout buffer
 @pytest.mark.parametrize(
-    "method, regularization, whiten_rewards, fused",
-    [("single_loop", "kl", False, False), ("single_loop", "entropy", True, False), ("single_loop", "kl", False, True),
-     ("partial_sgd", "kl", False, False)],
+    "method, regularization, whiten_rewards, fused, objective",
+    [("single_loop", "kl", False, False, "preference_nll"), ("single_loop", "entropy", True, False, "preference_nll"),
+     ("single_loop", "kl", False, True, "preference_nll"), ("partial_sgd", "kl", False, False, "preference_nll"),
+     ("single_loop", "kl", False, False, "win_rate"), ("covariance", "entropy", False, True, "win_rate")],
 )
-def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, regularization, whiten_rewards, fused):
+def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, regularization, whiten_rewards, fused,
+                                                              objective):
     kw = dict(num_ppo_epochs=1, num_mini_batches=1) if fused else {}
     trainer = make_trainer(tmp_path, method=method, regularization=regularization, whiten_rewards=whiten_rewards,
-                           temperature=0.8, **kw)
+                           temperature=0.8, objective=objective, objective_weight=0.3, **kw)
     assert trainer.fuse_rollout_and_update == fused
     k = 3
     batch, buf = rollout(trainer, iteration=k)
@@ -167,13 +171,14 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
     assert buf["iteration"] == k
     assert buf["tau"] == pytest.approx(tau, rel=1e-12)
     assert buf["lambda"] == pytest.approx(lam, rel=1e-12)
-    roles = ["theta"] + (["phi"] if method != "partial_sgd" else [])
+    roles = ["theta"] + (["phi"] if method in ("single_loop", "fixed_tau", "nested_loop") else [])
     assert [r for r in ("theta", "phi") if r in buf] == roles
+    scored = roles + (["ref"] if objective == "win_rate" else [])
     tok = trainer.processing_class
     labels = buf["labels"].double().numpy()
 
     scores = {}
-    for r in roles:
+    for r in scored:
         # the completion mask: 1 up to and including the first eos, 0 after it (where the ids are pad)
         P = buf["prompt_length"]
         for ids, m in zip(buf[r]["input_ids"][:, P:], buf[r]["mask"]):
@@ -189,16 +194,26 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
             scores[r] = np.array([model.reward_model(input_ids=torch.cat([p, c])[None]).logits[0, 0].item()
                                   for p, c in rows])
         np.testing.assert_allclose(buf[r]["score"].double().numpy(), scores[r], atol=1e-5)
-    # the oracle's soft labels on theta's pairs (2i, 2i+1)
     s = np.array(char_score(buf["stats"]["texts"]["theta"]))
-    np.testing.assert_allclose(labels, 1 / (1 + np.exp(-(s[0::2] - s[1::2]))), atol=1e-6)
-    pair_loss = bt_nll(scores["theta"][0::2], scores["theta"][1::2], labels)
+    if objective == "win_rate":
+        # the oracle's soft labels on (theta's completion i, the reference's completion i); g = w * loss - label
+        s_ref = np.array(char_score(buf["stats"]["texts"]["ref"]))
+        np.testing.assert_allclose(labels, 1 / (1 + np.exp(-(s - s_ref))), atol=1e-6)
+        pair_loss = bt_nll(scores["theta"], scores["ref"], labels)
+        g = 0.3 * pair_loss - labels
+    else:
+        # the oracle's soft labels on theta's pairs (2i, 2i+1); g = 2 * the pair's loss (f is quadratic in pi)
+        np.testing.assert_allclose(labels, 1 / (1 + np.exp(-(s[0::2] - s[1::2]))), atol=1e-6)
+        pair_loss = bt_nll(scores["theta"][0::2], scores["theta"][1::2], labels)
+        g = 2 * np.repeat(pair_loss, 2)
     np.testing.assert_allclose(buf["pair_loss"].double().numpy(), pair_loss, atol=1e-5)
+    np.testing.assert_allclose(buf["theta"]["g"].double().numpy(), g, atol=1e-5)
 
     for r in roles:
         rows = unpadded_rows(buf, r)
         policy = model.policy_theta if r == "theta" else model.policy_phi
-        terminal = scores[r] - (np.repeat(pair_loss, 2) / lam if (r == "theta" and "phi" in buf) else 0.0)
+        # theta maximizes J_tau - f / lambda: its terminal reward is r_x - g / lambda (one-actor methods: r_x)
+        terminal = scores[r] - (g / lam if (r == "theta" and "phi" in buf) else 0.0)
         per_row = []
         for i, (p, c) in enumerate(rows):
             lp, values, _ = recompute_row(policy, model.value_head(r), p, c, 0.8)
@@ -257,10 +272,9 @@ def test_each_epoch_partitions_the_rollout_and_only_the_first_trains_x(tmp_path)
                 a = [i for i in range(N) if torch.equal(buf["theta"]["input_ids"][i], ids[2 * p])]
                 assert any(i % 2 == 0 and torch.equal(buf["theta"]["input_ids"][i + 1], ids[2 * p + 1])
                            and buf["labels"][i // 2] == batch["labels"][p] for i in a)
-            if epoch == 0:  # r_x's inputs: theta's rows, then phi's
-                n = len(ids)
-                assert torch.equal(batch["reward"]["input_ids"][:n], batch["theta"]["input_ids"])
-                assert torch.equal(batch["reward"]["input_ids"][n:], batch["phi"]["input_ids"])
+            if epoch == 0:  # r_x's inputs: each actor's rows
+                for r in ("theta", "phi"):
+                    assert torch.equal(batch["reward"][r]["input_ids"], batch[r]["input_ids"])
         for r in seen:
             assert sorted(seen[r]) == whole[r]
 
@@ -443,15 +457,41 @@ def test_reward_model_loss_equals_hand_computed_values():
     r_theta = torch.tensor([1.0, 0.0, -0.5, 0.5])  # pairs (1, 0) and (-0.5, 0.5)
     r_phi = torch.tensor([2.0, 1.0, 0.0, 1.0])
     labels = torch.tensor([1.0, 0.25])
-    bt = -math.log(1 / (1 + math.exp(-1.0))) + -(0.25 * math.log(1 / (1 + math.exp(1.0)))
-                                                  + 0.75 * math.log(1 / (1 + math.exp(-1.0))))
-    f = bt / 2
-    lam = 3.0
-    # f + lambda (mean r_x(phi) - mean r_x(theta)) = f + 3 (1.0 - 0.25)
-    assert reward_model_loss(r_theta, r_phi, labels, lam, penalty=True).item() == pytest.approx(f + 3 * 0.75, rel=1e-6)
-    assert reward_model_loss(r_theta, None, labels, lam, penalty=True).item() == pytest.approx(f - 3 * 0.25, rel=1e-6)
-    assert reward_model_loss(None, r_phi, labels, lam, penalty=True).item() == pytest.approx(3 * 1.0, rel=1e-6)
-    assert reward_model_loss(r_theta, None, labels, lam, penalty=False).item() == pytest.approx(f, rel=1e-6)
+    pair_loss = torch.tensor([math.log(1 + math.exp(-1.0)), 0.25 * math.log(1 + math.exp(1.0))
+                              + 0.75 * math.log(1 + math.exp(-1.0))])
+    assert torch.allclose(pair_loss, bradley_terry_loss(r_theta[0::2], r_theta[1::2], labels))
+    f, lam, tau = float(pair_loss.mean()), 3.0, 0.5
+    nll = PreferenceNLL()
+
+    def loss(method, objective=nll, **kw):
+        args = dict(pair_loss=pair_loss, r_theta=r_theta, r_phi=None, g=None) | kw
+        return reward_model_loss(objective, method, args["pair_loss"], labels, args["r_theta"], args["r_phi"], lam,
+                                 tau, g=args["g"]).item()
+
+    # penalty methods: f + lambda (mean r_x(phi) - mean r_x(theta)) = f + 3 (1.0 - 0.25), in two parts
+    assert loss("single_loop", r_phi=r_phi) == pytest.approx(f + 3 * 0.75, rel=1e-6)
+    assert loss("nested_loop") == pytest.approx(f - 3 * 0.25, rel=1e-6)
+    assert loss("fixed_tau", pair_loss=None, r_theta=None, r_phi=r_phi) == pytest.approx(3 * 1.0, rel=1e-6)
+    assert loss("partial_sgd") == pytest.approx(f, rel=1e-6)
+    # covariance: f + (1/tau) sum (g_i - mean g) r_i / (N - 1); g = (2, 0, 1, 1): mean 1, centered (1, -1, 0, 0)
+    g = torch.tensor([2.0, 0.0, 1.0, 1.0])
+    assert loss("covariance", g=g) == pytest.approx(f + (1.0 * 1.0 - 1.0 * 0.0) / (3 * tau), rel=1e-6)
+    # win_rate: x's part of f is w * the BT-NLL
+    assert loss("partial_sgd", objective=WinRate(0.3)) == pytest.approx(0.3 * f, rel=1e-6)
+
+
+def test_objectives_completion_values_are_df_dpi():
+    pair_loss, labels = torch.tensor([0.5, 1.5]), torch.tensor([1.0, 0.2])
+    # preference_nll: f = E_{y, y'}[L(y, y')] is quadratic in pi, df/dpi(y) = 2 E_{y'}[L(y, y')]: each completion of
+    # a pair gets twice the pair's loss
+    torch.testing.assert_close(PreferenceNLL().completion_values(pair_loss, labels), torch.tensor([1.0, 1.0, 3.0, 3.0]))
+    # win_rate: f = E_{y ~ pi, y' ~ ref}[w L - label] is linear in pi
+    torch.testing.assert_close(WinRate(0.5).completion_values(pair_loss, labels), torch.tensor([0.25 - 1.0, 0.75 - 0.2]))
+    torch.testing.assert_close(WinRate(0.5).value(pair_loss, labels), torch.tensor((0.25 - 1.0 + 0.75 - 0.2) / 2))
+    with pytest.raises(ValueError, match="objective_weight"):
+        WinRate(-0.1)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        get_objective("accuracy")
 
 
 def test_logged_losses_equal_their_recomputation(tmp_path):
