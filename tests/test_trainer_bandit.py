@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -128,3 +129,33 @@ def test_short_single_loop_run_moves_x_toward_the_exact_optimum(tmp_path):
     phi = lambda z: bandit.phi_tau(z, PROBLEM.log_pi_ref, TAU, PROBLEM.scores, PROBLEM.temperature)
     assert np.linalg.norm(x - x_star) < 0.8 * np.linalg.norm(x0 - x_star)
     assert phi(x) < phi(x0) - 0.5 * (phi(x0) - phi(x_star))
+
+
+def theta_logit_gradient(trainer: BilevelTrainer, prompts: int) -> np.ndarray:
+    """The gradient of theta's PPO loss in its K logits at the rollout (ratio 1): minus a whitened policy gradient."""
+    trainer._micro_step = 0
+    batch = trainer._prepare_inputs([{"prompt": "q"}] * prompts)
+    loss = trainer.compute_loss(trainer.model, batch)
+    (g,) = torch.autograd.grad(loss, trainer.model.policy_theta.lm_head.weight)
+    return g[FIRST : FIRST + K, 0].double().numpy()
+
+
+@pytest.mark.filterwarnings("ignore:penalized_policy")  # a strict local maximum is stationary too
+def test_theta_is_stationary_at_the_penalized_optimum(tmp_path):
+    """theta maximizes J_tau - f / lambda: at the exact penalized policy its expected policy gradient vanishes, and at
+    the penalized policy of another lambda (what a g off by a factor would aim at) it does not."""
+    x = np.random.default_rng(2).normal(size=K)
+    lam, prompts, rollouts = 2.0, 1024, 10
+    means = {}
+    for target in (lam, 2 * lam):
+        trainer = make_trainer(tmp_path / str(target), x, lam, prompts)
+        theta = bandit.penalized_policy(x, target, TAU, PROBLEM.log_pi_ref, PROBLEM.scores, PROBLEM.temperature)
+        set_logits(trainer.model.policy_theta, np.log(theta))
+        set_logits(trainer.model.policy_phi, np.log(bandit.soft_optimal_policy(x, PROBLEM.log_pi_ref, TAU)))
+        torch.manual_seed(11)
+        grads = np.stack([theta_logit_gradient(trainer, prompts) for _ in range(rollouts)])
+        means[target] = (grads.mean(0), grads.std(0, ddof=1) / np.sqrt(rollouts))
+    mean, se = means[lam]
+    assert np.all(np.abs(mean) <= 5 * se + 1e-6), (mean, se)
+    other, other_se = means[2 * lam]
+    assert np.linalg.norm(other) > 8 * np.linalg.norm(other_se), (other, other_se)
