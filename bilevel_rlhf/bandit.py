@@ -10,14 +10,21 @@ The oracle has known scores s [K] and labels a pair (a, b) with expected label
 Symbols (ALGORITHM.md): tau = regularization weight, lam = penalty coefficient lambda,
 pi = a policy on the K tokens, theta = the penalized policy.
 
-- upper objective: f(x, pi) = sum_{a,b} pi_a pi_b L[a, b] = pi^T L pi, with
-  L[a, b] = BT-NLL of r_x on the pair (a, b) with label P[a, b] (same-token pairs included: log 2).
+- upper objective f (``objective=``), with
+  L[a, b] = BT-NLL of r_x on the pair (a, b) with label P[a, b] (same-token pairs included: log 2):
+  "preference_nll": f(x, pi) = sum_{a,b} pi_a pi_b L[a, b] = pi^T L pi (r_x fitted on pairs from pi);
+  "win_rate":       f(x, pi) = sum_{a,b} pi_a rho_b (w L[a, b] - P[a, b]) = pi^T (w L - P) rho, rho = pi_ref
+                    (minus the oracle's win rate of pi against pi_ref, plus w times r_x's BT-NLL on those
+                    labelled pairs; ``weight`` = w >= 0). Linear in pi. It needs ``log_pi_ref``.
 - lower level: J_tau(x, pi) = E_pi[x_y] - tau * KL(pi || pi_ref), maximized by
   pi*_tau(x) = softmax(log pi_ref + x / tau).
-- Phi_tau(x) = f(x, pi*_tau(x)), and its hypergradient by the chain rule through the softmax.
+- Phi_tau(x) = f(x, pi*_tau(x)), and its hypergradient by the chain rule through the softmax
+  (equivalently, the covariance form grad_x f + Cov_{y ~ pi*}(e_y, grad_pi f(y)) / tau).
+- partial_sgd (the usual RLHF alternation) stops where grad_x f(x, pi*_tau(x)) = 0 with pi held
+  fixed: :func:`partial_sgd_fixed_point`.
 
 x is identified only up to a constant shift (pi*_tau and f see only differences of x): the gauge
-used by :func:`exact_optimum` is ``sum(x) = 0``.
+used by :func:`exact_optimum` and :func:`partial_sgd_fixed_point` is ``sum(x) = 0``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,13 @@ __all__ = [
     "penalized_policy",
     "penalty_hypergradient",
     "exact_optimum",
+    "OBJECTIVES",
+    "oracle_win_rate",
+    "covariance_hypergradient",
+    "partial_sgd_fixed_point",
 ]
+
+OBJECTIVES = ("preference_nll", "win_rate")
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,6 +114,16 @@ def _check_pi(pi: np.ndarray, k: int) -> np.ndarray:
     return pi
 
 
+def _check_objective(objective: str, weight: float) -> tuple[str, float]:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating, np.integer)):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    if not (np.isfinite(weight) and weight >= 0):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+    return objective, float(weight)
+
+
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.logaddexp.reduce(z)
 
@@ -152,41 +175,120 @@ def lower_objective(x: np.ndarray, pi: np.ndarray, log_pi_ref: np.ndarray, tau: 
     return float(pi @ x) - tau * kl
 
 
-def upper_loss(x: np.ndarray, pi: np.ndarray, scores: np.ndarray, temperature: float) -> float:
-    """f(x, pi) = E_{y1, y2 ~ pi iid}[BT-NLL of r_x on (y1, y2) with the oracle's expected label] = pi^T L pi."""
+def oracle_win_rate(pi: np.ndarray, log_pi_ref: np.ndarray, scores: np.ndarray, temperature: float) -> float:
+    """pi^T P pi_ref: probability that the oracle prefers y ~ pi to y' ~ pi_ref (ties count 1/2)."""
+    P = preference_matrix(scores, temperature)
+    rho = np.exp(_check_log_pi_ref(log_pi_ref, P.shape[0]))
+    return float(_check_pi(pi, P.shape[0]) @ P @ rho)
+
+
+def _reference(log_pi_ref: np.ndarray | None, k: int) -> np.ndarray:
+    if log_pi_ref is None:
+        raise ValueError("objective='win_rate' needs log_pi_ref (the pairs are pi's completion against pi_ref's)")
+    return np.exp(_check_log_pi_ref(log_pi_ref, k))
+
+
+def upper_loss(
+    x: np.ndarray,
+    pi: np.ndarray,
+    scores: np.ndarray,
+    temperature: float,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
+    log_pi_ref: np.ndarray | None = None,
+) -> float:
+    """f(x, pi). "preference_nll": E_{y1, y2 ~ pi iid}[BT-NLL of r_x on (y1, y2) with the oracle's expected
+    label] = pi^T L pi. "win_rate": pi^T (w L - P) pi_ref with w = ``weight`` (needs ``log_pi_ref``)."""
+    objective, weight = _check_objective(objective, weight)
     L = pair_loss_matrix(x, scores, temperature)
     pi = _check_pi(pi, L.shape[0])
+    if objective == "win_rate":
+        rho = _reference(log_pi_ref, L.shape[0])
+        return float(pi @ (weight * L - preference_matrix(scores, temperature)) @ rho)
     return float(pi @ L @ pi)
 
 
 def upper_loss_grads(
-    x: np.ndarray, pi: np.ndarray, scores: np.ndarray, temperature: float
+    x: np.ndarray,
+    pi: np.ndarray,
+    scores: np.ndarray,
+    temperature: float,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
+    log_pi_ref: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(grad_x f(x, pi), grad_pi f(x, pi)) with pi treated as a free vector in R^K.
 
-    grad_x f = 2 pi * (G pi) with G[a, b] = sigmoid(x_a - x_b) - P[a, b] (antisymmetric);
-    grad_pi f = 2 L pi (L symmetric).
+    With G[a, b] = sigmoid(x_a - x_b) - P[a, b] (antisymmetric) and rho = pi_ref:
+    "preference_nll": grad_x f = 2 pi * (G pi), grad_pi f = 2 L pi (L symmetric);
+    "win_rate": grad_x f = w (pi * (G rho) + rho * (G pi)), grad_pi f = (w L - P) rho.
     """
+    objective, weight = _check_objective(objective, weight)
     P = preference_matrix(scores, temperature)
     x = _vec("x", x, P.shape[0])
     pi = _check_pi(pi, P.shape[0])
     G = _sigmoid(x[:, None] - x[None, :]) - P
     L = pair_loss_matrix(x, scores, temperature)
+    if objective == "win_rate":
+        rho = _reference(log_pi_ref, P.shape[0])
+        return weight * (pi * (G @ rho) + rho * (G @ pi)), (weight * L - P) @ rho
     return 2.0 * pi * (G @ pi), 2.0 * (L @ pi)
 
 
-def phi_tau(x: np.ndarray, log_pi_ref: np.ndarray, tau: float, scores: np.ndarray, temperature: float) -> float:
+def phi_tau(
+    x: np.ndarray,
+    log_pi_ref: np.ndarray,
+    tau: float,
+    scores: np.ndarray,
+    temperature: float,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
+) -> float:
     """Phi_tau(x) = f(x, pi*_tau(x)), the regularized bilevel objective."""
-    return upper_loss(x, soft_optimal_policy(x, log_pi_ref, tau), scores, temperature)
+    pi = soft_optimal_policy(x, log_pi_ref, tau)
+    return upper_loss(x, pi, scores, temperature, objective=objective, weight=weight, log_pi_ref=log_pi_ref)
 
 
 def exact_hypergradient(
-    x: np.ndarray, log_pi_ref: np.ndarray, tau: float, scores: np.ndarray, temperature: float
+    x: np.ndarray,
+    log_pi_ref: np.ndarray,
+    tau: float,
+    scores: np.ndarray,
+    temperature: float,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
 ) -> np.ndarray:
     """d Phi_tau / dx = grad_x f + (d pi*/dx)^T grad_pi f, with d pi*/dx = (diag(pi) - pi pi^T) / tau."""
     pi = soft_optimal_policy(x, log_pi_ref, tau)
-    g_x, g_pi = upper_loss_grads(x, pi, scores, temperature)
+    g_x, g_pi = upper_loss_grads(x, pi, scores, temperature, objective=objective, weight=weight, log_pi_ref=log_pi_ref)
     return g_x + pi * (g_pi - pi @ g_pi) / tau
+
+
+def covariance_hypergradient(
+    x: np.ndarray,
+    log_pi_ref: np.ndarray,
+    tau: float,
+    scores: np.ndarray,
+    temperature: float,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
+) -> np.ndarray:
+    """grad_x f + (1/tau) Cov_{y ~ pi*_tau(x)}(e_y, g(y)), g = grad_pi f at pi*_tau(x) (ALGORITHM.md, covariance form).
+
+    grad_x r_x(y) = e_y for the tabular reward. Written as the expectation over y that a sampled estimator
+    averages; equal to :func:`exact_hypergradient` (pi* is a Boltzmann tilt of pi_ref by x / tau).
+    """
+    pi = soft_optimal_policy(x, log_pi_ref, tau)
+    g_x, g = upper_loss_grads(x, pi, scores, temperature, objective=objective, weight=weight, log_pi_ref=log_pi_ref)
+    k = pi.shape[0]
+    centered_e = np.eye(k) - pi  # row y: e_y - E[e_y]
+    cov = (pi * (g - pi @ g)) @ centered_e  # sum_y pi_y (g_y - E g) (e_y - E e)
+    return g_x + cov / tau
 
 
 def _tangent_basis(k: int) -> np.ndarray:
@@ -204,10 +306,16 @@ def penalized_policy(
     temperature: float,
     tol: float = 1e-12,
     max_iter: int = 200,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
 ) -> np.ndarray:
     """theta = argmax over the simplex of lam * J_tau(x, pi) - f(x, pi).
 
-    The maximizer is interior (the KL term), so it solves the stationarity condition
+    "win_rate": f is linear in pi with gradient g = (w L - P) pi_ref, so theta is in closed form,
+    theta = softmax(log pi_ref + (x - g / lam) / tau) (strictly concave objective, unique maximizer).
+
+    "preference_nll": the maximizer is interior (the KL term), so it solves the stationarity condition
     theta = softmax(log pi_ref + (x - 2 L theta / lam) / tau). We solve w = log pi_ref + (x - 2 L
     softmax(w) / lam) / tau for the logits w by Newton's method with step halving, started at
     pi*_tau's logits, to ``max |residual| <= tol * (1 + max |w|)``.
@@ -219,10 +327,14 @@ def penalized_policy(
     """
     lam = _check_positive("lam", lam)
     tau = _check_positive("tau", tau)
+    objective, weight = _check_objective(objective, weight)
     L = pair_loss_matrix(x, scores, temperature)
     x = np.asarray(x, dtype=np.float64)
     k = L.shape[0]
     log_pi_ref = _check_log_pi_ref(log_pi_ref, k)
+    if objective == "win_rate":
+        g = (weight * L - preference_matrix(scores, temperature)) @ np.exp(log_pi_ref)
+        return np.exp(_log_softmax(log_pi_ref + (x - g / lam) / tau))
     c = log_pi_ref + x / tau
     a = 2.0 / (lam * tau)
 
@@ -271,7 +383,15 @@ def penalized_policy(
 
 
 def penalty_hypergradient(
-    x: np.ndarray, lam: float, tau: float, log_pi_ref: np.ndarray, scores: np.ndarray, temperature: float
+    x: np.ndarray,
+    lam: float,
+    tau: float,
+    log_pi_ref: np.ndarray,
+    scores: np.ndarray,
+    temperature: float,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
 ) -> np.ndarray:
     """Population value of the trainer's reward-model gradient at the exact lower-level solutions:
 
@@ -280,9 +400,10 @@ def penalty_hypergradient(
 
     h -> exact_hypergradient(x, ...) as lam -> infinity, with error O(1 / lam).
     """
-    theta = penalized_policy(x, lam, tau, log_pi_ref, scores, temperature)
+    kw = dict(objective=objective, weight=weight)
+    theta = penalized_policy(x, lam, tau, log_pi_ref, scores, temperature, **kw)
     pi_star = soft_optimal_policy(x, log_pi_ref, tau)
-    g_x, _ = upper_loss_grads(x, theta, scores, temperature)
+    g_x, _ = upper_loss_grads(x, theta, scores, temperature, log_pi_ref=log_pi_ref, **kw)
     return g_x + lam * (pi_star - theta)
 
 
@@ -295,6 +416,9 @@ def exact_optimum(
     tol: float = 1e-10,
     max_iter: int = 500,
     max_step: float = 1.0,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
 ) -> np.ndarray:
     """A minimizer of Phi_tau over x in the gauge sum(x) = 0, by damped (modified) Newton's method.
 
@@ -303,7 +427,10 @@ def exact_optimum(
     precision), shifted to be positive definite where Phi_tau is not convex. A step moves no logit
     x_y / tau by more than ``max_step`` and is backtracked on Phi_tau (Armijo), or on |grad| once
     Phi_tau's decrease is below float64 resolution; if the Newton direction fails, steepest descent
-    is tried.
+    is tried. If that run fails (shifting by -eig_min makes the step huge along the most negative
+    curvature direction, and the step cap then shrinks every other component: it can crawl in shallow
+    non-convex valleys, e.g. "win_rate" near a token that pi_ref almost never samples), it is
+    restarted from ``x0`` with the eigenvalues of H replaced by their absolute values instead.
 
     Phi_tau is not convex in general (several local minima, and flat valleys along tokens that
     pi*_tau almost never samples, mostly for small tau): the result is the local minimum reached
@@ -312,13 +439,18 @@ def exact_optimum(
     """
     log_pi_ref = _check_log_pi_ref(log_pi_ref, None)
     tau = _check_positive("tau", tau)
+    kw = dict(objective=objective, weight=weight)
+    _check_objective(objective, weight)
     k = log_pi_ref.shape[0]
     x = np.zeros(k) if x0 is None else _vec("x0", x0, k).copy()
     x -= x.mean()  # gauge: Phi_tau(x + c) = Phi_tau(x)
     Q = _tangent_basis(k)  # x = Q z + const
 
     def value_grad(z: np.ndarray) -> tuple[float, np.ndarray]:
-        return phi_tau(z, log_pi_ref, tau, scores, temperature), exact_hypergradient(z, log_pi_ref, tau, scores, temperature)
+        return (
+            phi_tau(z, log_pi_ref, tau, scores, temperature, **kw),
+            exact_hypergradient(z, log_pi_ref, tau, scores, temperature, **kw),
+        )
 
     def hessian(z: np.ndarray, eps: float = 1e-5) -> np.ndarray:
         cols = [(value_grad(z + eps * q)[1] - value_grad(z - eps * q)[1]) / (2 * eps) for q in Q.T]
@@ -339,17 +471,157 @@ def exact_optimum(
             t *= 0.5
         return None
 
-    f, g = value_grad(x)
-    for _ in range(max_iter):
-        if np.max(np.abs(g)) <= tol:
-            return x
-        H = hessian(x)
+    def newton_direction(H: np.ndarray, g: np.ndarray, absolute: bool) -> np.ndarray:
+        """Modified Newton: a descent direction where Phi_tau is not convex."""
+        if absolute:
+            eig, V = np.linalg.eigh(H)
+            eig = np.maximum(np.abs(eig), 1e-8 * np.abs(eig).max())
+            return Q @ (V @ (-(V.T @ (Q.T @ g)) / eig))
         eig_min, eig_max = np.linalg.eigvalsh(H)[[0, -1]]
-        shift = max(0.0, 1e-8 * eig_max - eig_min)  # modified Newton: a descent direction where not convex
-        newton = Q @ np.linalg.solve(H + shift * np.eye(k - 1), -(Q.T @ g))
-        step = line_search(x, f, g, newton) or line_search(x, f, g, -g)
-        if step is None:
-            raise RuntimeError(f"exact_optimum: line search failed at max |grad| = {np.max(np.abs(g))} > tol = {tol}")
-        x, f, g = step
-        x = x - x.mean()
-    raise RuntimeError(f"exact_optimum: no stationary point within {max_iter} iterations (max |grad| = {np.max(np.abs(g))})")
+        shift = max(0.0, 1e-8 * eig_max - eig_min)
+        return Q @ np.linalg.solve(H + shift * np.eye(k - 1), -(Q.T @ g))
+
+    def run(x: np.ndarray, absolute: bool) -> np.ndarray:
+        f, g = value_grad(x)
+        for _ in range(max_iter):
+            if np.max(np.abs(g)) <= tol:
+                return x
+            newton = newton_direction(hessian(x), g, absolute)
+            step = line_search(x, f, g, newton) or line_search(x, f, g, -g)
+            if step is None:
+                raise RuntimeError(
+                    f"exact_optimum: line search failed at max |grad| = {np.max(np.abs(g))} > tol = {tol}"
+                )
+            x, f, g = step
+            x = x - x.mean()
+        raise RuntimeError(
+            f"exact_optimum: no stationary point within {max_iter} iterations (max |grad| = {np.max(np.abs(g))})"
+        )
+
+    try:
+        return run(x, absolute=False)
+    except RuntimeError as first:
+        try:
+            return run(x, absolute=True)
+        except RuntimeError as second:
+            raise RuntimeError(f"{second} (and with the shifted Hessian: {first})") from None
+
+
+def _pair_weights(pi: np.ndarray, rho: np.ndarray, objective: str, weight: float) -> np.ndarray:
+    """V = W + W^T, where f's BT part is sum_ab W_ab L_ab: W = pi pi^T, or w pi rho^T. Then grad_x f = (V * G) 1."""
+    W = np.outer(pi, pi) if objective == "preference_nll" else weight * np.outer(pi, rho)
+    return W + W.T
+
+
+def _reward_fit(x: np.ndarray, V: np.ndarray, P: np.ndarray, tol: float, max_iter: int = 200) -> np.ndarray:
+    """argmin_x 0.5 sum_ab V_ab L_ab(x) (the pair-weighted BT-NLL, convex) by Newton's method from ``x``, in the gauge
+    sum(x) = 0, to a per-token residual max_a |sum_b V_ab (sigmoid(x_a - x_b) - P_ab)| / sum_b V_ab <= tol.
+
+    Tokens that pi rarely samples have tiny pair weights: V is normalized to max 1 and floored at 1e-30 (a change of
+    the problem below float64 resolution), Newton runs in the gauge x_anchor = 0 (anchor = the token of largest pair
+    weight) with Jacobi scaling, no coordinate moves by more than 2 per step, and a step is accepted on Armijo for the
+    loss, or, where the loss cannot resolve it, on a decrease of the per-token residual."""
+    V = np.maximum(V / V.max(), 1e-30)
+    np.fill_diagonal(V, 0.0)  # same-token pairs carry no gradient
+    deg = V.sum(1)
+    free = np.arange(len(x)) != np.argmax(deg)
+
+    def value_residual(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        d = z[:, None] - z[None, :]
+        sig = _sigmoid(d)
+        f = 0.5 * float(np.sum(V * (P * np.logaddexp(0.0, -d) + (1.0 - P) * np.logaddexp(0.0, d))))
+        grad = ((sig - P) * V).sum(1)
+        return f, grad, sig
+
+    x = x - x.mean()
+    f, grad, sig = value_residual(x)
+    for _ in range(max_iter):
+        res = np.max(np.abs(grad) / deg)
+        if res <= tol:
+            return x
+        VS = V * sig * (1.0 - sig)
+        H = (np.diag(VS.sum(1)) - VS)[np.ix_(free, free)]  # the weighted graph Laplacian, anchor row/column removed
+        np.fill_diagonal(H, np.maximum(np.diag(H), 1e-300))  # curvature that underflowed (|x_a - x_b| huge)
+        scale = 1.0 / np.sqrt(np.diag(H))
+        d = np.zeros_like(x)
+        d[free] = -scale * np.linalg.solve(H * np.outer(scale, scale), scale * grad[free])
+        d *= min(1.0, 2.0 / np.abs(d).max())  # a trust radius: Newton on a logistic loss overshoots far from the fit
+        t = 1.0
+        while True:  # backtracking
+            f_new, grad_new, sig_new = value_residual(x + t * d)
+            if f_new <= f + 1e-4 * t * (grad @ d) and f_new < f:
+                break
+            if f_new <= f + 1e-15 * max(1.0, abs(f)) and np.max(np.abs(grad_new) / deg) < res:
+                break  # the loss cannot resolve the step (rarely sampled tokens): the residual decreased
+            t *= 0.5
+            if t < 1e-12:
+                raise RuntimeError(f"partial_sgd_fixed_point: the reward fit's line search failed (residual {res})")
+        x = x + t * d
+        x, f, grad, sig = x - x.mean(), f_new, grad_new, sig_new
+    raise RuntimeError(f"partial_sgd_fixed_point: the reward fit did not converge in {max_iter} Newton steps")
+
+
+def partial_sgd_fixed_point(
+    log_pi_ref: np.ndarray,
+    tau: float,
+    scores: np.ndarray,
+    temperature: float,
+    *,
+    objective: str = "preference_nll",
+    weight: float = 0.1,
+    x0: np.ndarray | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 200,
+) -> np.ndarray:
+    """The x (gauge sum(x) = 0) with grad_x f(x, pi)|_{pi = pi*_tau(x)} = 0, pi held fixed when differentiating.
+
+    This is where the usual RLHF alternation stops: fit r_x by BT on labelled pairs from the current policy,
+    re-solve the policy. Solved as the fixed point x = M(x), M(x) = argmin_x' f(x', pi*_tau(x)) (f is convex
+    in x' for a fixed pi; its minimizer is found by Newton), by the damped iteration
+    x <- x + alpha (M(x) - x) from ``x0`` (default 0), alpha halved whenever |M(x) - x| grows, to
+    max |M(x) - x| <= tol. (M(x) - x is in the units of x, unlike grad_x f, which vanishes with the pair
+    weights of tokens pi*_tau rarely samples: its near-zeros there are not fixed points.)
+
+    For this tabular r_x and a BT oracle (temperature > 0) the labels are realizable, so M(x) = scores /
+    temperature (minus its mean) for every pi with full support: the fixed point is that x, for both objectives
+    and every tau, pi_ref and weight > 0. A deterministic oracle (temperature 0) separates the tokens and has
+    no finite fit (ValueError), as has weight = 0 for "win_rate" (grad_x f = 0). RuntimeError if no convergence.
+    """
+    log_pi_ref = _check_log_pi_ref(log_pi_ref, None)
+    tau = _check_positive("tau", tau)
+    objective, weight = _check_objective(objective, weight)
+    if objective == "win_rate" and weight == 0:
+        raise ValueError(
+            "partial_sgd_fixed_point: weight must be > 0 for objective='win_rate' (grad_x f = 0 at weight 0)"
+        )
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"partial_sgd_fixed_point: temperature must be a finite number > 0 (a deterministic oracle's labels have "
+            f"no finite BT fit), got {temperature}"
+        )
+    k = log_pi_ref.shape[0]
+    P = preference_matrix(_vec("scores", scores, k), temperature)
+    rho = np.exp(log_pi_ref)
+    x = np.zeros(k) if x0 is None else _vec("x0", x0, k).copy()
+    x -= x.mean()
+
+    def step(z: np.ndarray) -> np.ndarray:
+        V = _pair_weights(soft_optimal_policy(z, log_pi_ref, tau), rho, objective, weight)
+        return _reward_fit(z, V, P, tol=1e-13) - z
+
+    alpha, delta = 1.0, step(x)
+    for _ in range(max_iter):
+        if np.max(np.abs(delta)) <= tol:
+            return x
+        x_new = x + alpha * delta
+        delta_new = step(x_new)
+        if np.linalg.norm(delta_new) < np.linalg.norm(delta) or alpha < 1e-6:
+            x, delta = x_new, delta_new
+        else:
+            alpha *= 0.5
+    if np.max(np.abs(delta)) <= tol:
+        return x
+    raise RuntimeError(
+        f"partial_sgd_fixed_point: no fixed point within {max_iter} iterations "
+        f"(max |M(x) - x| = {np.max(np.abs(delta))})"
+    )
