@@ -22,6 +22,7 @@ from bilevel_rlhf.config import BilevelConfig
 from bilevel_rlhf.preference import ScoreOracle
 from bilevel_rlhf.objectives import PreferenceNLL, WinRate, get_objective
 from bilevel_rlhf.rl_utils import bradley_terry_loss
+from bilevel_rlhf.schedules import lambda_at, lr_factor, tau_at
 from bilevel_rlhf.trainer import BilevelTrainer, reward_model_loss
 
 # prompts of different lengths, so that rows are left-padded by different amounts
@@ -302,6 +303,7 @@ class StepRecorder:
 def test_learning_rates_follow_their_schedules_and_clipping_is_per_role(tmp_path):
     trainer = make_trainer(
         tmp_path, max_steps=12, penalty_lambda=1e4, penalty_lambda_schedule="constant", max_grad_norm=1.0,
+        actor_learning_rate=1e-3, critic_learning_rate=2e-3, reward_learning_rate=5e-4,
         actor_lr_schedule="polynomial", actor_lr_decay=0.5, critic_lr_schedule="polynomial", critic_lr_decay=1.0,
         reward_lr_schedule="polynomial", reward_lr_decay=2.0, lr_horizon=1.5,
     )
@@ -309,7 +311,7 @@ def test_learning_rates_follow_their_schedules_and_clipping_is_per_role(tmp_path
     trainer.train()
     spi = trainer.args.steps_per_iteration
     assert [s["step"] for s in rec.steps] == list(range(12))
-    base = {"actor": 1e-3, "critic": 1e-3, "reward": 1e-3}
+    base = {"actor": 1e-3, "critic": 2e-3, "reward": 5e-4}  # distinct, so a group given another's rate shows
     decay = {"actor": 0.5, "critic": 1.0, "reward": 2.0}
     for s in rec.steps:
         k, epoch = divmod(s["step"], spi)[0], (s["step"] % spi) // trainer.args.num_mini_batches
@@ -529,3 +531,19 @@ def test_logged_losses_equal_their_recomputation(tmp_path):
         assert vf.item() > 1e-3
         assert metrics[f"value_{r}/loss"] == pytest.approx(vf.item(), rel=1e-4)
     assert metrics["value/loss"] == pytest.approx((metrics["value_theta/loss"] + metrics["value_phi/loss"]) / 2)
+
+
+def test_schedules_equal_hand_computed_values():
+    # tau: constant, polynomial tau_0 (1 + k/k_0)^(-c), exponential tau_0 exp(-c k/k_0), each floored at tau_min
+    assert tau_at(7, 0.4, 0.0, "constant", 0.5, 2.0) == 0.4
+    assert tau_at(6, 0.4, 0.0, "polynomial", 0.5, 2.0) == pytest.approx(0.4 * 4 ** -0.5)
+    assert tau_at(6, 0.4, 0.0, "exponential", 0.5, 2.0) == pytest.approx(0.4 * math.exp(-1.5))
+    assert tau_at(6, 0.4, 0.15, "polynomial", 0.5, 2.0) == pytest.approx(0.2)  # above the floor
+    assert tau_at(100, 0.4, 0.15, "exponential", 0.5, 2.0) == 0.15  # floored
+    # lambda: constant, or lambda_0 (1 + k/k_0)^g capped at lambda_max
+    assert lambda_at(9, 2.0, "constant", 0.5, 3.0, None) == 2.0
+    assert lambda_at(9, 2.0, "polynomial", 0.5, 3.0, None) == pytest.approx(4.0)
+    assert lambda_at(9, 2.0, "polynomial", 0.5, 3.0, 3.0) == 3.0
+    # learning-rate factor: 1, or (1 + k/k_0)^(-c)
+    assert lr_factor(5, "constant", 0.5, 10.0) == 1.0
+    assert lr_factor(5, "polynomial", 2.0, 5.0) == pytest.approx(0.25)
