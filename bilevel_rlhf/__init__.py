@@ -31,6 +31,10 @@ _EXPORTS: dict[str, str] = {
     "BilevelConfig": ".config",
     "BilevelTrainer": ".trainer",
     "load_value_heads": ".modeling",
+    # --- upper-level objectives ---
+    "PreferenceNLL": ".objectives",
+    "UpperObjective": ".objectives",
+    "WinRate": ".objectives",
     # --- preference oracles ---
     "PreferenceOracle": ".preference",
     "ScoreOracle": ".preference",
