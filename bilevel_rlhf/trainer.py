@@ -427,11 +427,15 @@ class BilevelTrainer(Trainer):
             for ids, m in zip(completion_ids, mask)
         ]
 
-    def _reward_inputs(self, prompts: list[str], texts: list[str], ids: torch.Tensor, mask: torch.Tensor):
-        """Inputs of r_x: the policy's own ids, or prompt + completion re-tokenized by reward_processing_class."""
+    def _reward_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs of r_x for prompt + completion rows: the policy's own ids, or the text of each row's real tokens
+        re-tokenized by reward_processing_class. The whole row is decoded at once (as TRL does): decoding the prompt
+        and the completion apart and joining the strings would merge words where a tokenizer drops the leading
+        space of a completion decoded on its own."""
         if self.reward_processing_class is None:
             return ids, mask
-        enc = self.reward_processing_class([p + c for p, c in zip(prompts, texts)], padding=True, return_tensors="pt")
+        texts = self._decode(ids, mask)
+        enc = self.reward_processing_class(texts, padding=True, return_tensors="pt")
         return enc["input_ids"].to(ids.device), enc["attention_mask"].to(ids.device)
 
     def _advantages(self, score, logprobs, ref_logprobs, values, mask, tau):
@@ -543,8 +547,7 @@ class BilevelTrainer(Trainer):
 
         N = len(rep_prompts)
         reward_ids, reward_mask = self._reward_inputs(
-            rep_prompts * len(generators), sum((texts[r] for r in generators), []),
-            torch.cat([seq[r] for r in generators]), torch.cat([seq_mask[r] for r in generators]),
+            torch.cat([seq[r] for r in generators]), torch.cat([seq_mask[r] for r in generators])
         )
         buffer: dict[str, Any] = {
             "iteration": k, "tau": tau, "lambda": lam, "prompt_length": P, "labels": labels,
@@ -803,7 +806,7 @@ class BilevelTrainer(Trainer):
             cmask = self._completion_mask(completion)
             completion = torch.where(cmask.bool(), completion, self.processing_class.pad_token_id)
             texts = self._decode(completion, cmask)
-            r_ids, r_mask = self._reward_inputs(prompts, texts, torch.cat([ids, completion], 1), torch.cat([mask, cmask], 1))
+            r_ids, r_mask = self._reward_inputs(torch.cat([ids, completion], 1), torch.cat([mask, cmask], 1))
             r_sum += float(unwrapped.reward_forward(r_ids, r_mask).sum())
             if callable(score_fn):
                 scores = score_fn(prompts, texts)

@@ -1,0 +1,236 @@
+"""Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
+
+Counted from the source: `_validate_bilevel` makes 36 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 42 need-conditions. `__post_init__`
+adds 2 raises (save_steps a multiple of the steps per iteration; optim an AdamW) and 3 warnings (lr_scheduler_type
+unused, learning_rate unused, time-scale ordering). 42 + 2 + 3 = 47 validated conditions.
+
+Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
+another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
+boundary value (accepted). `test_every_need_call_has_a_case` parses config.py, so a new validation without a case
+here fails.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bilevel_rlhf import config as config_module
+from bilevel_rlhf.config import (
+    LAMBDA_SCHEDULES,
+    LR_SCHEDULES,
+    METHODS,
+    OBJECTIVES,
+    REGULARIZATIONS,
+    TAU_SCHEDULES,
+    BilevelConfig,
+)
+
+CONFIG_PY = Path(config_module.__file__)
+ROLES = ("actor", "critic", "reward")
+EPS = 1e-9  # "just past the boundary"
+
+# (field, smallest bad overrides, valid overrides at/near the boundary): one entry per need(...) condition.
+NEED_CASES: list[tuple[str, dict, list[dict]]] = [
+    ("method", dict(method="bilevel"), [dict(method=m) for m in METHODS]),
+    ("nested_inner_steps", dict(nested_inner_steps=0), [dict(nested_inner_steps=1)]),
+    ("objective", dict(objective="reward_nll"), [dict(objective=o) for o in OBJECTIVES]),
+    ("objective_weight", dict(objective_weight=-EPS), [dict(objective_weight=0.0)]),
+    # method="covariance" divides by tau: tau_init = 0 is allowed for the other methods only
+    ("tau_init", dict(method="covariance", tau_init=0.0, tau_min=0.0),
+     [dict(method="covariance", tau_init=EPS, tau_min=0.0), dict(method="single_loop", tau_init=0.0, tau_min=0.0)]),
+    ("regularization", dict(regularization="l2"), [dict(regularization=r) for r in REGULARIZATIONS]),
+    ("tau_init", dict(tau_init=-EPS, tau_min=0.0), [dict(tau_init=0.0, tau_min=0.0)]),
+    ("tau_min", dict(tau_init=0.1, tau_min=0.1 + EPS), [dict(tau_init=0.1, tau_min=0.1), dict(tau_min=0.0)]),
+    ("tau_schedule", dict(tau_schedule="linear"), [dict(tau_schedule=s) for s in TAU_SCHEDULES]),
+    ("tau_decay_rate", dict(tau_decay_rate=-EPS), [dict(tau_decay_rate=0.0)]),
+    ("tau_horizon", dict(tau_horizon=0.0), [dict(tau_horizon=EPS)]),
+    ("penalty_lambda", dict(penalty_lambda=0.0), [dict(penalty_lambda=EPS)]),
+    # "exponential" is a valid tau schedule but not a lambda schedule
+    ("penalty_lambda_schedule", dict(penalty_lambda_schedule="exponential"),
+     [dict(penalty_lambda_schedule=s) for s in LAMBDA_SCHEDULES]),
+    ("penalty_lambda_growth", dict(penalty_lambda_growth=-EPS), [dict(penalty_lambda_growth=0.0)]),
+    ("penalty_lambda_horizon", dict(penalty_lambda_horizon=0.0), [dict(penalty_lambda_horizon=EPS)]),
+    ("penalty_lambda_max", dict(penalty_lambda=1.0, penalty_lambda_max=1.0 - EPS),
+     [dict(penalty_lambda=1.0, penalty_lambda_max=1.0), dict(penalty_lambda_max=None)]),
+    *[case for role in ROLES for case in (
+        (f"{role}_learning_rate", {f"{role}_learning_rate": 0.0}, [{f"{role}_learning_rate": EPS}]),
+        (f"{role}_lr_schedule", {f"{role}_lr_schedule": "exponential"},
+         [{f"{role}_lr_schedule": s} for s in LR_SCHEDULES]),
+        (f"{role}_lr_decay", {f"{role}_lr_decay": -EPS}, [{f"{role}_lr_decay": 0.0}]),
+    )],
+    ("lr_horizon", dict(lr_horizon=0.0), [dict(lr_horizon=EPS)]),
+    ("max_prompt_length", dict(max_prompt_length=0), [dict(max_prompt_length=1)]),
+    ("max_completion_length", dict(max_completion_length=0), [dict(max_completion_length=1)]),
+    ("temperature", dict(temperature=0.0), [dict(temperature=EPS)]),
+    ("top_k", dict(top_k=-1), [dict(top_k=0)]),
+    ("top_p", dict(top_p=0.0), [dict(top_p=1.0), dict(top_p=EPS)]),
+    ("num_completions", dict(num_completions=3), [dict(num_completions=2), dict(num_completions=4)]),
+    ("num_ppo_epochs", dict(num_ppo_epochs=0), [dict(num_ppo_epochs=1)]),
+    ("num_mini_batches", dict(num_mini_batches=0), [dict(num_mini_batches=1)]),
+    ("cliprange", dict(cliprange=0.0), [dict(cliprange=EPS)]),
+    ("cliprange_value", dict(cliprange_value=0.0), [dict(cliprange_value=EPS)]),
+    ("vf_coef", dict(vf_coef=-EPS), [dict(vf_coef=0.0)]),
+    ("gamma", dict(gamma=-EPS), [dict(gamma=0.0), dict(gamma=1.0)]),
+    ("lam", dict(lam=-EPS), [dict(lam=0.0), dict(lam=1.0)]),
+    ("per_device_train_batch_size", dict(per_device_train_batch_size=0), [dict(per_device_train_batch_size=1)]),
+    ("gradient_accumulation_steps", dict(gradient_accumulation_steps=0), [dict(gradient_accumulation_steps=1)]),
+    # a multiple of num_mini_batches * gradient_accumulation_steps (= 4 here); 4 itself is the boundary
+    ("per_device_train_batch_size",
+     dict(per_device_train_batch_size=6, num_mini_batches=2, gradient_accumulation_steps=2),
+     [dict(per_device_train_batch_size=4, num_mini_batches=2, gradient_accumulation_steps=2),
+      dict(per_device_train_batch_size=8, num_mini_batches=2, gradient_accumulation_steps=2)]),
+]
+# the other side of two-sided conditions (the same need(...), another way to fail it)
+OTHER_SIDE: list[tuple[str, dict]] = [
+    ("tau_min", dict(tau_min=-EPS)),
+    ("top_p", dict(top_p=1.0 + EPS)),
+    ("num_completions", dict(num_completions=0)),  # even, but < 2
+    ("gamma", dict(gamma=1.0 + EPS)),
+    ("lam", dict(lam=1.0 + EPS)),
+]
+# the raises of __post_init__ (after TrainingArguments.__post_init__)
+POST_INIT_CASES: list[tuple[str, dict, list[dict]]] = [
+    ("save_steps", dict(save_strategy="steps", save_steps=3, num_mini_batches=2, per_device_train_batch_size=2),
+     # a multiple (2 is the boundary), or a ratio of the run (< 1): not checked
+     [dict(save_strategy="steps", save_steps=s, num_mini_batches=2, per_device_train_batch_size=2) for s in (2, 4, 0.5)]),
+    ("optim", dict(optim="adafactor"), [dict(optim="adamw_torch"), dict(optim="adamw_torch_fused")]),
+]
+# the warnings of __post_init__: (message, warning overrides, silent overrides)
+WARN_CASES: list[tuple[str, list[dict], list[dict]]] = [
+    ("lr_scheduler_type is not used", [dict(lr_scheduler_type="cosine"), dict(lr_scheduler_type="constant")],
+     [dict(lr_scheduler_type="linear")]),  # the TrainingArguments default
+    ("learning_rate is not used", [dict(learning_rate=1e-3), dict(learning_rate=5e-5 * (1 + 1e-6))],
+     [dict(learning_rate=5e-5)]),
+    ("time-scales", [
+        dict(critic_learning_rate=1e-4, actor_learning_rate=1e-4 * (1 + 1e-6), reward_learning_rate=1e-6),  # beta < alpha
+        dict(critic_learning_rate=1e-4, actor_learning_rate=1e-5, reward_learning_rate=1e-5 * (1 + 1e-6)),  # alpha < zeta
+    ], [dict(critic_learning_rate=1e-4, actor_learning_rate=1e-4, reward_learning_rate=1e-4),  # equal: allowed
+        dict(critic_learning_rate=1e-3, actor_learning_rate=1e-4, reward_learning_rate=1e-5)]),
+]
+
+
+def make(tmp_path, **overrides) -> BilevelConfig:
+    return BilevelConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **overrides)
+
+
+def _ids(cases):
+    seen: Counter = Counter()
+    out = []
+    for field, *_ in cases:
+        seen[field] += 1
+        out.append(field if seen[field] == 1 else f"{field}-{seen[field]}")
+    return out
+
+
+def _expect_rejected(tmp_path, field: str, overrides: dict) -> None:
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)} must be") as info:
+        make(tmp_path, **overrides)
+    assert info.type is ValueError  # the exact type, not a subclass
+
+
+@pytest.mark.parametrize(("field", "bad", "good"), NEED_CASES, ids=_ids(NEED_CASES))
+def test_need_condition_rejects_the_smallest_bad_value_and_accepts_the_boundary(tmp_path, field, bad, good):
+    _expect_rejected(tmp_path, field, bad)
+    for overrides in good:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a tiny learning rate breaks the time-scale order: a warning only
+            cfg = make(tmp_path, **overrides)
+        assert all(getattr(cfg, k) == v for k, v in overrides.items())
+
+
+@pytest.mark.parametrize(("field", "bad"), OTHER_SIDE, ids=[f for f, _ in OTHER_SIDE])
+def test_two_sided_conditions_reject_the_other_side(tmp_path, field, bad):
+    _expect_rejected(tmp_path, field, bad)
+
+
+@pytest.mark.parametrize(("field", "bad", "good"), POST_INIT_CASES, ids=[f for f, *_ in POST_INIT_CASES])
+def test_post_init_raises_name_the_field(tmp_path, field, bad, good):
+    with pytest.raises(ValueError, match=rf"^{field} must be") as info:
+        make(tmp_path, **bad)
+    assert info.type is ValueError
+    for overrides in good:
+        cfg = make(tmp_path, **overrides)
+        assert all(getattr(getattr(cfg, k), "value", getattr(cfg, k)) == v for k, v in overrides.items())
+
+
+@pytest.mark.parametrize(("message", "warn", "silent"), WARN_CASES, ids=[m.split()[0] for m, *_ in WARN_CASES])
+def test_post_init_warnings(tmp_path, message, warn, silent):
+    for overrides in warn:
+        with pytest.warns(UserWarning, match=message):
+            make(tmp_path, **overrides)
+    for overrides in silent:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make(tmp_path, **overrides)
+        assert not [w for w in caught if message in str(w.message)], overrides
+
+
+def test_default_config_is_valid_and_silent(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = make(tmp_path)
+    ours = ("is not used", "time-scales")
+    assert not [w for w in caught if any(s in str(w.message) for s in ours)]
+    assert cfg.steps_per_iteration == 1
+
+
+# ---------------------------------------------------------------------------------------------------- coverage
+def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise AssertionError(f"{name} not found in {CONFIG_PY}")
+
+
+def _need_fields_in_source() -> list[str]:
+    """The field named by each need(...) condition of _validate_bilevel, the role loop expanded."""
+    fn = _function(ast.parse(CONFIG_PY.read_text()), "_validate_bilevel")
+    fields: list[str] = []
+
+    def visit(node, env: dict[str, str]):
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name):
+            values = ast.literal_eval(node.iter)
+            for value in values:
+                for child in node.body:
+                    visit(child, {**env, node.target.id: value})
+            return
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "need":
+            name_arg = node.args[1]
+            if isinstance(name_arg, ast.Constant):
+                fields.append(name_arg.value)
+            else:  # f"{role}_learning_rate"
+                assert isinstance(name_arg, ast.JoinedStr), ast.unparse(name_arg)
+                fields.append("".join(
+                    part.value if isinstance(part, ast.Constant) else env[part.value.id] for part in name_arg.values
+                ))
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child, env)
+
+    for statement in fn.body:
+        visit(statement, {})
+    return fields
+
+
+def test_every_need_call_has_a_case():
+    """One case per need(...) condition of config.py (42 when written): a new validation without a case fails."""
+    source_fields = _need_fields_in_source()
+    assert len(source_fields) == CONFIG_PY.read_text().count("need(") - 1 + 2 * 3  # `def need(` / the role loop
+    assert Counter(source_fields) == Counter(field for field, *_ in NEED_CASES)
+    assert {field for field, _ in OTHER_SIDE} <= set(source_fields)
+
+
+def test_every_post_init_raise_and_warning_has_a_case():
+    fn = _function(ast.parse(CONFIG_PY.read_text()), "__post_init__")
+    raises = [n for n in ast.walk(fn) if isinstance(n, ast.Raise)]
+    warns = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "warnings.warn"]
+    assert len(raises) == len(POST_INIT_CASES) == 2
+    assert len(warns) == len(WARN_CASES) == 3
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 47  # see the module docstring
