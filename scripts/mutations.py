@@ -462,6 +462,6 @@ MUTATIONS += _unchecked("gwcfg", GW_CFG, [GW_CONFIG], "GridWorldConfig", [
     ("zeta_le_alpha", "need(self.zeta <= self.alpha,"),
     ("alpha_power", "need(self.alpha_power >= self.beta_power,"),
     ("zeta_power", "need(self.zeta_power >= self.alpha_power,"),
-    ("integer_fields", "need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,"),
+    ("integer_fields", "need(getattr(self, name) >= 1,"),
     ("methods", "need(not unknown and len(self.methods) > 0,"),
 ])

@@ -417,3 +417,30 @@ def test_single_loop_without_common_random_numbers_runs_and_differs(problem):
                                               common_random_numbers=False), "single_loop", 0)
     assert np.isfinite(off.phi) and np.all(np.isfinite(off.x)) and off.samples == on.samples == 2 * 32 * 60
     assert not np.allclose(on.x, off.x)
+
+
+# ----- 8. one actor-critic step by hand -----
+def test_actor_critic_step_is_soft_expected_sarsa_and_a_soft_policy_gradient(problem):
+    """One walker, one step: the critic moves by beta * (r + gamma V_soft(s') - Q(s, a)) with
+    V_soft(s) = sum_a pi (Q - tau log pi); the actor by alpha * pi * (soft Q - its pi-mean) at the visited state."""
+    mdp, tau, alpha, beta = problem.mdp, 0.3, 0.2, 0.5
+    rng = np.random.default_rng(5)
+    ac = ActorCritic(mdp, np.array([int(np.argmax(mdp.rho))]))
+    ac.logits = rng.normal(size=ac.logits.shape)
+    ac.Q = rng.normal(size=ac.Q.shape)
+    reward = rng.normal(size=ac.Q.shape)
+    sampler, u = Sampler(mdp, 1), np.full((4, 1), 0.5)
+    logits, Q, s = ac.logits.copy(), ac.Q.copy(), int(ac.s[0])
+    log_pi = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    pi = np.exp(log_pi)
+    a = int(np.searchsorted(np.cumsum(pi[s]), 0.5))
+    s_next = int(sampler.succ[s, a, np.searchsorted(sampler.cum_P[s, a], 0.5)])
+    v_soft = (pi * (Q - tau * log_pi)).sum(-1)
+    ac.step(sampler, reward, tau, alpha, beta, u)
+    expected_Q = Q.copy()
+    expected_Q[s, a] += beta * (reward[s, a] + mdp.gamma * v_soft[s_next] - Q[s, a])
+    np.testing.assert_allclose(ac.Q, expected_Q, atol=1e-12)
+    soft_q = expected_Q[s] - tau * log_pi[s]
+    expected_logits = logits.copy()
+    expected_logits[s] += alpha * pi[s] * (soft_q - pi[s] @ soft_q)
+    np.testing.assert_allclose(ac.logits, expected_logits, atol=1e-12)

@@ -111,7 +111,7 @@ class GridWorldConfig:
         need(self.zeta_power >= self.alpha_power, "zeta_power", f">= alpha_power={self.alpha_power}")
         for name in ("iterations", "batch_size", "nested_inner_steps", "fd_inner_steps", "fd_directions",
                      "exact_iterations", "eval_every", "seeds"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+            need(getattr(self, name) >= 1, name, "an integer >= 1")  # integer: checked with the types above
         unknown = [m for m in self.methods if m not in METHODS]
         need(not unknown and len(self.methods) > 0, "methods", f"a non-empty list from {METHODS} (unknown: {unknown})")
 
