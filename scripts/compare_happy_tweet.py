@@ -1,11 +1,13 @@
-"""Compare single_loop, fixed_tau, partial_sgd and TRL's RLOO on the happy-tweet task, same oracle budget and seeds.
+"""Compare the bilevel methods and TRL's RLOO on the happy-tweet task, same oracle budget and seeds.
 
     python scripts/compare_happy_tweet.py                              # 1 seed, defaults of recipes/happy_tweet/config.yaml
     python scripts/compare_happy_tweet.py --seeds 0 1 2 --queries 1600 --output_dir outputs/compare
     python scripts/compare_happy_tweet.py --methods single_loop rloo -- --actor_learning_rate 1e-4   # recipe overrides
 
-Each bilevel method runs the recipe (`python -m bilevel_rlhf.happy_tweet.recipe`, one subprocess per run) with
-`max_steps` set so that it uses `--queries` oracle queries (labelled pairs of theta's completions). The reference
+Each bilevel method runs the recipe (`python -m bilevel_rlhf.happy_tweet.recipe`, one subprocess per run) once per
+objective in `--objectives`, with `max_steps` set so that it uses `--queries` oracle queries (labelled pairs: two of
+theta's completions for preference_nll, one theta completion against one of the initial policy for win_rate). Runs
+are named METHOD-seedS, or METHOD_win_rate-seedS. The reference
 point is TRL's `RLOOTrainer` optimizing the VADER compound score directly (reward function = the oracle's score):
 an oracle-reward upper bound, not a bilevel method; its "queries" are scored completions (each one scalar score,
 more information than one pairwise label). It uses the same model, prompts, completion length, temperature,
@@ -30,7 +32,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-BILEVEL_METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop")
+BILEVEL_METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance")
+OBJECTIVES = ("preference_nll", "win_rate")
 METHODS = BILEVEL_METHODS + ("rloo",)
 
 
@@ -49,9 +52,10 @@ def completed(run_dir: Path, queries: int) -> bool:
     return s.get("status") == "completed" and s.get("oracle_queries") == queries
 
 
-def run_bilevel(method: str, seed: int, max_steps: int, run_dir: Path, config: str, overrides: list[str]) -> None:
+def run_bilevel(method: str, objective: str, seed: int, max_steps: int, run_dir: Path, config: str,
+                overrides: list[str]) -> None:
     cmd = [sys.executable, "-m", "bilevel_rlhf.happy_tweet.recipe", "--config", config, *overrides,
-           "--method", method, "--seed", str(seed), "--max_steps", str(max_steps), "--output_dir", str(run_dir),
+           "--method", method, "--objective", objective, "--seed", str(seed), "--max_steps", str(max_steps), "--output_dir", str(run_dir),
            "--save_strategy", "no", "--report_to", "none"]
     print("+ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", default=["single_loop", "fixed_tau", "partial_sgd", "rloo"],
                         choices=METHODS)
+    parser.add_argument("--objectives", nargs="+", default=["preference_nll"], choices=OBJECTIVES,
+                        help="upper objectives of the bilevel methods (each bilevel method runs with each)")
     parser.add_argument("--queries", type=int, default=960, help="oracle queries per run (default 960)")
     parser.add_argument("--config", default=str(ROOT / "recipes/happy_tweet/config.yaml"))
     parser.add_argument("--output_dir", default="outputs/happy_tweet_compare")
@@ -130,26 +136,29 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--queries must be >= 1, got {args.queries}")
 
     _, cfg, _ = parse_recipe_args(args.config, overrides)
-    pairs_per_iteration = cfg.per_device_train_batch_size * cfg.num_completions // 2 * cfg.world_size
-    iterations = max(1, args.queries // pairs_per_iteration)
-    max_steps = iterations * cfg.steps_per_iteration
+    completions = cfg.per_device_train_batch_size * cfg.num_completions * cfg.world_size  # per actor and iteration
     out = Path(args.output_dir)
     runs: dict[str, str] = {}
     t0 = time.time()
     for seed in args.seeds:
         for method in args.methods:
-            run_dir = out / f"{method}-seed{seed}"
-            runs[run_dir.name] = str(run_dir)
-            completions = cfg.per_device_train_batch_size * cfg.num_completions  # RLOO: scored per generation
-            expected = (max(1, args.queries // completions) * completions if method == "rloo"
-                        else iterations * pairs_per_iteration)
-            if completed(run_dir, expected):
-                print(f"= {run_dir} already completed", flush=True)
-                continue
-            if method == "rloo":
-                run_rloo(seed, args.queries, run_dir, args.config, overrides, args.rloo_beta)
-            else:
-                run_bilevel(method, seed, max_steps, run_dir, args.config, overrides)
+            for objective in (args.objectives if method != "rloo" else [None]):
+                # labelled pairs per iteration: theta's (2i, 2i+1), or each theta completion against the reference's
+                pairs = completions if objective == "win_rate" else completions // 2
+                iterations = max(1, args.queries // pairs)
+                name = method if objective in (None, "preference_nll") else f"{method}_{objective}"
+                run_dir = out / f"{name}-seed{seed}"
+                runs[run_dir.name] = str(run_dir)
+                expected = (max(1, args.queries // completions) * completions if method == "rloo"
+                            else iterations * pairs)
+                if completed(run_dir, expected):
+                    print(f"= {run_dir} already completed", flush=True)
+                    continue
+                if method == "rloo":
+                    run_rloo(seed, args.queries, run_dir, args.config, overrides, args.rloo_beta)
+                else:
+                    run_bilevel(method, objective, seed, iterations * cfg.steps_per_iteration, run_dir, args.config,
+                                overrides)
     train_seconds = time.time() - t0
 
     from bilevel_rlhf.happy_tweet.evaluate import evaluate_runs, markdown_table, write_report

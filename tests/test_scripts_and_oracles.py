@@ -115,10 +115,15 @@ def test_markdown_table_aggregates_runs_by_hand():
     ]}
     lines = [line for line in markdown_table(report).splitlines() if line.startswith("| ")]
     assert lines[0].split(" | ")[3:5] == ["VADER mean", "frac > 0.5"]
-    assert lines[1] == "| initial | 1 | 0 | 0.100 | 0.000 | 0.000 | 0.900 | 0.950 | 4.00 |"
+    # the upper objectives: shown where every run of the group has them
+    report["results"][0]["win_rate_vs_initial"] = 0.5
+    report["results"][1] |= {"win_rate_vs_initial": 0.6, "reward_pair_nll": 0.5, "reward_pair_accuracy": 0.7}
+    report["results"][2] |= {"win_rate_vs_initial": 0.8, "reward_pair_nll": 0.7, "reward_pair_accuracy": 0.9}
+    lines = [line for line in markdown_table(report).splitlines() if line.startswith("| ")]
+    assert lines[1] == "| initial | 1 | 0 | 0.100 | 0.000 | 0.000 | 0.900 | 0.950 | 4.00 | 0.500 | - | - |"
     # means 0.3, 0.375, 0.02, 0.7, 0.8, 4.5; sample std (n-1) 0.1414, 0.1768, 0.01414, 0.1414, 0.1414, 2.121
     assert lines[2] == ("| single_loop | 2 | 10 | 0.300 ± 0.141 | 0.375 ± 0.177 | 0.020 ± 0.014 | 0.700 ± 0.141 | "
-                        "0.800 ± 0.141 | 4.50 ± 2.12 |")
+                        "0.800 ± 0.141 | 4.50 ± 2.12 | 0.700 ± 0.141 | 0.600 ± 0.141 | 0.800 ± 0.141 |")
 
 
 def test_evaluation_script_run_names():
@@ -499,3 +504,46 @@ def test_reward_processing_class_retokenizes_prompt_plus_completion(tmp_path, mo
     assert (saved / "reward_model" / "tokenizer.json").is_file()
     assert AutoTokenizer.from_pretrained(saved / "reward_model").get_vocab() == rvocab
     assert AutoTokenizer.from_pretrained(saved).get_vocab() == tok.get_vocab() != rvocab
+
+
+def test_upper_objective_metrics_by_hand(monkeypatch):
+    """Win rate against the initial policy and the final r_x's pair NLL / accuracy, with known samples and scores."""
+    import vaderSentiment.vaderSentiment as vader_module
+
+    from bilevel_rlhf.happy_tweet import evaluate
+
+    mine = ["a", "b", "c", "d"]  # prompt 0: samples a, b; prompt 1: c, d
+    theirs = ["w", "x", "y", "z"]
+    vader = {"a": 0.5, "b": 0.1, "c": -0.2, "d": -0.2, "w": 0.1, "x": 0.1, "y": 0.3, "z": -0.5}
+    calls = []
+
+    def fake_sample(model, tokenizer, prompts, max_new_tokens, temperature=1.0):
+        texts = mine if not calls else theirs
+        calls.append(model)
+        ids = torch.arange(4)[:, None].repeat(1, 3)  # row number in every position, read by the fake r_x
+        return {"input_ids": ids, "attention_mask": torch.ones(4, 3, dtype=torch.long), "prompt_length": 1,
+                "completion_mask": torch.ones(4, 2, dtype=torch.long), "texts": texts}
+
+    class FakeAnalyzer:
+        def polarity_scores(self, text):
+            return {"compound": vader[text]}
+
+    class FakeReward(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            r = torch.tensor([1.0, 0.0, 0.0, 2.0])[input_ids[:, 0]]  # pair 0: r_a > r_b; pair 1: r_a < r_b
+            return SimpleNamespace(logits=r[:, None])
+
+    monkeypatch.setattr(evaluate, "sample_completions", fake_sample)
+    monkeypatch.setattr(vader_module, "SentimentIntensityAnalyzer", FakeAnalyzer)
+    policy, ref = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    out = evaluate.upper_objective_metrics(policy, None, ref, ["p0", "p1"], FakeReward(), num_samples=2, batch_size=4)
+    assert calls == [policy, ref]
+    # wins: a > w (1), b = x (1/2), c < y (0), d > z (1)
+    assert out["win_rate_vs_initial"] == pytest.approx(2.5 / 4)
+    # pair 0: a beats b (label 1), r_x difference +1; pair 1: c ties d (label 1/2), difference -2
+    nll0 = math.log(1 + math.exp(-1.0))
+    nll1 = 0.5 * math.log(1 + math.exp(2.0)) + 0.5 * math.log(1 + math.exp(-2.0))
+    assert out["reward_pair_nll"] == pytest.approx((nll0 + nll1) / 2)
+    assert out["reward_pair_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    with pytest.raises(ValueError, match="even"):
+        evaluate.upper_objective_metrics(policy, None, ref, ["p0"], num_samples=3)

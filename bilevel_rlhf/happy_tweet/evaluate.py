@@ -11,7 +11,13 @@ For each policy: `num_samples` sampled completions (temperature 1, full softmax)
     is its standard error over samples;
   - `distinct_1`, `distinct_2`: distinct word uni-/bigrams over all n-grams of all completions (Li et al. 2016);
   - `mean_length`: completion tokens (eos included);
-  - a few samples (prompt + completion, through `filter_text`).
+  - a few samples (prompt + completion, through `filter_text`);
+and the upper objectives (`upper_objective_metrics`, on fresh samples):
+  - `win_rate_vs_initial`: how often VADER prefers the policy's completion to one of the initial policy for the
+    same prompt (ties count 1/2): the `win_rate` objective's win rate;
+  - `reward_pair_nll`, `reward_pair_accuracy` (runs that saved a reward model): the final r_x's BT-NLL and
+    accuracy on VADER-labelled pairs of the policy's own completions (two samples of one prompt): the
+    `preference_nll` objective.
 Writes `results.json`, `results.md` (a Markdown table, mean +- std over runs of the same method) and
 `oracle_curve.png` (the oracle score of theta's training samples against oracle queries, from each run's
 `summary.json`).
@@ -30,6 +36,8 @@ import numpy as np
 import torch
 
 METRICS = ("vader_mean", "vader_frac_gt_0.5", "kl_to_initial", "distinct_1", "distinct_2", "mean_length")
+# the upper objectives: the policy's win rate against the initial policy, and the final r_x's fit (bilevel runs)
+OBJECTIVE_METRICS = ("win_rate_vs_initial", "reward_pair_nll", "reward_pair_accuracy")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -188,6 +196,81 @@ def evaluate_policy(
     }
 
 
+def _vader_labels(score_a: np.ndarray, score_b: np.ndarray) -> np.ndarray:
+    """P(a preferred) under the deterministic VADER oracle: 1, 0, or 1/2 for a tie."""
+    return np.where(score_a > score_b, 1.0, np.where(score_a < score_b, 0.0, 0.5))
+
+
+@torch.no_grad()
+def upper_objective_metrics(
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    ref: torch.nn.Module,
+    prompts: list[str],
+    reward_model: torch.nn.Module | None = None,
+    reward_tokenizer: Any = None,
+    num_samples: int = 4,
+    max_new_tokens: int = 24,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The upper objectives of one policy (module docstring). Pairs of the policy's completions are its samples
+    (2i, 2i+1) of one prompt; r_x reads the policy's token ids, or the decoded rows re-tokenized by
+    `reward_tokenizer`."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from ..modeling import position_ids_from_mask
+
+    if num_samples < 2 or num_samples % 2 or batch_size % 2:
+        raise ValueError(f"num_samples and batch_size must be even (pairs of one prompt's samples), got "
+                         f"{num_samples} and {batch_size}")
+    analyzer = SentimentIntensityAnalyzer()
+
+    def vader(texts: list[str]) -> np.ndarray:
+        return np.array([analyzer.polarity_scores(t)["compound"] for t in texts])
+
+    torch.manual_seed(seed + 1)  # other samples than `evaluate_policy`'s
+    rows = [p for p in prompts for _ in range(num_samples)]
+    wins, nll, accuracy = [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        mine = sample_completions(policy, tokenizer, chunk, max_new_tokens)
+        theirs = sample_completions(ref, tokenizer, chunk, max_new_tokens)
+        s_mine = vader(mine["texts"])
+        wins.append(_vader_labels(s_mine, vader(theirs["texts"])))
+        if reward_model is None:
+            continue
+        if reward_tokenizer is None:
+            ids, mask = mine["input_ids"], mine["attention_mask"]
+        else:
+            full = [tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+                    for r, m in zip(mine["input_ids"], mine["attention_mask"])]
+            enc = reward_tokenizer(full, padding=True, return_tensors="pt")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        r = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, 0]
+        d = (r[0::2] - r[1::2]).double().numpy()
+        label = _vader_labels(s_mine[0::2], s_mine[1::2])
+        nll.append(label * np.logaddexp(0.0, -d) + (1 - label) * np.logaddexp(0.0, d))
+        accuracy.append(np.where(d > 0, label, np.where(d < 0, 1 - label, 0.5)))
+    out = {"win_rate_vs_initial": float(np.concatenate(wins).mean())}
+    if reward_model is not None:
+        out["reward_pair_nll"] = float(np.concatenate(nll).mean())
+        out["reward_pair_accuracy"] = float(np.concatenate(accuracy).mean())
+    return out
+
+
+def load_reward_model(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any] | None:
+    """(r_x in eval mode, its own tokenizer or None) from a run's `reward_model/`, or None when there is none."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(run_dir) / "reward_model"
+    if not (path / "config.json").is_file():
+        return None
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------- several runs
 def evaluate_runs(
     runs: dict[str, str],
@@ -222,21 +305,35 @@ def evaluate_runs(
     results: list[dict[str, Any]] = []
     if include_base:
         row = evaluate_policy(ref, ref_tokenizer, ref, prompts, **kwargs)
+        row |= upper_objective_metrics(ref, ref_tokenizer, ref, prompts, **kwargs)
         results.append({"name": "initial", "group": "initial", "path": base_model, **row})
     for name, path in runs.items():
         policy, tokenizer = load_policy(path)
         summary = summaries[name] or {}
         row = evaluate_policy(policy, tokenizer, ref, prompts, **kwargs)
+        reward = load_reward_model(path)
+        row |= upper_objective_metrics(policy, tokenizer, ref, prompts, *(reward or (None, None)), **kwargs)
         results.append({
             "name": name, "group": summary.get("method", name), "path": str(path), "seed": summary.get("seed"),
             "oracle_queries": summary.get("oracle_queries"), "train_seconds": summary.get("seconds"), **row,
         })
+    groups = {name: _group(s, name) for name, s in summaries.items()}
+    for row in results[1 if include_base else 0 :]:
+        row["group"] = groups[row["name"]]
     return {
         "base_model": base_model, "num_prompts": len(prompts), "num_samples": num_samples,
         "max_new_tokens": max_new_tokens, "seed": seed, "results": results,
         "curves": {name: (s or {}).get("oracle_curve", []) for name, s in summaries.items()},
-        "groups": {name: (s or {}).get("method", name) for name, s in summaries.items()},
+        "groups": groups,
     }
+
+
+def _group(summary: dict[str, Any] | None, name: str) -> str:
+    """A run's table group: its method, with the objective when it is not the default preference_nll."""
+    if not summary or "method" not in summary:
+        return name
+    objective = summary.get("objective", "preference_nll")
+    return summary["method"] if objective in (None, "preference_nll") else f"{summary['method']} ({objective})"
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -245,7 +342,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     for row in report["results"]:
         groups[row["group"]].append(row)
     header = ["method", "runs", "oracle queries", "VADER mean", "frac > 0.5", "KL to initial", "distinct-1",
-              "distinct-2", "length"]
+              "distinct-2", "length", "win rate vs initial", "r_x pair NLL", "r_x pair accuracy"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cell(values: list[float], digits: int = 3) -> str:
@@ -257,6 +354,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         queries = [r.get("oracle_queries") for r in rows if r.get("oracle_queries") is not None]
         cells = [group, str(len(rows)), str(int(np.mean(queries))) if queries else "0"]
         cells += [cell([r[m] for r in rows], 2 if m == "mean_length" else 3) for m in METRICS]
+        cells += [cell([r[m] for r in rows]) if all(m in r for r in rows) else "-" for m in OBJECTIVE_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"{report['num_prompts']} held-out prompts x {report['num_samples']} samples, temperature 1, at most "

@@ -302,6 +302,8 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
     summary = {
         "status": "interrupted" if interrupted else "completed",
         "method": training_args.method,
+        "objective": training_args.objective,
+        "common_random_numbers": training_args.common_random_numbers,
         "seed": training_args.seed,
         "oracle": script_args.oracle,
         "model_name_or_path": models["policy_path"],
