@@ -162,3 +162,16 @@ def token_kl_penalty(
     if kind == "entropy":
         return logprobs
     raise ValueError(f"token_kl_penalty: kind must be 'kl' or 'entropy', got {kind!r}")
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """``[N, T]`` long mask of the real tokens of generated completions: 1 up to and including the first eos, 0 after
+    it (all ones for a row without eos, or when ``eos_token_id`` is None). An eos-only completion keeps its one
+    token: it is scored, not dropped."""
+    T = completion_ids.shape[1]
+    positions = torch.arange(T, device=completion_ids.device)
+    if eos_token_id is None:
+        return torch.ones_like(completion_ids)
+    is_eos = completion_ids == eos_token_id
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(positions[:1], T - 1))
+    return (positions[None, :] <= first[:, None]).long()

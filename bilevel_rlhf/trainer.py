@@ -46,7 +46,7 @@ from .config import PENALTY_METHODS, BilevelConfig
 from .modeling import BilevelModel, load_roles, save_roles
 from .objectives import UpperObjective, get_objective
 from .sampling import coupled_sampling_processors
-from .rl_utils import bradley_terry_loss, compute_gae, masked_mean, masked_whiten, token_kl_penalty
+from .rl_utils import bradley_terry_loss, completion_mask, compute_gae, masked_mean, masked_whiten, token_kl_penalty
 from .schedules import lambda_at, lr_factor, tau_at
 
 STATE_NAME = "bilevel_state_rank{rank}.json"
@@ -409,15 +409,8 @@ class BilevelTrainer(Trainer):
         return out[:, prompt_ids.shape[1] :]
 
     def _completion_mask(self, completion_ids: torch.Tensor) -> torch.Tensor:
-        """1 up to and including the first eos (an eos-only completion keeps one token: it is scored, not dropped)."""
-        eos = self.processing_class.eos_token_id
-        T = completion_ids.shape[1]
-        positions = torch.arange(T, device=completion_ids.device)
-        if eos is None:
-            return torch.ones_like(completion_ids)
-        is_eos = completion_ids == eos
-        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(positions[:1], T - 1))
-        return (positions[None, :] <= first[:, None]).long()
+        """1 up to and including the first eos (`rl_utils.completion_mask`)."""
+        return completion_mask(completion_ids, self.processing_class.eos_token_id)
 
     def _decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         """The text of each completion's real tokens. The padding is cut by the mask, not by `skip_special_tokens`,

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..rl_utils import completion_mask
+
 METRICS = ("vader_mean", "vader_frac_gt_0.5", "kl_to_initial", "distinct_1", "distinct_2", "mean_length")
 # the upper objectives: the policy's win rate against the initial policy, and the final r_x's fit (bilevel runs)
 OBJECTIVE_METRICS = ("win_rate_vs_initial", "reward_pair_nll", "reward_pair_accuracy")
@@ -127,11 +129,7 @@ def sample_completions(
     )
     P = enc["input_ids"].shape[1]
     completion = out[:, P:]
-    T = completion.shape[1]
-    eos = tokenizer.eos_token_id
-    is_eos = completion == eos
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((len(prompts),), T - 1))
-    mask = (torch.arange(T)[None, :] <= first[:, None]).long()
+    mask = completion_mask(completion, tokenizer.eos_token_id)  # the trainer's own masking
     completion = torch.where(mask.bool(), completion, tokenizer.pad_token_id)
     return {
         "input_ids": torch.cat([enc["input_ids"], completion], 1),
