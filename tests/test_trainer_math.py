@@ -38,7 +38,7 @@ def char_score(texts: list[str]) -> list[float]:
     return [len(t.replace(" ", "")) / 4.0 for t in texts]
 
 
-def make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, **kw) -> BilevelTrainer:
+def make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, objective_instance=None, **kw) -> BilevelTrainer:
     tok = make_tokenizer()
     base = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_completions=2, num_ppo_epochs=2,
@@ -53,6 +53,7 @@ def make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, **kw) -> BilevelT
     trainer = BilevelTrainer(
         make_policy(tok), make_reward_model(tok), oracle, BilevelConfig(**base), Dataset.from_dict({"prompt": prompts}),
         eval_dataset=Dataset.from_dict({"prompt": eval_prompts}) if eval_prompts else None, processing_class=tok,
+        objective=objective_instance,
     )
     # move the actors and critics away from the reference and from each other: the KL terms, the penalty gap and the
     # values are then all non-zero, so a wrong sign or a dropped term shows
