@@ -62,3 +62,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'bilevel_rlhf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -243,6 +243,19 @@ class BilevelConfig(TrainingArguments):
                 "reward_lr_schedule",
                 stacklevel=2,
             )
+        if self.max_steps > 0 and self.max_steps % self.steps_per_iteration:
+            raise ValueError(
+                f"max_steps must be a multiple of num_ppo_epochs * num_mini_batches = {self.steps_per_iteration} (a "
+                f"run ends at an iteration boundary, not inside a rollout it paid oracle queries for), got "
+                f"{self.max_steps}"
+            )
+        ignored = [name for name in ("warmup_steps", "lr_scheduler_kwargs") if getattr(self, name, None)]
+        if ignored:
+            warnings.warn(
+                f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used by the BilevelTrainer: its "
+                "learning rates follow actor_lr_schedule, critic_lr_schedule and reward_lr_schedule",
+                stacklevel=2,
+            )
         if self.learning_rate != TrainingArguments.learning_rate:
             warnings.warn(
                 "learning_rate is not used by the BilevelTrainer: set actor_learning_rate, critic_learning_rate and "

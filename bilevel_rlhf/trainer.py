@@ -811,6 +811,8 @@ class BilevelTrainer(Trainer):
         if callable(score_fn):
             metrics[f"{metric_key_prefix}_oracle/score_theta"] = float(totals[1] / totals[2])
         Trainer.log(self, dict(metrics))  # not self.log: that would add the training metrics
+        # callbacks (early stopping, trackers) see the metrics; this also clears the "evaluate now" flag
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
 
     # ------------------------------------------------------------------ saving / loading

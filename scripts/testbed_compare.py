@@ -38,7 +38,8 @@ def run(method: str, objective: str, seed: int, args: argparse.Namespace) -> dic
         config = BilevelConfig(
             output_dir=out, method=method, objective=objective, objective_weight=args.weight, seed=seed,
             per_device_train_batch_size=args.prompts, num_completions=2, max_completion_length=3, max_prompt_length=2,
-            tau_init=args.tau, tau_schedule="constant", penalty_lambda=args.penalty_lambda,
+            tau_init=args.tau, tau_schedule=args.tau_schedule, tau_min=args.tau_min, tau_decay_rate=args.tau_decay_rate,
+            tau_horizon=args.tau_horizon, penalty_lambda=args.penalty_lambda,
             actor_learning_rate=args.actor_lr, critic_learning_rate=args.critic_lr, reward_learning_rate=args.reward_lr,
             max_steps=args.iterations, common_random_numbers=args.crn and method != "covariance",
             use_cpu=True, report_to="none", disable_tqdm=True, logging_steps=10**9, save_strategy="no",
@@ -53,18 +54,20 @@ def run(method: str, objective: str, seed: int, args: argparse.Namespace) -> dic
     x = reward.x.detach().double().numpy()
     x = x - x.mean()
     obj = dict(objective=objective, weight=args.weight)
-    pi_star = problem.soft_optimal_policy(x, args.tau)
+    tau_end = trainer.schedule(args.iterations - 1)[0]  # the lower level's tau at the last iteration
+    eval_tau = args.eval_tau if args.eval_tau is not None else args.tau
+    pi_star = problem.soft_optimal_policy(x, tau_end)
     record = {
         "method": method, "objective": objective, "seed": seed, "iterations": args.iterations,
-        "queries": trainer.oracle_queries, "seconds": round(seconds, 1),
-        "phi_tau": problem.phi_tau(x, args.tau, **obj),
+        "queries": trainer.oracle_queries, "seconds": round(seconds, 1), "tau_end": tau_end, "eval_tau": eval_tau,
+        "phi_tau": problem.phi_tau(x, eval_tau, **obj),
         "win_rate": problem.oracle_win_rate(pi_star), "mean_score": problem.expected_score(pi_star),
         "kl_theta_to_pi_star": problem.kl(problem.policy_distribution(trainer.model.policy_theta), pi_star),
     }
     if trainer.model.policy_phi is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            target = problem.penalized_policy(x, args.penalty_lambda, args.tau, **obj)
+            target = problem.penalized_policy(x, trainer.schedule(args.iterations - 1)[1], tau_end, **obj)
         record["kl_phi_to_pi_star"] = problem.kl(problem.policy_distribution(trainer.model.policy_phi), pi_star)
         record["kl_theta_to_penalized"] = problem.kl(problem.policy_distribution(trainer.model.policy_theta), target)
     return record
@@ -77,7 +80,12 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--prompts", type=int, default=64, help="prompts per iteration (2 completions each)")
-    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--tau", type=float, default=0.5, help="tau_init")
+    p.add_argument("--tau_schedule", default="constant", choices=["constant", "polynomial", "exponential"])
+    p.add_argument("--tau_min", type=float, default=0.0)
+    p.add_argument("--tau_decay_rate", type=float, default=0.5)
+    p.add_argument("--tau_horizon", type=float, default=10.0)
+    p.add_argument("--eval_tau", type=float, default=None, help="tau of the reported exact Phi_tau (default: --tau)")
     p.add_argument("--penalty_lambda", type=float, default=2.0)
     p.add_argument("--weight", type=float, default=0.1, help="objective_weight of win_rate")
     p.add_argument("--actor_lr", type=float, default=3e-3)
@@ -93,11 +101,12 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     problem = testbed.MultiTokenProblem.from_policy(testbed.make_policy(seed=args.problem_seed), seed=args.problem_seed)
     reference = {}
+    eval_tau = args.eval_tau if args.eval_tau is not None else args.tau
     for objective in args.objectives:
         obj = dict(objective=objective, weight=args.weight)
         x_fp = problem.partial_sgd_fixed_point(args.tau, **obj)
-        reference[objective] = {"phi_tau_at_x0": problem.phi_tau(np.zeros(len(problem.scores)), args.tau, **obj),
-                                "phi_tau_at_partial_sgd_fixed_point": problem.phi_tau(x_fp, args.tau, **obj)}
+        reference[objective] = {"phi_tau_at_x0": problem.phi_tau(np.zeros(len(problem.scores)), eval_tau, **obj),
+                                "phi_tau_at_partial_sgd_fixed_point": problem.phi_tau(x_fp, eval_tau, **obj)}
         print(objective, {k: round(v, 4) for k, v in reference[objective].items()}, flush=True)
     records = []
     for objective in args.objectives:
@@ -109,7 +118,7 @@ def main() -> None:
                 with open(args.out + ".tmp", "w") as fh:
                     json.dump({"settings": vars(args), "reference": reference, "runs": records}, fh, indent=1)
                 os.replace(args.out + ".tmp", args.out)
-    print("\nmean exact Phi_tau over seeds:")
+    print(f"\nmean exact Phi_tau (tau = {eval_tau}) over seeds:")
     for objective in args.objectives:
         for method in args.methods:
             vals = [r["phi_tau"] for r in records if r["method"] == method and r["objective"] == objective]

@@ -2,8 +2,9 @@
 
 Counted from the source: `_validate_bilevel` makes 36 `need(...)` calls; the 3 inside the `for role in
 ("actor", "critic", "reward")` loop check 3 conditions each, so there are 42 need-conditions. `__post_init__`
-adds 2 raises (save_steps a multiple of the steps per iteration; optim an AdamW) and 3 warnings (lr_scheduler_type
-unused, learning_rate unused, time-scale ordering). 42 + 2 + 3 = 47 validated conditions.
+adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
+(lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
+42 + 3 + 4 = 49 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -101,6 +102,8 @@ POST_INIT_CASES: list[tuple[str, dict, list[dict]]] = [
      # a multiple (2 is the boundary), or a ratio of the run (< 1): not checked
      [dict(save_strategy="steps", save_steps=s, num_mini_batches=2, per_device_train_batch_size=2) for s in (2, 4, 0.5)]),
     ("optim", dict(optim="adafactor"), [dict(optim="adamw_torch"), dict(optim="adamw_torch_fused")]),
+    ("max_steps", dict(max_steps=3, num_ppo_epochs=2),  # a run ends at an iteration boundary
+     [dict(max_steps=4, num_ppo_epochs=2), dict(max_steps=-1, num_ppo_epochs=2)]),
 ]
 # the warnings of __post_init__: (message, warning overrides, silent overrides)
 WARN_CASES: list[tuple[str, list[dict], list[dict]]] = [
@@ -108,6 +111,9 @@ WARN_CASES: list[tuple[str, list[dict], list[dict]]] = [
      [dict(lr_scheduler_type="linear")]),  # the TrainingArguments default
     ("learning_rate is not used", [dict(learning_rate=1e-3), dict(learning_rate=5e-5 * (1 + 1e-6))],
      [dict(learning_rate=5e-5)]),
+    ("is not used by the BilevelTrainer: its learning rates follow",
+     [dict(warmup_steps=10), dict(warmup_steps=0.1), dict(lr_scheduler_kwargs={"power": 2.0})],
+     [dict(warmup_steps=0)]),
     ("time-scales", [
         dict(critic_learning_rate=1e-4, actor_learning_rate=1e-4 * (1 + 1e-6), reward_learning_rate=1e-6),  # beta < alpha
         dict(critic_learning_rate=1e-4, actor_learning_rate=1e-5, reward_learning_rate=1e-5 * (1 + 1e-6)),  # alpha < zeta
@@ -231,6 +237,6 @@ def test_every_post_init_raise_and_warning_has_a_case():
     fn = _function(ast.parse(CONFIG_PY.read_text()), "__post_init__")
     raises = [n for n in ast.walk(fn) if isinstance(n, ast.Raise)]
     warns = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "warnings.warn"]
-    assert len(raises) == len(POST_INIT_CASES) == 2
-    assert len(warns) == len(WARN_CASES) == 3
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 47  # see the module docstring
+    assert len(raises) == len(POST_INIT_CASES) == 3
+    assert len(warns) == len(WARN_CASES) == 4
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 49  # see the module docstring

@@ -548,3 +548,27 @@ def test_schedules_equal_hand_computed_values():
     # learning-rate factor: 1, or (1 + k/k_0)^(-c)
     assert lr_factor(5, "constant", 0.5, 10.0) == 1.0
     assert lr_factor(5, "polynomial", 2.0, 5.0) == pytest.approx(0.25)
+
+
+def test_evaluate_calls_the_callbacks_once_per_evaluation(tmp_path):
+    calls = []
+
+    class Count(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            calls.append((state.global_step, sorted(metrics)))
+
+    trainer = make_trainer(tmp_path, max_steps=8, eval_prompts=PROMPTS[:2], eval_strategy="steps", eval_steps=4)
+    trainer.add_callback(Count())
+    trainer.train()
+    trainer.evaluate()
+    assert [step for step, _ in calls] == [4, 8, 8]  # the last in-training evaluation runs once
+    assert calls[0][1] == ["eval_oracle/score_theta", "eval_reward/theta_mean"]
+    logged = [e["step"] for e in trainer.state.log_history if "eval_reward/theta_mean" in e]
+    assert logged == [4, 8, 8]
+
+
+def test_the_package_lists_its_public_names():
+    import bilevel_rlhf
+
+    assert "BilevelTrainer" in dir(bilevel_rlhf) and "UpperObjective" in dir(bilevel_rlhf)
+    assert set(dir(bilevel_rlhf)) == set(bilevel_rlhf.__all__)
