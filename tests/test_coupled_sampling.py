@@ -82,3 +82,44 @@ def test_identical_language_models_write_identical_completions(tmp_path):
     assert out["theta"].shape[1] > 1
     # and the same seed reproduces the same completions
     assert torch.equal(out["theta"], trainer._generate("theta", enc.input_ids, enc.attention_mask, noise_seed=123))
+
+
+def test_coupled_sampling_draws_whole_completions_from_the_exact_distribution(tmp_path):
+    """On the exact multi-token testbed: the Gumbel-max completions (noise drawn per position) follow the policy's
+    exact distribution over the 85 completions, not only its per-position marginals."""
+    from datasets import Dataset
+
+    from bilevel_rlhf import BilevelConfig, BilevelTrainer, testbed
+
+    tok, policy = testbed.make_tokenizer(), testbed.make_policy(seed=1)
+    problem = testbed.MultiTokenProblem.from_policy(policy, seed=1)
+    args = BilevelConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_completion_length=3,
+                         max_prompt_length=2, use_cpu=True, report_to="none", common_random_numbers=True)
+    trainer = BilevelTrainer(policy, testbed.TableReward(), problem.oracle(), args,
+                             Dataset.from_dict({"prompt": ["q", "q"]}), processing_class=tok)
+    ids = torch.full((2048, 1), testbed.PROMPT_ID)
+    counts = np.zeros(len(problem.completions))
+    for seed in range(4):
+        out = trainer._generate("theta", ids, torch.ones_like(ids), noise_seed=seed)
+        mask = trainer._completion_mask(out)
+        for text in trainer._decode(out, mask):
+            counts[problem.texts.index(text)] += 1
+    p = problem.policy_distribution(trainer.model.policy_theta)
+    tv = 0.5 * np.abs(counts / counts.sum() - p).sum()
+    assert tv < 0.06, tv  # 8,192 draws over 85 completions: sampling noise alone gives about 0.03
+
+
+def test_the_reference_never_shares_theta_noise(tmp_path):
+    """win_rate with coupled sampling: theta's completion i and the reference's completion i are independent draws
+    (a shared noise would make them equal wherever theta = the reference)."""
+    trainer = make_lm_trainer(tmp_path, common_random_numbers=True, objective="win_rate")
+    model = trainer.model
+    model.policy_theta.load_state_dict(model.ref_policy.state_dict())  # theta = the reference
+    model.policy_phi.load_state_dict(model.ref_policy.state_dict())
+    trainer.state.global_step, trainer._micro_step = 0, 0
+    torch.manual_seed(0)
+    trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[:4]])
+    buf = trainer._buffer
+    assert torch.equal(buf["theta"]["input_ids"], buf["phi"]["input_ids"])  # theta and phi: shared noise
+    same = (buf["theta"]["input_ids"] == buf["ref"]["input_ids"]).all(1)
+    assert not bool(same.all()), "the reference's completions repeat theta's"
