@@ -7,7 +7,7 @@ The oracle has known scores s [K] and labels a pair (a, b) with expected label
     P[a, b] = sigmoid((s_a - s_b) / T)          (T = temperature > 0, Bradley-Terry oracle)
     P[a, b] = 1[s_a > s_b] + 0.5 * 1[s_a = s_b]  (T = 0, deterministic oracle, ties by a fair coin).
 
-Symbols (ALGORITHM.md): tau = regularization weight, lam = penalty coefficient lambda,
+Symbols (docs/algorithm.md, "Symbols, config fields and TRL fields"): tau = regularization weight, lam = penalty coefficient lambda,
 pi = a policy on the K tokens, theta = the penalized policy.
 
 - upper objective f (``objective=``), with
@@ -278,7 +278,7 @@ def covariance_hypergradient(
     objective: str = "preference_nll",
     weight: float = 0.1,
 ) -> np.ndarray:
-    """grad_x f + (1/tau) Cov_{y ~ pi*_tau(x)}(e_y, g(y)), g = grad_pi f at pi*_tau(x) (ALGORITHM.md, covariance form).
+    """grad_x f + (1/tau) Cov_{y ~ pi*_tau(x)}(e_y, g(y)), g = grad_pi f at pi*_tau(x) (docs/algorithm.md, "The covariance limit").
 
     grad_x r_x(y) = e_y for the tabular reward. Written as the expectation over y that a sampled estimator
     averages; equal to :func:`exact_hypergradient` (pi* is a Boltzmann tilt of pi_ref by x / tau).

@@ -1,14 +1,17 @@
 """BilevelTrainer: the single-loop penalty actor-critic (Zeng, Bhatt, Ganesh & Koppel, 2026) on `transformers.Trainer`.
 
-One *iteration* k (see ALGORITHM.md, "Mapping to RLHF"):
-  1. rollout (in `_prepare_inputs`, buffered): theta samples `num_completions` completions per prompt, consecutive
-     ones form the pairs (2i, 2i+1) the oracle labels; phi samples as many; r_x scores everything; per-token reward
-     -tau_k * penalty_t plus the terminal score (phi: r_x; theta: r_x - BT-NLL(pair) / lambda_k); GAE per critic.
+One *iteration* k (docs/algorithm.md, "Language models"; docs/trainer.md):
+  1. rollout (in `_prepare_inputs`, buffered): theta samples `num_completions` completions per prompt; phi samples as
+     many (with theta's noise under `common_random_numbers`); the upper objective (`bilevel_rlhf.objectives`) says
+     which pairs the oracle labels: theta's (2i, 2i+1), or theta's completion i against the reference's completion i
+     (`win_rate`); r_x scores everything; per-token reward -tau_k * penalty_t plus the terminal score (phi and the
+     one-actor methods' theta: r_x; the penalized theta: r_x - g / lambda_k, g = df/dpi); GAE per critic.
   2. `num_ppo_epochs * num_mini_batches` optimizer steps, each one PPO mini-batch. The loss is the sum of the parts'
      losses (disjoint parameter sets, one parameter group and learning rate per role):
        phi, theta: PPO-clip + vf_coef * clipped value loss;
        x (reward model), during the first epoch only, so each sample enters x's gradient once per iteration:
-         BT-NLL(theta's labelled pairs) + lambda_k * (mean r_x(phi's completions) - mean r_x(theta's completions)).
+         `reward_model_loss`: f's x-part + lambda_k * (mean r_x(phi) - mean r_x(theta)) for the penalty methods,
+         f's x-part + (1/tau_k) Cov(r_x, g) over theta's completions for `covariance`, f's x-part for partial_sgd.
      Each part runs its own forward/backward in turn (`loss_parts`; gradient accumulation over the parts), so only
      one part's activations are held at a time: the peak is the largest part's, not their sum.
   3. tau_k, lambda_k and the learning rates are functions of k = global_step // (num_ppo_epochs * num_mini_batches).

@@ -1,5 +1,5 @@
 """The bandit's second upper objective ("win_rate"), the covariance form of the hypergradient and partial_sgd's fixed
-point, against autograd, finite differences and first-order conditions; and ALGORITHM.md's "Which upper objective?"
+point, against autograd, finite differences and first-order conditions; and docs/algorithm.md's "Which upper objective?"
 finding on 24 random bandits."""
 
 import numpy as np
@@ -162,7 +162,7 @@ def test_win_rate_exact_optimum_is_a_local_minimum(temperature, tau, seed):
 
 
 def test_which_upper_objective_finding_on_24_bandits():
-    """ALGORITHM.md "Which upper objective?": K = 8, tau = 0.5, seeds 0-11 x oracle temperature 1 and 0.25.
+    """docs/algorithm.md, "Which upper objective?": K = 8, tau = 0.5, seeds 0-11 x oracle temperature 1 and 0.25.
     win_rate (w = 0.1): the exact optimum's policy has a higher oracle win rate vs pi_ref than partial_sgd's fixed
     point (measured: 24/24 strictly, 23/24 by more than 1e-9; mean 0.822 vs 0.793). preference_nll: the exact
     optimum's policy has a lower expected oracle score (measured: 24/24; mean 0.668 vs 1.269)."""

@@ -363,9 +363,9 @@ def test_format_table_rows():
     ]
 
 
-# ----- 6. the README's exact_decay < exact on the default instance -----
+# ----- 6. docs/gridworld.md: exact_decay < exact on the default instance -----
 def test_exact_decay_ends_below_exact_on_the_default_instance():
-    """The README's table (default config): exact -0.4216, exact_decay -0.5286. The full default
+    """docs/gridworld.md's table (default config): exact -0.4216, exact_decay -0.5286. The full default
     budget (300 model-based steps each) takes ~2 s, so it is run as is."""
     cfg = load_config(str(CONFIG_YAML))
     assert cfg == GridWorldConfig()  # the YAML is the default config

@@ -11,7 +11,7 @@ given the critic, so it adds no action-sampling noise; the d(s) weighting of the
 replaced by "visited in this batch" so that rarely visited states still learn. (A natural-gradient
 actor, logits += alpha * soft advantage, was tried and tracked pi*_tau worse under critic noise.)
 
-Choices beyond the reconstructed algorithm (README, "The mathematics"), all documented here:
+Choices beyond the reconstructed algorithm (docs/algorithm.md), all documented here:
 - common random numbers: phi's and theta's walkers use the same uniforms (config
   ``common_random_numbers``), so their samples stay coupled while the policies agree and the
   lambda-weighted difference E_phi[grad r] - E_theta[grad r] has far less variance; each set of

@@ -137,7 +137,7 @@ def _check_fraction(eval_fraction: float) -> None:
 
 
 # --- display filter ------------------------------------------------------------------------------
-# For DISPLAY ONLY (logs, sample tables, the README): the negative tweets, and hence an untrained
+# For DISPLAY ONLY (logs, sample tables, docs/happy_tweet.md): the negative tweets, and hence an untrained
 # policy's samples, contain profanity. Never filter training data or oracle inputs with it: VADER
 # and the human ratings react to these words. A word is masked when its lower-case form is one of
 # _PROFANE_WORDS or contains one of _PROFANE_STEMS (stems are chosen not to occur in ordinary words).
