@@ -15,6 +15,8 @@ learning rate (the actor's), completions per prompt, PPO epochs (`num_iterations
 (`steps_per_generation`) as the bilevel runs, and `--rloo_beta` as its KL coefficient. Runs whose summary.json says
 "completed" are skipped, so an interrupted comparison continues where it stopped. Finally every run is evaluated
 (scripts/evaluate_happy_tweet.py) into OUTPUT_DIR/eval: results.json, results.md, oracle_curve.png.
+TRL's OnlineDPO (`trl.experimental.online_dpo`) is what a TRL user with a pairwise human runs: it scores two
+completions per prompt with the oracle's score, makes the higher one the chosen one, and counts one query per pair.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 BILEVEL_METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance")
 OBJECTIVES = ("preference_nll", "win_rate")
-METHODS = BILEVEL_METHODS + ("rloo",)
+METHODS = BILEVEL_METHODS + ("rloo", "online_dpo")
+TRL_METHODS = ("rloo", "online_dpo")
 
 
 def parse_recipe_args(config: str, overrides: list[str]):
@@ -62,15 +65,16 @@ def run_bilevel(method: str, objective: str, seed: int, max_steps: int, run_dir:
 
 
 class CountingScore:
-    """RLOO reward function: the oracle's score of each completion, counting scored completions as queries."""
+    """A TRL reward function: the oracle's score of each completion, counting queries: scored completions (RLOO), or
+    pairs (OnlineDPO, which scores two completions per prompt to pick the chosen one: `per=2`)."""
 
-    def __init__(self, oracle):
-        self.oracle, self.queries, self.curve = oracle, 0, []
+    def __init__(self, oracle, per: int = 1):
+        self.oracle, self.queries, self.curve, self.per = oracle, 0, [], per
         self.__name__ = f"{oracle.name}_score"
 
     def __call__(self, prompts, completions, **kwargs):
         scores = self.oracle.score(list(prompts), list(completions))
-        self.queries += len(completions)
+        self.queries += len(completions) // self.per
         self.curve.append({"oracle/queries": float(self.queries), "oracle/score_theta": float(sum(scores) / len(scores))})
         return scores
 
@@ -115,6 +119,44 @@ def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: lis
     (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
 
 
+def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float) -> None:
+    """TRL's OnlineDPO with the oracle's score as its reward function: two completions per prompt, the higher-scored
+    one chosen; one query per pair. The same model, prompts, completion length, temperature and actor learning rate
+    as the bilevel runs; `--dpo_beta` is its KL coefficient."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from bilevel_rlhf.happy_tweet.data import load_prompt_dataset
+    from bilevel_rlhf.happy_tweet.recipe import SUMMARY_NAME, make_oracle, resolve_model_path
+
+    script_args, a, model_args = parse_recipe_args(config, overrides)
+    t0 = time.time()
+    B = a.per_device_train_batch_size  # prompts per step: one pair each
+    steps = max(1, queries // B)
+    args = OnlineDPOConfig(
+        output_dir=str(run_dir), seed=seed, use_cpu=a.use_cpu, bf16=False, report_to="none", save_strategy="no",
+        per_device_train_batch_size=B, max_steps=steps, learning_rate=a.actor_learning_rate,
+        lr_scheduler_type="constant", max_grad_norm=a.max_grad_norm, max_new_tokens=a.max_completion_length,
+        temperature=a.temperature, top_k=a.top_k if a.top_k > 0 else None, top_p=a.top_p, beta=[beta],
+        disable_dropout=True, logging_steps=a.logging_steps, dataloader_num_workers=0,
+    )
+    path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    prompts = load_prompt_dataset("train", script_args.n_prompt_words, script_args.eval_fraction,
+                                  script_args.tweets_path).select_columns(["prompt"])
+    reward = CountingScore(make_oracle(script_args, seed), per=2)
+    trainer = OnlineDPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[reward], args=args,
+                               train_dataset=prompts, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(run_dir))
+    summary = {"status": "completed", "method": "online_dpo", "seed": seed, "oracle": script_args.oracle,
+               "model_name_or_path": path, "oracle_queries": reward.queries, "seconds": round(time.time() - t0, 1),
+               "global_step": trainer.state.global_step, "beta": beta, "oracle_curve": reward.curve,
+               "log_history": trainer.state.log_history, "note": "queries = pairs (two scored completions each)"}
+    (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -129,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(ROOT / "recipes/happy_tweet/config.yaml"))
     parser.add_argument("--output_dir", default="outputs/happy_tweet_compare")
     parser.add_argument("--rloo_beta", type=float, default=0.05, help="RLOO's KL coefficient (default 0.05)")
+    parser.add_argument("--dpo_beta", type=float, default=0.1, help="OnlineDPO's KL coefficient (default 0.1)")
     parser.add_argument("--eval_prompts", type=int, default=64)
     parser.add_argument("--eval_samples", type=int, default=4)
     args = parser.parse_args(argv)
@@ -142,20 +185,27 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     for seed in args.seeds:
         for method in args.methods:
-            for objective in (args.objectives if method != "rloo" else [None]):
+            for objective in (args.objectives if method not in TRL_METHODS else [None]):
                 # labelled pairs per iteration: theta's (2i, 2i+1), or each theta completion against the reference's
                 pairs = completions if objective == "win_rate" else completions // 2
                 iterations = max(1, args.queries // pairs)
                 name = method if objective in (None, "preference_nll") else f"{method}_{objective}"
                 run_dir = out / f"{name}-seed{seed}"
                 runs[run_dir.name] = str(run_dir)
-                expected = (max(1, args.queries // completions) * completions if method == "rloo"
-                            else iterations * pairs)
+                if method == "rloo":
+                    expected = max(1, args.queries // completions) * completions
+                elif method == "online_dpo":
+                    B = cfg.per_device_train_batch_size * cfg.world_size
+                    expected = max(1, args.queries // B) * B
+                else:
+                    expected = iterations * pairs
                 if completed(run_dir, expected):
                     print(f"= {run_dir} already completed", flush=True)
                     continue
                 if method == "rloo":
                     run_rloo(seed, args.queries, run_dir, args.config, overrides, args.rloo_beta)
+                elif method == "online_dpo":
+                    run_online_dpo(seed, args.queries, run_dir, args.config, overrides, args.dpo_beta)
                 else:
                     run_bilevel(method, objective, seed, iterations * cfg.steps_per_iteration, run_dir, args.config,
                                 overrides)

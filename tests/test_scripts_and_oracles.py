@@ -324,28 +324,37 @@ def _cell(values, digits):
 
 
 def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
-    """2 seeds x (single_loop, rloo) on an 8-query budget: each run uses exactly the budget, the table is the
-    aggregate of the per-run results, and completed runs are skipped on a second call."""
+    """2 seeds x (single_loop with each objective, rloo, online_dpo) on an 8-query budget: each run uses exactly the
+    budget, the table is the aggregate of the per-run results, and completed runs are skipped on a second call."""
     from bilevel_rlhf.happy_tweet import evaluate
 
     compare = load_script("compare_happy_tweet")
     out = tmp_path / "cmp"
-    argv = ["--seeds", "0", "1", "--methods", "single_loop", "rloo", "--queries", "8", "--output_dir", str(out),
+    argv = ["--seeds", "0", "1", "--methods", "single_loop", "rloo", "online_dpo", "--objectives", "preference_nll",
+            "win_rate", "--queries", "8", "--output_dir", str(out),
             "--eval_prompts", "2", "--eval_samples", "2", "--",
             "--model_name_or_path", tiny_model, "--per_device_train_batch_size", "4", "--max_completion_length", "6",
             "--num_eval_prompts", "0"]
     compare.main(argv)
 
-    names = [f"{m}-seed{s}" for s in (0, 1) for m in ("single_loop", "rloo")]
+    kinds = ("single_loop", "single_loop_win_rate", "rloo", "online_dpo")
+    groups = {"single_loop": "single_loop", "single_loop_win_rate": "single_loop (win_rate)", "rloo": "rloo",
+              "online_dpo": "online_dpo"}
+    names = [f"{m}-seed{s}" for s in (0, 1) for m in kinds]
     summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in names}
     for name, s in summaries.items():
-        method, seed = name.split("-seed")
-        assert s["status"] == "completed" and s["method"] == method and s["seed"] == int(seed)
-        assert s["oracle_queries"] == 8  # 2 iterations x 4 pairs; RLOO: 1 generation x 8 scored completions
+        kind, seed = name.split("-seed")
+        assert s["status"] == "completed" and s["method"] == kind.replace("_win_rate", "") and s["seed"] == int(seed)
+        # 2 iterations x 4 pairs (preference_nll: 4 prompts x 2 completions / 2); win_rate: 1 iteration x 8 pairs
+        # (each completion against the reference's); RLOO: 8 scored completions; OnlineDPO: 2 steps x 4 pairs
+        assert s["oracle_queries"] == 8
         assert s["model_name_or_path"] == tiny_model
     for seed in (0, 1):
         assert summaries[f"single_loop-seed{seed}"]["global_step"] == 8  # 2 iterations x 4 steps
+        assert summaries[f"single_loop_win_rate-seed{seed}"]["global_step"] == 4
+        assert summaries[f"single_loop_win_rate-seed{seed}"]["objective"] == "win_rate"
         assert summaries[f"rloo-seed{seed}"]["oracle_curve"][-1]["oracle/queries"] == 8.0
+        assert summaries[f"online_dpo-seed{seed}"]["global_step"] == 2
     assert (out / "single_loop-seed0" / "model.safetensors").is_file() and (out / "rloo-seed1" / "model.safetensors").is_file()
 
     report = json.loads((out / "eval" / "results.json").read_text())
@@ -353,13 +362,18 @@ def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
     assert list(rows) == ["initial", *names] and report["queries"] == 8 and report["seeds"] == [0, 1]
     # pi_0 against itself: exactly 0; the bilevel runs moved theta (RLOO's advantages are 0 when every VADER score
     # of a group is equal, as with this model, so it may not move)
-    assert rows["initial"]["kl_to_initial"] == 0.0 and all(rows[n]["kl_to_initial"] > 0 for n in names[0::2])
+    assert rows["initial"]["kl_to_initial"] == 0.0 and all(rows[n]["kl_to_initial"] > 0 for n in names[0::4])
     for name in names:
         assert rows[name]["oracle_queries"] == summaries[name]["oracle_queries"]
-        assert rows[name]["group"] == summaries[name]["method"] and rows[name]["num_completions"] == 2 * 2
+        assert rows[name]["group"] == groups[name.split("-seed")[0]] and rows[name]["num_completions"] == 2 * 2
+        assert 0.0 <= rows[name]["win_rate_vs_initial"] <= 1.0
+    assert all("reward_pair_nll" in rows[n] for n in names if n.startswith("single_loop"))
+    assert not any("reward_pair_nll" in rows[n] for n in names if n.startswith(("rloo", "online_dpo")))
     table = _table(out / "eval" / "results.md")
-    assert set(table) == {"initial", "single_loop", "rloo"}
-    for group, members in {"initial": ["initial"], "single_loop": names[0::2], "rloo": names[1::2]}.items():
+    assert set(table) == {"initial", *groups.values()}
+    members_of = {"initial": ["initial"]} | {g: [n for n in names if groups[n.split("-seed")[0]] == g]
+                                             for g in groups.values()}
+    for group, members in members_of.items():
         cells = table[group]
         assert cells[0] == str(len(members)) and cells[1] == ("0" if group == "initial" else "8")
         for metric, cell in zip(evaluate.METRICS, cells[2:]):
@@ -378,6 +392,7 @@ def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare.subprocess, "run", refuse)
     monkeypatch.setattr(compare, "run_rloo", refuse)
+    monkeypatch.setattr(compare, "run_online_dpo", refuse)
     monkeypatch.setattr(evaluate, "evaluate_runs", stop)
     with pytest.raises(Done):
         compare.main(argv)
