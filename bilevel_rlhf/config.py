@@ -116,8 +116,9 @@ class BilevelConfig(TrainingArguments):
         top_p (`float`, *optional*, defaults to `1.0`):
             Nucleus sampling, in (0, 1].
         num_completions (`int`, *optional*, defaults to `2`):
-            Completions per prompt from each actor; even and >= 2: theta's completions (2i, 2i+1) form the pairs
-            the oracle labels.
+            Completions per prompt from each actor (TRL: `num_generations`). With `"preference_nll"` even and >= 2:
+            theta's completions (2i, 2i+1) form the pairs the oracle labels; with `"win_rate"` any count >= 1 (each
+            is compared with a completion of the reference, so 1 gives one labelled pair per prompt).
 
         > PPO
 
@@ -204,7 +205,9 @@ class BilevelConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature > 0."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling, 0 = off."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling in (0, 1]."})
-    num_completions: int = field(default=2, metadata={"help": "Completions per prompt per actor, even, >= 2."})
+    num_completions: int = field(
+        default=2, metadata={"help": "Completions per prompt per actor, >= 1 (even for preference_nll)."}
+    )
 
     # --- PPO ---
     num_ppo_epochs: int = field(default=1, metadata={"help": "PPO epochs per rollout, >= 1."})
@@ -310,7 +313,11 @@ class BilevelConfig(TrainingArguments):
         need(self.temperature > 0, "temperature", "> 0")
         need(self.top_k >= 0, "top_k", ">= 0")
         need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
-        need(self.num_completions >= 2 and self.num_completions % 2 == 0, "num_completions", "even and >= 2")
+        need(
+            self.num_completions >= 1 and (self.objective == "win_rate" or self.num_completions % 2 == 0),
+            "num_completions",
+            ">= 1, and even when theta's own completions (2i, 2i+1) form the pairs (objective='preference_nll')",
+        )
         need(self.num_ppo_epochs >= 1, "num_ppo_epochs", ">= 1")
         need(self.num_mini_batches >= 1, "num_mini_batches", ">= 1")
         need(self.cliprange > 0, "cliprange", "> 0")

@@ -194,6 +194,11 @@ class BilevelTrainer(Trainer):
         for name in ("x_loss", "completion_values", "value"):
             if not callable(getattr(objective, name, None)):
                 raise TypeError(f"objective must implement UpperObjective.{name} (see bilevel_rlhf.objectives)")
+        if not objective.against_reference and args.num_completions % 2:
+            raise ValueError(
+                f"num_completions must be even for objective {objective.name!r}, which pairs theta's completions "
+                f"(2i, 2i+1), got {args.num_completions}"
+            )
         _check_prompt_dataset(train_dataset, "train_dataset")
         if eval_dataset is not None:
             _check_prompt_dataset(eval_dataset, "eval_dataset")
