@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rloo_beta", type=float, default=0.05, help="RLOO's KL coefficient (default 0.05)")
     parser.add_argument("--dpo_beta", type=float, default=0.1, help="OnlineDPO's KL coefficient (default 0.1)")
     parser.add_argument("--eval_prompts", type=int, default=64)
+    parser.add_argument("--skip_eval", action="store_true",
+                        help="train only (evaluate several invocations' runs together with scripts/evaluate_happy_tweet.py)")
     parser.add_argument("--eval_samples", type=int, default=4)
     args = parser.parse_args(argv)
     if args.queries < 1:
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
                     run_bilevel(method, objective, seed, iterations * cfg.steps_per_iteration, run_dir, args.config,
                                 overrides)
     train_seconds = time.time() - t0
+    if args.skip_eval:
+        print(f"training {train_seconds:.0f} s; runs: " + ", ".join(runs.values()))
+        return
 
     from bilevel_rlhf.happy_tweet.evaluate import evaluate_runs, markdown_table, write_report
 
