@@ -56,6 +56,27 @@ STATE_NAME = "bilevel_state_rank{rank}.json"
 CONFIG_NAME = "bilevel_config.json"
 
 
+def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
+    """The newest `checkpoint-*` folder of `output_dir` that a save finished, and the newer ones skipped as incomplete.
+    The trainer writes the rank-0 bilevel state file last, so a checkpoint without it was cut short (a kill while
+    saving)."""
+    if not os.path.isdir(output_dir):
+        return None, []
+    found = sorted(
+        (int(name.split("-")[1]), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if name.startswith("checkpoint-") and name.split("-")[1].isdigit() and os.path.isdir(os.path.join(output_dir, name))
+    )
+    skipped = []
+    for _, path in reversed(found):
+        if os.path.isfile(os.path.join(path, STATE_NAME.format(rank=0))) and os.path.isfile(
+            os.path.join(path, "trainer_state.json")
+        ):
+            return path, skipped
+        skipped.append(path)
+    return None, skipped
+
+
 def reward_model_loss(
     objective: UpperObjective,
     method: str,

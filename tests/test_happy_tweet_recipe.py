@@ -107,7 +107,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_model, trained_run, tmp_
 def test_resume_without_checkpoint_is_a_clear_error(tiny_model, tmp_path):
     from bilevel_rlhf.happy_tweet.recipe import run
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint-"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint-"):
         run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "none"),
              "--resume_from_checkpoint", "last", *TINY])
 

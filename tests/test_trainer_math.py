@@ -10,6 +10,7 @@ and gamma and the GAE lambda differ from each other and from 1.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -572,3 +573,26 @@ def test_the_package_lists_its_public_names():
 
     assert "BilevelTrainer" in dir(bilevel_rlhf) and "UpperObjective" in dir(bilevel_rlhf)
     assert set(dir(bilevel_rlhf)) == set(bilevel_rlhf.__all__)
+
+
+def test_resume_last_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
+    """A save killed before its last file leaves a folder without the bilevel state: `last` resumes from the newest
+    complete checkpoint and says which one it skipped."""
+    from bilevel_rlhf.happy_tweet.recipe import _resolve_resume
+    from bilevel_rlhf.trainer import last_complete_checkpoint
+
+    trainer = make_trainer(tmp_path, max_steps=8, save_strategy="steps", save_steps=4)
+    trainer.train()
+    out = trainer.args.output_dir
+    assert last_complete_checkpoint(out) == (os.path.join(out, "checkpoint-8"), [])
+    # the kill: checkpoint-12 has its config and weights but not the state written last
+    partial = os.path.join(out, "checkpoint-12")
+    os.makedirs(partial)
+    for name in ("config.json", "model.safetensors", "trainer_state.json"):
+        open(os.path.join(partial, name), "w").close()
+    assert last_complete_checkpoint(out) == (os.path.join(out, "checkpoint-8"), [partial])
+    with pytest.warns(UserWarning, match="skipping .*checkpoint-12, an incomplete checkpoint"):
+        assert _resolve_resume("last", out) == os.path.join(out, "checkpoint-8")
+    resumed = make_trainer(tmp_path, max_steps=12, save_strategy="steps", save_steps=4)
+    resumed.train(resume_from_checkpoint=os.path.join(out, "checkpoint-8"))
+    assert resumed.state.global_step == 12

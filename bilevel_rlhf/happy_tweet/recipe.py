@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,15 +216,19 @@ class StopOnSignal(TrainerCallback):
 
 # ---------------------------------------------------------------------------------------------------- main
 def _resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
-    """`last`/`true`: the newest checkpoint in output_dir (error if none); a path: that folder (checked)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """`last`/`true`: the newest complete checkpoint in output_dir (error if none; newer incomplete ones, cut short
+    by a kill while saving, are skipped with a warning); a path: that folder (checked)."""
+    from ..trainer import last_complete_checkpoint
 
     if resume in (None, False, "", "false", "False"):
         return None
     if resume is True or str(resume).lower() in ("last", "true"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last, skipped = last_complete_checkpoint(output_dir)
+        for path in skipped:
+            warnings.warn(f"resume_from_checkpoint={resume!r}: skipping {path}, an incomplete checkpoint (a save that "
+                          "did not finish)", stacklevel=2)
         if last is None:
-            raise FileNotFoundError(f"resume_from_checkpoint={resume!r}: no checkpoint-* folder in {output_dir}")
+            raise FileNotFoundError(f"resume_from_checkpoint={resume!r}: no complete checkpoint-* folder in {output_dir}")
         return last
     if not os.path.isdir(resume):
         raise FileNotFoundError(f"resume_from_checkpoint: checkpoint folder not found: {resume}")
