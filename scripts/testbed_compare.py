@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--weight", type=float, default=0.1, help="objective_weight of win_rate")
     p.add_argument("--actor_lr", type=float, default=3e-3)
     p.add_argument("--critic_lr", type=float, default=1e-2)
-    p.add_argument("--reward_lr", type=float, default=3e-2)
+    p.add_argument("--reward_lr", type=float, default=1e-2)
     p.add_argument("--crn", action=argparse.BooleanOptionalAction, default=True,
                    help="coupled sampling for the two-actor methods")
     p.add_argument("--problem_seed", type=int, default=0)
