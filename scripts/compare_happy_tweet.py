@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.queries < 1:
         parser.error(f"--queries must be >= 1, got {args.queries}")
 
-    _, cfg, _ = parse_recipe_args(args.config, overrides)
+    # the counts below (prompts, completions, processes, steps per iteration) do not depend on the objective; parse
+    # with one the overrides are valid for (win_rate takes num_completions 1)
+    objective_args = ["--objective", "win_rate"] if "win_rate" in args.objectives else []
+    _, cfg, _ = parse_recipe_args(args.config, [*overrides, *objective_args])
     completions = cfg.per_device_train_batch_size * cfg.num_completions * cfg.world_size  # per actor and iteration
     out = Path(args.output_dir)
     runs: dict[str, str] = {}
