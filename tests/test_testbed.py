@@ -224,3 +224,53 @@ def test_the_trainer_runs_on_the_testbed(tmp_path, setup):
     trainer.train()
     assert trainer.oracle_queries == 2 * 16
     assert reward.x.detach().abs().max() > 0  # r_x was trained on the rows it read
+
+
+@pytest.mark.parametrize("method, objective", [("single_loop", "preference_nll"), ("covariance", "preference_nll"),
+                                               ("covariance", "win_rate")])
+def test_the_trainers_x_gradient_is_unbiased_on_the_multi_token_testbed(tmp_path, setup, method, objective):
+    """At fixed (different) policies, the mean of the trainer's x-gradient over rollouts is its population value,
+    computed exactly from the policies' distributions over the 85 completions: grad_x f(x, p_theta) +
+    lambda (p_phi - p_theta) for the penalty method, grad_x f(x, p_theta) + (1/tau) Cov_{p_theta}(e_y, g) for the
+    covariance method."""
+    from datasets import Dataset
+
+    from bilevel_rlhf import bandit
+    from bilevel_rlhf.config import BilevelConfig
+    from bilevel_rlhf.trainer import BilevelTrainer
+
+    tok, _, problem = setup
+    tau, lam, w, prompts, rollouts = 0.5, 3.0, 0.3, 512, 12
+    args = BilevelConfig(output_dir=str(tmp_path), per_device_train_batch_size=prompts, max_completion_length=3,
+                         max_prompt_length=4, method=method, objective=objective, objective_weight=w, tau_init=tau,
+                         tau_schedule="constant", penalty_lambda=lam, use_cpu=True, report_to="none", seed=0,
+                         common_random_numbers=method == "single_loop")
+    x = np.random.default_rng(3).normal(size=85)
+    trainer = BilevelTrainer(T.make_policy(seed=0), T.TableReward(x), problem.oracle(), args,
+                             Dataset.from_dict({"prompt": [T.PROMPT] * prompts}), processing_class=tok)
+    with torch.no_grad():  # three different policies: the reference, theta and phi
+        for i, role in enumerate(("policy_theta", "policy_phi")):
+            module = getattr(trainer.model, role)
+            if module is not None:
+                g = torch.Generator().manual_seed(10 + i)
+                module.lm_head.weight[:, 1:].add_(0.5 * torch.randn(module.lm_head.weight[:, 1:].shape, generator=g))
+    p_theta = problem.policy_distribution(trainer.model.policy_theta)
+    grad_f, g_pi = bandit.upper_loss_grads(x, p_theta, problem.scores, problem.temperature, objective=objective,
+                                           weight=w, log_pi_ref=problem.log_pi_ref)
+    if method == "covariance":
+        expected = grad_f + p_theta * (g_pi - p_theta @ g_pi) / tau
+    else:
+        expected = grad_f + lam * (problem.policy_distribution(trainer.model.policy_phi) - p_theta)
+    torch.manual_seed(4)
+    grads = []
+    for _ in range(rollouts):
+        trainer._micro_step = 0
+        batch = trainer._prepare_inputs([{"prompt": T.PROMPT}] * prompts)
+        (grad,) = torch.autograd.grad(trainer.compute_loss(trainer.model, batch), trainer.model.reward_model.x)
+        grads.append(grad.double().numpy())
+    grads = np.stack(grads)
+    mean, se = grads.mean(0), grads.std(0, ddof=1) / np.sqrt(rollouts)
+    bad = np.abs(mean - expected) > 5 * se + 1e-3  # + 1e-3: completions too rare to be drawn at all
+    assert not bad.any(), (np.flatnonzero(bad), mean[bad], expected[bad], se[bad])
+    # the method's own term is there: grad_x f alone is far away
+    assert np.linalg.norm(expected - grad_f) > 10 * np.linalg.norm(se)
