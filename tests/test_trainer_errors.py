@@ -93,11 +93,11 @@ def test_reward_model_with_two_outputs_is_rejected(tmp_path):
 def test_oracle_with_wrong_length_or_non_finite_labels_stops_the_run(tmp_path):
     short = lambda prompts, a, b: [1.0] * (len(prompts) - 1)
     short.name = "short_oracle"
-    trainer = _build(tmp_path, oracle=short, max_steps=1)
+    trainer = _build(tmp_path, oracle=short, max_steps=2)
     with pytest.raises(ValueError, match="short_oracle"):
         trainer.train()
     nan = ScoreOracle(lambda texts: [float("nan")] * len(texts), name="nan_oracle")
-    trainer = _build(tmp_path, oracle=nan, max_steps=1)
+    trainer = _build(tmp_path, oracle=nan, max_steps=2)
     with pytest.raises(ValueError, match="nan_oracle"):
         trainer.train()
 
@@ -107,7 +107,7 @@ def test_non_finite_reward_stops_the_run_naming_quantity_and_iteration(tmp_path)
     reward_model = make_reward_model(tok)
     with torch.no_grad():
         reward_model.score.weight.fill_(float("nan"))
-    trainer = _build(tmp_path, reward_model=reward_model, tok=tok, max_steps=1)
+    trainer = _build(tmp_path, reward_model=reward_model, tok=tok, max_steps=2)
     with pytest.raises(FloatingPointError, match="r_x score.*iteration 0"):
         trainer.train()
 
@@ -123,7 +123,7 @@ def test_tokenizer_without_pad_gets_eos_with_a_warning(tmp_path):
 def test_long_prompts_are_truncated_on_the_left_and_counted(tmp_path):
     long_prompt = "the cat is very happy and the dog is very sad but we love the sun"
     dataset = Dataset.from_dict({"prompt": [long_prompt, "the cat is", "a dog", "we"] * 4})
-    trainer = _build(tmp_path, dataset, per_device_train_batch_size=4, max_prompt_length=4, max_steps=1)
+    trainer = _build(tmp_path, dataset, per_device_train_batch_size=4, max_prompt_length=4, max_steps=2)
     ids, mask, truncated = trainer._tokenize_prompts([long_prompt, "a dog"])
     assert truncated == 1 and ids.shape == (2, 4)
     assert trainer.processing_class.decode(ids[0]) == "we love the sun"  # the last four words
