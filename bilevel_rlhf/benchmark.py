@@ -47,9 +47,9 @@ class BenchmarkArguments:
         default_factory=lambda: list(LM_METHODS), metadata={"help": f"Language-model methods, from {LM_METHODS}."}
     )
     num_prompts: int = field(default=4, metadata={"help": "Prompts per step (>= 1)."})
-    num_completions: int = field(
+    num_generations: int = field(
         default=4,
-        metadata={"help": "Completions per prompt per actor (even, >= 2): num_prompts * num_completions completions "
+        metadata={"help": "Completions per prompt per actor (even, >= 2): num_prompts * num_generations completions "
                   "per actor per step (RLOO: num_generations)."},
     )
     max_completion_length: int = field(default=32, metadata={"help": "Generated tokens per completion (>= 1)."})
@@ -101,7 +101,7 @@ class BenchmarkArguments:
              f"a non-empty list from {LM_METHODS}")
         need(len(set(self.methods)) == len(self.methods), "methods", "without repeats")
         need(self.num_prompts >= 1, "num_prompts", ">= 1")
-        need(self.num_completions >= 2 and self.num_completions % 2 == 0, "num_completions", "even and >= 2")
+        need(self.num_generations >= 2 and self.num_generations % 2 == 0, "num_generations", "even and >= 2")
         need(self.max_completion_length >= 1, "max_completion_length", ">= 1")
         need(self.warmup_steps >= 0, "warmup_steps", ">= 0")
         need(self.steps >= 1, "steps", ">= 1")
@@ -231,7 +231,7 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
 
     cuda = torch.cuda.is_available()
-    n_rows = args.num_prompts * args.num_completions  # completions per actor per step
+    n_rows = args.num_prompts * args.num_generations  # completions per actor per step
     dataset = Dataset.from_dict({"prompt": _prompts(4096, args.seed)})
     tok = AutoTokenizer.from_pretrained(model_path)
     if tok.pad_token is None:
@@ -257,7 +257,7 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
         from trl import RLOOConfig, RLOOTrainer
 
         config = RLOOConfig(
-            **common, per_device_train_batch_size=n_rows, num_generations=args.num_completions,
+            **common, per_device_train_batch_size=n_rows, num_generations=args.num_generations,
             num_iterations=1, steps_per_generation=1, beta=args.rloo_beta, learning_rate=1e-5, log_completions=False,
             disable_dropout=True,  # as our trainer does
             generation_kwargs={"min_new_tokens": args.max_completion_length} if args.full_length else None,
@@ -294,7 +294,7 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
             policy.generation_config.min_new_tokens = args.max_completion_length
         config = BilevelConfig(
             **common, method=method, per_device_train_batch_size=args.num_prompts,
-            num_completions=args.num_completions, num_ppo_epochs=1, num_mini_batches=1,
+            num_generations=args.num_generations, num_ppo_epochs=1, num_mini_batches=1,
             actor_learning_rate=1e-5, critic_learning_rate=1e-4, reward_learning_rate=1e-6,
         )
         BilevelModel.policy_forward = PartTimerHolder.timer.wrap("forward", BilevelModel.policy_forward)
@@ -576,7 +576,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
         a = result["arguments"]
         lines += [
             f"Model `{os.path.basename(lm['model'].rstrip('/'))}`{' + LoRA r=' + str(a['lora_r']) if a['use_peft'] else ''}; "
-            f"{a['num_prompts']} prompts x {a['num_completions']} completions x {a['max_completion_length']} tokens "
+            f"{a['num_prompts']} prompts x {a['num_generations']} completions x {a['max_completion_length']} tokens "
             f"per actor; {a['steps']} timed steps after {a['warmup_steps']} warm-up, interleaved; "
             f"torch threads {a['num_threads']}; load average {result['machine']['load_average_start'][0]:.2f} "
             f"-> {result['machine'].get('load_average_end', [float('nan')])[0]:.2f}.",

@@ -115,7 +115,7 @@ class BilevelConfig(TrainingArguments):
             Top-k sampling; 0 disables it.
         top_p (`float`, *optional*, defaults to `1.0`):
             Nucleus sampling, in (0, 1].
-        num_completions (`int`, *optional*, defaults to `2`):
+        num_generations (`int`, *optional*, defaults to `2`):
             Completions per prompt from each actor (TRL: `num_generations`). With `"preference_nll"` even and >= 2:
             theta's completions (2i, 2i+1) form the pairs the oracle labels; with `"win_rate"` any count >= 1 (each
             is compared with a completion of the reference, so 1 gives one labelled pair per prompt).
@@ -205,7 +205,7 @@ class BilevelConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature > 0."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling, 0 = off."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling in (0, 1]."})
-    num_completions: int = field(
+    num_generations: int = field(
         default=2, metadata={"help": "Completions per prompt per actor, >= 1 (even for preference_nll)."}
     )
 
@@ -314,8 +314,8 @@ class BilevelConfig(TrainingArguments):
         need(self.top_k >= 0, "top_k", ">= 0")
         need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
         need(
-            self.num_completions >= 1 and (self.objective == "win_rate" or self.num_completions % 2 == 0),
-            "num_completions",
+            self.num_generations >= 1 and (self.objective == "win_rate" or self.num_generations % 2 == 0),
+            "num_generations",
             ">= 1, and even when theta's own completions (2i, 2i+1) form the pairs (objective='preference_nll')",
         )
         need(self.num_ppo_epochs >= 1, "num_ppo_epochs", ">= 1")

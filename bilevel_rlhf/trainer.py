@@ -1,7 +1,7 @@
 """BilevelTrainer: the single-loop penalty actor-critic (Zeng, Bhatt, Ganesh & Koppel, 2026) on `transformers.Trainer`.
 
 One *iteration* k (docs/algorithm.md, "Language models"; docs/trainer.md):
-  1. rollout (in `_prepare_inputs`, buffered): theta samples `num_completions` completions per prompt; phi samples as
+  1. rollout (in `_prepare_inputs`, buffered): theta samples `num_generations` completions per prompt; phi samples as
      many (with theta's noise under `common_random_numbers`); the upper objective (`bilevel_rlhf.objectives`) says
      which pairs the oracle labels: theta's (2i, 2i+1), or theta's completion i against the reference's completion i
      (`win_rate`); r_x scores everything; per-token reward -tau_k * penalty_t plus the terminal score (phi and the
@@ -215,10 +215,10 @@ class BilevelTrainer(Trainer):
         for name in ("x_loss", "completion_values", "value"):
             if not callable(getattr(objective, name, None)):
                 raise TypeError(f"objective must implement UpperObjective.{name} (see bilevel_rlhf.objectives)")
-        if not objective.against_reference and args.num_completions % 2:
+        if not objective.against_reference and args.num_generations % 2:
             raise ValueError(
-                f"num_completions must be even for objective {objective.name!r}, which pairs theta's completions "
-                f"(2i, 2i+1), got {args.num_completions}"
+                f"num_generations must be even for objective {objective.name!r}, which pairs theta's completions "
+                f"(2i, 2i+1), got {args.num_generations}"
             )
         _check_prompt_dataset(train_dataset, "train_dataset")
         if eval_dataset is not None:
@@ -530,7 +530,7 @@ class BilevelTrainer(Trainer):
         roles = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
         # the reference also generates when the objective compares theta's completions with its own
         generators = roles + (["ref"] if self.objective.against_reference else [])
-        n = a.num_completions
+        n = a.num_generations
 
         t0 = time.perf_counter()
         prompt_ids, prompt_mask, truncated = self._tokenize_prompts(prompts)
@@ -668,7 +668,7 @@ class BilevelTrainer(Trainer):
         if buf["fused"]:
             return buf
         epoch, j = divmod(m, a.num_mini_batches * a.gradient_accumulation_steps)
-        n = a.num_completions
+        n = a.num_generations
         B = len(buf["theta"]["input_ids"]) // n  # prompts of this process
         chunk = B // (a.num_mini_batches * a.gradient_accumulation_steps)
         # a fixed permutation per (iteration, epoch): no RNG state involved, so resuming replays it exactly

@@ -89,7 +89,7 @@ def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: lis
 
     script_args, a, model_args = parse_recipe_args(config, overrides)
     t0 = time.time()
-    B, n = a.per_device_train_batch_size, a.num_completions
+    B, n = a.per_device_train_batch_size, a.num_generations
     iterations = max(1, queries // (B * n))
     args = RLOOConfig(
         output_dir=str(run_dir), seed=seed, use_cpu=a.use_cpu, bf16=False, report_to="none", save_strategy="no",
@@ -181,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--queries must be >= 1, got {args.queries}")
 
     # the counts below (prompts, completions, processes, steps per iteration) do not depend on the objective; parse
-    # with one the overrides are valid for (win_rate takes num_completions 1)
+    # with one the overrides are valid for (win_rate takes num_generations 1)
     objective_args = ["--objective", "win_rate"] if "win_rate" in args.objectives else []
     _, cfg, _ = parse_recipe_args(args.config, [*overrides, *objective_args])
-    completions = cfg.per_device_train_batch_size * cfg.num_completions * cfg.world_size  # per actor and iteration
+    completions = cfg.per_device_train_batch_size * cfg.num_generations * cfg.world_size  # per actor and iteration
     out = Path(args.output_dir)
     runs: dict[str, str] = {}
     t0 = time.time()

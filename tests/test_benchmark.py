@@ -94,7 +94,7 @@ def test_scaled_layout_10_is_the_default_instance():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"methods": ["ppo"]}, "methods"), ({"num_completions": 3}, "num_completions"), ({"steps": 0}, "steps"),
+    [({"methods": ["ppo"]}, "methods"), ({"num_generations": 3}, "num_generations"), ({"steps": 0}, "steps"),
      ({"rloo_beta": 0.0}, "rloo_beta"), ({"num_threads": 0}, "num_threads"), ({"rloo_reward": "x"}, "rloo_reward"),
      ({"grid_sizes": [2]}, "grid_sizes"), ({"methods": ["rloo", "rloo"]}, "methods")],
 )
@@ -124,7 +124,7 @@ def test_tiny_end_to_end_run(tmp_path):
     model_dir = tmp_path / "tiny"
     make_policy(tok, n_positions=64).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    args = BenchmarkArguments(num_prompts=2, num_completions=2, max_completion_length=6, warmup_steps=1, steps=2,
+    args = BenchmarkArguments(num_prompts=2, num_generations=2, max_completion_length=6, warmup_steps=1, steps=2,
                               gridworld=False, output_dir=str(tmp_path / "out"))
     lm = run_lm_benchmark(args, model_path=str(model_dir))
     assert set(lm["methods"]) == {"rloo", "partial_sgd", "single_loop"}

@@ -72,8 +72,8 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
     ("temperature", dict(temperature=0.0), [dict(temperature=EPS)]),
     ("top_k", dict(top_k=-1), [dict(top_k=0)]),
     ("top_p", dict(top_p=0.0), [dict(top_p=1.0), dict(top_p=EPS)]),
-    ("num_completions", dict(num_completions=3),  # odd pairs nothing with preference_nll; win_rate pairs each one
-     [dict(num_completions=2), dict(num_completions=4), dict(num_completions=1, objective="win_rate")]),
+    ("num_generations", dict(num_generations=3),  # odd pairs nothing with preference_nll; win_rate pairs each one
+     [dict(num_generations=2), dict(num_generations=4), dict(num_generations=1, objective="win_rate")]),
     ("num_ppo_epochs", dict(num_ppo_epochs=0), [dict(num_ppo_epochs=1)]),
     ("num_mini_batches", dict(num_mini_batches=0), [dict(num_mini_batches=1)]),
     ("cliprange", dict(cliprange=0.0), [dict(cliprange=EPS)]),
@@ -93,7 +93,7 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
 OTHER_SIDE: list[tuple[str, dict]] = [
     ("tau_min", dict(tau_min=-EPS)),
     ("top_p", dict(top_p=1.0 + EPS)),
-    ("num_completions", dict(num_completions=0, objective="win_rate")),  # < 1
+    ("num_generations", dict(num_generations=0, objective="win_rate")),  # < 1
     ("gamma", dict(gamma=1.0 + EPS)),
     ("lam", dict(lam=1.0 + EPS)),
 ]

@@ -117,7 +117,7 @@ def test_custom_objective_example_trains(tmp_path):
     objective = namespace["LossAverseWinRate"](weight=0.1, aversion=1.0)
     tok = make_tokenizer()
     args = BilevelConfig(
-        output_dir=str(tmp_path / "out"), method="single_loop", per_device_train_batch_size=4, num_completions=2,
+        output_dir=str(tmp_path / "out"), method="single_loop", per_device_train_batch_size=4, num_generations=2,
         max_completion_length=4, max_prompt_length=8, max_steps=2, use_cpu=True, report_to="none", disable_tqdm=True,
         actor_learning_rate=1e-3, critic_learning_rate=1e-3, reward_learning_rate=1e-3,
     )

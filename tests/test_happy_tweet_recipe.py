@@ -146,7 +146,7 @@ def test_evaluation_script(trained_run, tmp_path):
     for row in rows.values():
         assert -1 <= row["vader_mean"] <= 1 and 0 <= row["vader_frac_gt_0.5"] <= 1
         assert 0 < row["distinct_1"] <= 1 and 0 < row["distinct_2"] <= 1
-        assert row["num_completions"] == 8 and len(row["samples"]) == 4
+        assert row["num_generations"] == 8 and len(row["samples"]) == 4
     assert rows["single_loop"]["oracle_queries"] == 8
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"][1]["name"] == "single_loop"

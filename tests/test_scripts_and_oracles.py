@@ -87,7 +87,7 @@ def test_evaluate_policy_statistics_by_hand(monkeypatch):
                                    num_shown=2)
     assert [len(b) for b in seen_batches] == [4, 2]  # batches of batch_size rows
     n = 6
-    assert out["num_completions"] == n
+    assert out["num_generations"] == n
     assert out["vader_mean"] == pytest.approx(1.1 / 6, abs=1e-12)  # (0.9 - 0.7 + 0.5 + 0.2 + 0.6 - 0.4) / 6
     assert out["vader_se"] == pytest.approx(statistics.stdev(EVAL_SCORES) / math.sqrt(n), abs=1e-12)
     # > 0.5 strictly: 0.9 and 0.6 (not 0.5; -0.5 would also count 0.5, 0.2, -0.4; >= would count 0.5)
@@ -365,7 +365,7 @@ def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
     assert rows["initial"]["kl_to_initial"] == 0.0 and all(rows[n]["kl_to_initial"] > 0 for n in names[0::4])
     for name in names:
         assert rows[name]["oracle_queries"] == summaries[name]["oracle_queries"]
-        assert rows[name]["group"] == groups[name.split("-seed")[0]] and rows[name]["num_completions"] == 2 * 2
+        assert rows[name]["group"] == groups[name.split("-seed")[0]] and rows[name]["num_generations"] == 2 * 2
         assert 0.0 <= rows[name]["win_rate_vs_initial"] <= 1.0
     assert all("reward_pair_nll" in rows[n] for n in names if n.startswith("single_loop"))
     assert not any("reward_pair_nll" in rows[n] for n in names if n.startswith(("rloo", "online_dpo")))

@@ -216,7 +216,7 @@ def test_the_trainer_runs_on_the_testbed(tmp_path, setup):
 
     tok, _, problem = setup
     args = BilevelConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, max_completion_length=3,
-                         max_prompt_length=4, method="fixed_tau", tau_init=0.5, penalty_lambda=10.0, num_completions=2,
+                         max_prompt_length=4, method="fixed_tau", tau_init=0.5, penalty_lambda=10.0, num_generations=2,
                          use_cpu=True, report_to="none", seed=0, top_k=0, top_p=1.0, temperature=1.0, max_steps=2)
     reward = T.TableReward()
     trainer = BilevelTrainer(T.make_policy(seed=0), reward, problem.oracle(), args,

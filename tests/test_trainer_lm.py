@@ -28,7 +28,7 @@ def happy_oracle(mode: str = "deterministic") -> ScoreOracle:
 def config(tmp_path, **kw) -> BilevelConfig:
     base = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, max_steps=4, num_ppo_epochs=2,
-        max_completion_length=4, max_prompt_length=8, use_cpu=True, report_to="none", num_completions=2,
+        max_completion_length=4, max_prompt_length=8, use_cpu=True, report_to="none", num_generations=2,
         actor_learning_rate=3e-3, critic_learning_rate=3e-3, reward_learning_rate=1e-3, penalty_lambda=1.0,
         tau_init=0.01, logging_steps=1, disable_tqdm=True, seed=0,
     )

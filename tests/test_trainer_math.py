@@ -42,7 +42,7 @@ def char_score(texts: list[str]) -> list[float]:
 def make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, objective_instance=None, **kw) -> BilevelTrainer:
     tok = make_tokenizer()
     base = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_completions=2, num_ppo_epochs=2,
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, num_ppo_epochs=2,
         num_mini_batches=2, max_completion_length=5, max_prompt_length=8, use_cpu=True, report_to="none", seed=0,
         disable_tqdm=True, gamma=GAMMA, lam=GAE_LAMBDA, tau_init=TAU0, tau_schedule="polynomial",
         tau_decay_rate=TAU_C, tau_horizon=TAU_K0, penalty_lambda=LAM0, penalty_lambda_schedule="polynomial",

@@ -189,7 +189,7 @@ def evaluate_policy(
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "mean_length": float(torch.cat(lengths).mean()),
-        "num_completions": len(texts),
+        "num_generations": len(texts),
         "samples": shown,
     }
 
