@@ -23,6 +23,7 @@ so a changed config builds a new folder. Builds write to a temporary folder rena
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -383,6 +384,20 @@ def get_default_model(
     return check_model_dir(path)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' logging at error level inside the block: for loads whose warnings are expected (a reward model's
+    new scalar head on a causal-LM checkpoint is reported as missing weights)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def get_default_reward_model_init(path: str | os.PathLike | None = None, **kwargs: Any):
     """The reward model's default initialization: the tweet GPT-2 backbone with a fresh scalar head.
 
@@ -393,7 +408,8 @@ def get_default_reward_model_init(path: str | os.PathLike | None = None, **kwarg
     from transformers import AutoModelForSequenceClassification
 
     path = check_model_dir(get_default_model() if path is None else path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    with quiet_transformers():  # the fresh head's "MISSING ... train on your downstream task" report is expected
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
     if model.config.pad_token_id is None:
         raise ValueError(f"model config in {path} has no pad_token_id: the scalar head could not find the last token")
     return model

@@ -118,9 +118,14 @@ def _load(kind: str, name: str, **kwargs: Any):
     """from_pretrained with an error naming the path (corrupt weights, missing files, offline hub ids)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from .build_model import quiet_transformers
+
     cls = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification,
            "tokenizer": AutoTokenizer}[kind]
     try:
+        if kind == "reward":  # a new scalar head on a causal-LM checkpoint: its missing-weights report is expected
+            with quiet_transformers():
+                return cls.from_pretrained(name, **kwargs)
         return cls.from_pretrained(name, **kwargs)
     except Exception as e:  # from_pretrained raises OSError, ValueError, safetensors errors, ...
         raise ValueError(f"cannot load {kind.replace('_', ' ')} from {name}: {type(e).__name__}: {e}") from e
