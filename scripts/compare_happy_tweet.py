@@ -79,13 +79,35 @@ class CountingScore:
         return scores
 
 
-def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float) -> None:
-    """TRL RLOO on the oracle's score with the bilevel runs' sampling and optimization settings."""
+def _run_trl(method: str, trainer_cls, trl_args, reward: CountingScore, seed: int, run_dir: Path, script_args, a,
+             model_args, t0: float, note: str, **extra) -> None:
+    """Train a TRL baseline from the recipe's model on the recipe's prompts, save it, and write its summary.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import RLOOConfig, RLOOTrainer
 
     from bilevel_rlhf.happy_tweet.data import load_prompt_dataset
-    from bilevel_rlhf.happy_tweet.recipe import SUMMARY_NAME, make_oracle, resolve_model_path
+    from bilevel_rlhf.happy_tweet.recipe import SUMMARY_NAME, resolve_model_path
+
+    path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    prompts = load_prompt_dataset("train", script_args.n_prompt_words, script_args.eval_fraction,
+                                  script_args.tweets_path).select_columns(["prompt"])
+    trainer = trainer_cls(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[reward], args=trl_args,
+                          train_dataset=prompts, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(run_dir))
+    summary = {"status": "completed", "method": method, "seed": seed, "oracle": script_args.oracle,
+               "model_name_or_path": path, "oracle_queries": reward.queries, "seconds": round(time.time() - t0, 1),
+               "global_step": trainer.state.global_step, **extra, "oracle_curve": reward.curve,
+               "log_history": trainer.state.log_history, "note": note}
+    (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
+
+
+def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float) -> None:
+    """TRL RLOO on the oracle's score with the bilevel runs' sampling and optimization settings."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    from bilevel_rlhf.happy_tweet.recipe import make_oracle
 
     script_args, a, model_args = parse_recipe_args(config, overrides)
     t0 = time.time()
@@ -100,61 +122,31 @@ def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: lis
         epsilon=a.cliprange, beta=beta, disable_dropout=True, logging_steps=a.logging_steps,
         dataloader_num_workers=0,
     )
-    path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    prompts = load_prompt_dataset("train", script_args.n_prompt_words, script_args.eval_fraction,
-                                  script_args.tweets_path).select_columns(["prompt"])
-    oracle = make_oracle(script_args, seed)
-    reward = CountingScore(oracle)
-    trainer = RLOOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[reward], args=args,
-                          train_dataset=prompts, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(str(run_dir))
-    summary = {"status": "completed", "method": "rloo", "seed": seed, "oracle": script_args.oracle,
-               "model_name_or_path": path, "oracle_queries": reward.queries, "seconds": round(time.time() - t0, 1),
-               "iterations": iterations, "global_step": trainer.state.global_step, "beta": beta,
-               "oracle_curve": reward.curve, "log_history": trainer.state.log_history,
-               "note": "queries = scored completions (one scalar oracle score each)"}
-    (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
+    _run_trl("rloo", RLOOTrainer, args, CountingScore(make_oracle(script_args, seed)), seed, run_dir, script_args, a,
+             model_args, t0, "queries = scored completions (one scalar oracle score each)", iterations=iterations,
+             beta=beta)
 
 
 def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float) -> None:
     """TRL's OnlineDPO with the oracle's score as its reward function: two completions per prompt, the higher-scored
     one chosen; one query per pair. The same model, prompts, completion length, temperature and actor learning rate
     as the bilevel runs; `--dpo_beta` is its KL coefficient."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from bilevel_rlhf.happy_tweet.data import load_prompt_dataset
-    from bilevel_rlhf.happy_tweet.recipe import SUMMARY_NAME, make_oracle, resolve_model_path
+    from bilevel_rlhf.happy_tweet.recipe import make_oracle
 
     script_args, a, model_args = parse_recipe_args(config, overrides)
     t0 = time.time()
     B = a.per_device_train_batch_size  # prompts per step: one pair each
-    steps = max(1, queries // B)
     args = OnlineDPOConfig(
         output_dir=str(run_dir), seed=seed, use_cpu=a.use_cpu, bf16=False, report_to="none", save_strategy="no",
-        per_device_train_batch_size=B, max_steps=steps, learning_rate=a.actor_learning_rate,
+        per_device_train_batch_size=B, max_steps=max(1, queries // B), learning_rate=a.actor_learning_rate,
         lr_scheduler_type="constant", max_grad_norm=a.max_grad_norm, max_new_tokens=a.max_completion_length,
         temperature=a.temperature, top_k=a.top_k if a.top_k > 0 else None, top_p=a.top_p, beta=[beta],
         disable_dropout=True, logging_steps=a.logging_steps, dataloader_num_workers=0,
     )
-    path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    prompts = load_prompt_dataset("train", script_args.n_prompt_words, script_args.eval_fraction,
-                                  script_args.tweets_path).select_columns(["prompt"])
-    reward = CountingScore(make_oracle(script_args, seed), per=2)
-    trainer = OnlineDPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[reward], args=args,
-                               train_dataset=prompts, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(str(run_dir))
-    summary = {"status": "completed", "method": "online_dpo", "seed": seed, "oracle": script_args.oracle,
-               "model_name_or_path": path, "oracle_queries": reward.queries, "seconds": round(time.time() - t0, 1),
-               "global_step": trainer.state.global_step, "beta": beta, "oracle_curve": reward.curve,
-               "log_history": trainer.state.log_history, "note": "queries = pairs (two scored completions each)"}
-    (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
+    _run_trl("online_dpo", OnlineDPOTrainer, args, CountingScore(make_oracle(script_args, seed), per=2), seed, run_dir,
+             script_args, a, model_args, t0, "queries = pairs (two scored completions each)", beta=beta)
 
 
 def main(argv: list[str] | None = None) -> None:
