@@ -40,6 +40,8 @@ def run(method: str, objective: str, seed: int, args: argparse.Namespace) -> dic
             per_device_train_batch_size=args.prompts, num_generations=2, max_completion_length=3, max_prompt_length=2,
             tau_init=args.tau, tau_schedule=args.tau_schedule, tau_min=args.tau_min, tau_decay_rate=args.tau_decay_rate,
             tau_horizon=args.tau_horizon, penalty_lambda=args.penalty_lambda,
+            penalty_lambda_schedule=args.penalty_lambda_schedule, penalty_lambda_growth=args.penalty_lambda_growth,
+            penalty_lambda_horizon=args.penalty_lambda_horizon,
             actor_learning_rate=args.actor_lr, critic_learning_rate=args.critic_lr, reward_learning_rate=args.reward_lr,
             max_steps=args.iterations, common_random_numbers=args.crn and method != "covariance",
             use_cpu=True, report_to="none", disable_tqdm=True, logging_steps=10**9, save_strategy="no",
@@ -87,6 +89,9 @@ def main() -> None:
     p.add_argument("--tau_horizon", type=float, default=10.0)
     p.add_argument("--eval_tau", type=float, default=None, help="tau of the reported exact Phi_tau (default: --tau)")
     p.add_argument("--penalty_lambda", type=float, default=2.0)
+    p.add_argument("--penalty_lambda_schedule", default="constant", choices=["constant", "polynomial"])
+    p.add_argument("--penalty_lambda_growth", type=float, default=0.5)
+    p.add_argument("--penalty_lambda_horizon", type=float, default=10.0)
     p.add_argument("--weight", type=float, default=0.1, help="objective_weight of win_rate")
     p.add_argument("--actor_lr", type=float, default=3e-3)
     p.add_argument("--critic_lr", type=float, default=1e-2)

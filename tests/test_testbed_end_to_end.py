@@ -12,7 +12,8 @@ def test_single_loop_and_covariance_end_below_partial_sgd(tmp_path):
     compare = load_script("testbed_compare")
     args = argparse.Namespace(
         problem_seed=0, prompts=64, iterations=300, tau=0.5, tau_schedule="constant", tau_min=0.0, tau_decay_rate=0.5,
-        tau_horizon=10.0, eval_tau=None, penalty_lambda=2.0, weight=0.1, actor_lr=3e-3, critic_lr=1e-2,
+        tau_horizon=10.0, eval_tau=None, penalty_lambda=2.0, penalty_lambda_schedule="constant",
+        penalty_lambda_growth=0.5, penalty_lambda_horizon=10.0, weight=0.1, actor_lr=3e-3, critic_lr=1e-2,
         reward_lr=1e-2, crn=True,
     )
     phi = {m: compare.run(m, "preference_nll", 0, args)["phi_tau"] for m in ("partial_sgd", "single_loop", "covariance")}
@@ -28,7 +29,8 @@ def test_decaying_tau_ends_better_at_the_floor_than_a_fixed_tau(tmp_path):
     against fixed_tau)."""
     compare = load_script("testbed_compare")
     base = dict(problem_seed=0, prompts=64, iterations=300, tau=0.5, tau_decay_rate=1.0, tau_horizon=30.0,
-                eval_tau=0.1, penalty_lambda=2.0, weight=0.1, actor_lr=3e-3, critic_lr=1e-2, reward_lr=1e-2, crn=True)
+                eval_tau=0.1, penalty_lambda=2.0, penalty_lambda_schedule="constant", penalty_lambda_growth=0.5,
+                penalty_lambda_horizon=10.0, weight=0.1, actor_lr=3e-3, critic_lr=1e-2, reward_lr=1e-2, crn=True)
     fixed = compare.run("covariance", "win_rate", 0, argparse.Namespace(**base, tau_schedule="constant", tau_min=0.0))
     decayed = compare.run("covariance", "win_rate", 0,
                           argparse.Namespace(**base, tau_schedule="polynomial", tau_min=0.1))
