@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..rl_utils import completion_mask
+from ..modeling import position_ids_from_mask
+from ..rl_utils import bradley_terry_loss, completion_mask
 
 METRICS = ("vader_mean", "vader_frac_gt_0.5", "kl_to_initial", "distinct_1", "distinct_2", "mean_length")
 # the upper objectives: the policy's win rate against the initial policy, and the final r_x's fit (bilevel runs)
@@ -83,10 +84,6 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def sequence_kl(
     policy: torch.nn.Module,
@@ -102,7 +99,7 @@ def sequence_kl(
     is 1 on generated tokens (up to and including eos). Its mean over samples from `policy` estimates the KL of
     the completion distributions without bias.
     """
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": _position_ids(attention_mask)}
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
     T = completion_mask.shape[1]
     # logits at position j predict token j + 1: the completion's tokens are predicted at P-1 .. P+T-2
     logp = torch.log_softmax(policy(**kwargs).logits[:, prompt_length - 1 : prompt_length - 1 + T].float(), -1)
@@ -217,8 +214,6 @@ def upper_objective_metrics(
     `reward_tokenizer`."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    from ..modeling import position_ids_from_mask
-
     if num_samples < 2 or num_samples % 2 or batch_size % 2:
         raise ValueError(f"num_samples and batch_size must be even (pairs of one prompt's samples), got "
                          f"{num_samples} and {batch_size}")
@@ -246,9 +241,9 @@ def upper_objective_metrics(
             enc = reward_tokenizer(full, padding=True, return_tensors="pt")
             ids, mask = enc["input_ids"], enc["attention_mask"]
         r = reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, 0]
-        d = (r[0::2] - r[1::2]).double().numpy()
-        label = _vader_labels(s_mine[0::2], s_mine[1::2])
-        nll.append(label * np.logaddexp(0.0, -d) + (1 - label) * np.logaddexp(0.0, d))
+        r, label = r.double(), torch.as_tensor(_vader_labels(s_mine[0::2], s_mine[1::2]))
+        nll.append(bradley_terry_loss(r[0::2], r[1::2], label).numpy())
+        d = (r[0::2] - r[1::2]).numpy()
         accuracy.append(np.where(d > 0, label, np.where(d < 0, 1 - label, 0.5)))
     out = {"win_rate_vs_initial": float(np.concatenate(wins).mean())}
     if reward_model is not None:
