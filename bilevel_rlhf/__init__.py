@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "BilevelConfig": ".config",
     "BilevelTrainer": ".trainer",
     "load_value_heads": ".modeling",
+    "Completions": ".rollout",
+    "Rollout": ".rollout",
     # --- upper-level objectives ---
     "PreferenceNLL": ".objectives",
     "UpperObjective": ".objectives",

@@ -1,8 +1,9 @@
 """BilevelTrainer: the single-loop penalty actor-critic (Zeng, Bhatt, Ganesh & Koppel, 2026) on `transformers.Trainer`.
 
 One *iteration* k (docs/algorithm.md, "Language models"; docs/trainer.md):
-  1. rollout (in `_prepare_inputs`, buffered): theta samples `num_generations` completions per prompt; phi samples as
-     many (with theta's noise under `common_random_numbers`); the upper objective (`bilevel_rlhf.objectives`) says
+  1. rollout (`generate_and_score`: a typed `Rollout`, replayed by the iteration's micro-steps): theta samples
+     `num_generations` completions per prompt; phi samples as many (with theta's noise under
+     `common_random_numbers`); the upper objective (`bilevel_rlhf.objectives`) says
      which pairs the oracle labels: theta's (2i, 2i+1), or theta's completion i against the reference's completion i
      (`win_rate`); r_x scores everything; per-token reward -tau_k * penalty_t plus the terminal score (phi and the
      one-actor methods' theta: r_x; the penalized theta: r_x - g / lambda_k, g = df/dpi); GAE per critic.
@@ -17,14 +18,15 @@ One *iteration* k (docs/algorithm.md, "Language models"; docs/trainer.md):
   3. tau_k, lambda_k and the learning rates are functions of k = global_step // (num_ppo_epochs * num_mini_batches).
 With one micro-step per iteration (num_ppo_epochs = num_mini_batches = gradient_accumulation_steps = 1) the rollout
 does not run the actors (nor r_x when x is trained): the update's forward pass, with gradients, also gives the old
-log-probs, values and scores (`fuse_rollout_and_update`).
-Checkpoints are taken at iteration boundaries only (validated in the config), so the rollout buffer is never lost.
+log-probs, values and scores (`fuse_rollout_and_update`; `training_step` runs it and completes the rollout from it).
+Checkpoints are taken at iteration boundaries only (validated in the config), so no rollout is ever lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -48,6 +50,8 @@ from trl.trainer.utils import disable_dropout_in_model
 from .config import PENALTY_METHODS, BilevelConfig
 from .modeling import BilevelModel, load_roles, save_roles
 from .objectives import UpperObjective, get_objective
+from .preference import check_labels
+from .rollout import ACTORS, Completions, LossInputs, Rollout, RolloutStats
 from .sampling import coupled_sampling_processors
 from .rl_utils import bradley_terry_loss, completion_mask, compute_gae, masked_mean, masked_whiten, token_kl_penalty
 from .schedules import lambda_at, lr_factor, tau_at
@@ -295,7 +299,7 @@ class BilevelTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_metrics: dict[str, torch.Tensor] = {}  # this micro-step's loss statistics, gathered once at its end
         self._rollout_metrics: dict[str, float] = {}
-        self._buffer: dict[str, Any] | None = None
+        self._buffer: Rollout | None = None  # this iteration's rollout, replayed by its micro-steps
         self._micro_step: int | None = None
         self._sampler: IterationSampler | None = None
         self._rollout_seconds = 0.0
@@ -324,11 +328,11 @@ class BilevelTrainer(Trainer):
             tau = a.tau_init
         else:
             tau = tau_at(k, a.tau_init, a.tau_min, a.tau_schedule, a.tau_decay_rate, a.tau_horizon)
-        lam = lambda_at(
+        penalty_lambda = lambda_at(
             k, a.penalty_lambda, a.penalty_lambda_schedule, a.penalty_lambda_growth, a.penalty_lambda_horizon,
             a.penalty_lambda_max,
         )
-        return tau, lam
+        return tau, penalty_lambda
 
     @property
     def fuse_rollout_and_update(self) -> bool:
@@ -474,10 +478,6 @@ class BilevelTrainer(Trainer):
         advantages = masked_whiten(advantages, maskf)
         return advantages, returns, penalty.sum(1)
 
-    @staticmethod
-    def _roles(batch: dict[str, Any]) -> list[str]:
-        return [r for r in ("theta", "phi") if r in batch]
-
     def _pair_loss(self, scores: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """r_x's BT-NLL of each labelled pair: theta's completion i against the reference's completion i, or theta's
         completions (2i, 2i+1), as the objective compares them."""
@@ -485,53 +485,58 @@ class BilevelTrainer(Trainer):
             return bradley_terry_loss(scores["theta"], scores["ref"], labels)
         return bradley_terry_loss(scores["theta"][0::2], scores["theta"][1::2], labels)
 
-    def _set_scores(self, buffer: dict[str, Any], scores: dict[str, torch.Tensor]) -> None:
-        """Store r_x's scores (role -> [N]) and the terminal rewards: r_x for phi and for the one-actor methods'
-        theta; r_x - g / lambda_k for the penalized theta, which maximizes J_tau - f / lambda, with g = df/dpi of each
-        of its completions from the objective. Given theta's scores, also the pairs' losses."""
-        k = buffer["iteration"]
+    def with_scores(self, rollout: Rollout, scores: dict[str, torch.Tensor]) -> Rollout:
+        """Stage 2: `rollout` with r_x's scores (role -> [N], no graph) and the terminal rewards: r_x for phi and for
+        the one-actor methods' theta; r_x - g / lambda_k for the penalized theta, which maximizes J_tau - f / lambda,
+        with g = df/dpi of each of its completions from the objective. Given theta's scores, also the pairs' losses."""
+        k, new = rollout.iteration, {}
         for role, s in scores.items():
             _check_finite(f"r_x score of {role}'s completions", s, k)
-            buffer[role]["score"] = buffer[role]["terminal"] = s
+            new[role] = dataclasses.replace(rollout.completions(role), score=s, terminal=s)
+        rollout = rollout.with_roles(**new)
         if "theta" not in scores:
-            return
-        theta, labels = buffer["theta"], buffer["labels"]
-        buffer["pair_loss"] = self._pair_loss({r: buffer[r]["score"] for r in scores}, labels)
-        g = self.objective.completion_values(buffer["pair_loss"], labels)
-        if not isinstance(g, torch.Tensor) or g.shape != theta["score"].shape:
+            return rollout
+        theta, labels = rollout.theta, rollout.labels
+        pair_loss = self._pair_loss({r: rollout.completions(r).score for r in scores}, labels)
+        g = self.objective.completion_values(pair_loss, labels)
+        if not isinstance(g, torch.Tensor) or g.shape != theta.score.shape:
             raise ValueError(
                 f"objective {self.objective.name!r}: completion_values must return one value per completion of theta "
-                f"(shape {tuple(theta['score'].shape)}), got {getattr(g, 'shape', type(g).__name__)}"
+                f"(shape {tuple(theta.score.shape)}), got {getattr(g, 'shape', type(g).__name__)}"
             )
         _check_finite(f"objective {self.objective.name!r} completion values", g, k)
-        theta["g"] = g.detach()
-        if "phi" in buffer:
-            theta["terminal"] = theta["score"] - theta["g"] / buffer["lambda"]
+        g = g.detach()
+        terminal = theta.score - g / rollout.penalty_lambda if rollout.phi is not None else theta.score
+        theta = dataclasses.replace(theta, g=g, terminal=terminal)
+        return dataclasses.replace(rollout, theta=theta, pair_loss=pair_loss)
 
-    def _set_advantages(self, buffer: dict[str, Any], role: str, out: dict[str, torch.Tensor]) -> None:
-        """Store `role`'s old log-probs, values and entropies (`out`, no graph) and its advantages and returns."""
-        b = buffer[role]
-        _check_finite(f"{role} log-probabilities", out["logprobs"], buffer["iteration"])
-        _check_finite(f"{role} values", out["values"], buffer["iteration"])
-        b.update(logprobs=out["logprobs"], values=out["values"], entropy=out["entropy"])
-        b["advantages"], b["returns"], b["seq_penalty"] = self._advantages(
-            b["terminal"], out["logprobs"], b.get("ref_logprobs"), out["values"], b["mask"], buffer["tau"]
+    def with_advantages(self, rollout: Rollout, role: str, out: dict[str, torch.Tensor]) -> Rollout:
+        """Stage 3: `rollout` with `role`'s old log-probs, values and entropies (`out`, no graph), advantages and
+        returns."""
+        c = rollout.completions(role)
+        _check_finite(f"{role} log-probabilities", out["logprobs"], rollout.iteration)
+        _check_finite(f"{role} values", out["values"], rollout.iteration)
+        advantages, returns, seq_penalty = self._advantages(
+            c.terminal, out["logprobs"], c.ref_logprobs, out["values"], c.mask, rollout.tau
         )
+        c = dataclasses.replace(c, logprobs=out["logprobs"], values=out["values"], entropy=out["entropy"],
+                                advantages=advantages, returns=returns, seq_penalty=seq_penalty)
+        return rollout.with_roles(**{role: c})
 
     @torch.no_grad()
-    def _rollout(self, prompts: list[str]) -> dict[str, Any]:
-        """Generate, label and score one iteration (this process's prompts) into a buffer. Unless the update is fused
-        with the rollout (then `compute_loss` does it from its own forward pass), also the actors' old log-probs,
-        values and advantages."""
+    def generate_and_score(self, prompts: list[str]) -> Rollout:
+        """One iteration's rollout on this process's `prompts`: generate, label, score, advantages. Fused, the scores
+        of an x-step and everything the actors compute are left to the update's forward pass (`training_step`)."""
         a, tok = self.args, self.processing_class
         k = self.state.global_step // a.steps_per_iteration
-        tau, lam = self.schedule(k)
+        tau, penalty_lambda = self.schedule(k)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        roles = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
+        actors = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
         # the reference also generates when the objective compares theta's completions with its own
-        generators = roles + (["ref"] if self.objective.against_reference else [])
+        generators = actors + (["ref"] if self.objective.against_reference else [])
         n = a.num_generations
 
+        # --- generate
         t0 = time.perf_counter()
         prompt_ids, prompt_mask, truncated = self._tokenize_prompts(prompts)
         P = prompt_ids.shape[1]
@@ -550,14 +555,10 @@ class BilevelTrainer(Trainer):
             completions[r] = torch.where(masks[r].bool(), completions[r], tok.pad_token_id)
         texts = {r: self._decode(completions[r], masks[r]) for r in generators}
         rep_prompts = [p for p in prompts for _ in range(n)]
-        seq = {r: torch.cat([rep_ids, completions[r]], 1) for r in generators}
-        seq_mask = {r: torch.cat([rep_mask, masks[r]], 1) for r in generators}
         t_generation = time.perf_counter() - t0
 
-        # oracle labels: theta's completion i against the reference's completion i, or theta's pairs (2i, 2i+1)
+        # --- label: theta's completion i against the reference's completion i, or theta's pairs (2i, 2i+1)
         t0 = time.perf_counter()
-        from .preference import check_labels
-
         if self.objective.against_reference:
             pair_prompts, side_a, side_b = rep_prompts, texts["theta"], texts["ref"]
         else:
@@ -567,76 +568,77 @@ class BilevelTrainer(Trainer):
         labels = torch.as_tensor(labels, dtype=torch.float32, device=prompt_ids.device)
         self.oracle_queries += len(side_a) * self.accelerator.num_processes
 
-        N = len(rep_prompts)
-        reward_ids, reward_mask = self._reward_inputs(
-            torch.cat([seq[r] for r in generators]), torch.cat([seq_mask[r] for r in generators])
-        )
-        buffer: dict[str, Any] = {
-            "iteration": k, "tau": tau, "lambda": lam, "prompt_length": P, "labels": labels,
-            "reward_step": self.is_reward_iteration(k), "fused": self.fuse_rollout_and_update,
-            "reward": {r: {"input_ids": reward_ids[i * N : (i + 1) * N], "attention_mask": reward_mask[i * N : (i + 1) * N]}
-                       for i, r in enumerate(generators)},
-            "stats": {"prompts": rep_prompts, "texts": texts, "completions": completions, "truncated": truncated,
-                      "time/generation": t_generation},
-        }
+        roles = {}
         for r in generators:
-            buffer[r] = {"input_ids": seq[r], "attention_mask": seq_mask[r], "mask": masks[r]}
+            ids, mask = torch.cat([rep_ids, completions[r]], 1), torch.cat([rep_mask, masks[r]], 1)
+            reward_ids, reward_mask = self._reward_inputs(ids, mask)
+            ref_logprobs = None
             if a.regularization == "kl" and r != "ref":  # one role at a time: [N, T, vocab] logits are the peak
-                buffer[r]["ref_logprobs"] = unwrapped.policy_forward(
-                    "ref", seq[r], seq_mask[r], P, a.temperature, with_values=False, with_entropy=False
+                ref_logprobs = unwrapped.policy_forward(
+                    "ref", ids, mask, P, a.temperature, with_values=False, with_entropy=False
                 )["logprobs"]
-        if not (buffer["fused"] and buffer["reward_step"]):  # else r_x's training forward pass gives the scores
-            self._set_scores(buffer, dict(zip(generators, unwrapped.reward_forward(reward_ids, reward_mask).split(N))))
-        if not buffer["fused"]:
-            for r in roles:
-                self._set_advantages(buffer, r, unwrapped.policy_forward(r, seq[r], seq_mask[r], P, a.temperature))
-        buffer["stats"]["time/scoring"] = time.perf_counter() - t0
-        if not buffer["fused"]:
-            self._log_rollout(buffer)
-        return buffer
+            roles[r] = Completions(ids, mask, masks[r], reward_ids, reward_mask, ref_logprobs=ref_logprobs)
+        rollout = Rollout(
+            iteration=k, tau=tau, penalty_lambda=penalty_lambda, prompt_length=P, labels=labels, reward_step=self.is_reward_iteration(k),
+            fused=self.fuse_rollout_and_update, **roles,
+        )
 
-    def _log_rollout(self, buffer: dict[str, Any]) -> None:
+        # --- score (fused x-steps: the update's forward pass of r_x scores), advantages (fused: the update's)
+        if not (rollout.fused and rollout.reward_step):
+            scores = unwrapped.reward_forward(
+                torch.cat([roles[r].reward_input_ids for r in generators]),
+                torch.cat([roles[r].reward_attention_mask for r in generators]),
+            )
+            rollout = self.with_scores(rollout, dict(zip(generators, scores.split(len(rep_prompts)))))
+        if not rollout.fused:
+            for r in actors:
+                c = rollout.completions(r)
+                rollout = self.with_advantages(rollout, r, unwrapped.policy_forward(
+                    r, c.input_ids, c.attention_mask, P, a.temperature))
+        stats = RolloutStats(rep_prompts, texts, completions, truncated,
+                             {"time/generation": t_generation, "time/scoring": time.perf_counter() - t0})
+        return dataclasses.replace(rollout, stats=stats)
+
+    def _log_rollout(self, rollout: Rollout) -> None:
         """The rollout's metrics (averaged over processes), logged with the optimizer steps of its iteration."""
-        tok, stats, theta = self.processing_class, buffer["stats"], buffer["theta"]
-        tau, labels = buffer["tau"], buffer["labels"]
-        scores = {r: buffer[r]["score"] for r in ("theta", "ref") if r in buffer}
+        tok, stats, theta = self.processing_class, rollout.stats, rollout.theta
+        tau, labels = rollout.tau, rollout.labels
         if self.objective.against_reference:
-            d = scores["theta"] - scores["ref"]
+            d = theta.score - rollout.ref.score
         else:
-            d = scores["theta"][0::2] - scores["theta"][1::2]
+            d = theta.score[0::2] - theta.score[1::2]
         s = (torch.sign(d) + 1) / 2
         m: dict[str, torch.Tensor | float] = {
             "objective/tau": tau,
-            "objective/upper_loss": self.objective.value(buffer["pair_loss"], labels),
-            "objective/pair_nll": buffer["pair_loss"].mean(),
+            "objective/upper_loss": self.objective.value(rollout.pair_loss, labels),
+            "objective/pair_nll": rollout.pair_loss.mean(),
             "objective/pref_accuracy": (labels * s + (1 - labels) * (1 - s)).mean(),
-            "reward/theta_mean": theta["score"].mean(),
-            "completions/truncated_prompts": float(stats["truncated"]),
-            "time/generation": stats["time/generation"],
-            "time/scoring": stats["time/scoring"],
+            "reward/theta_mean": theta.score.mean(),
+            "completions/truncated_prompts": float(stats.truncated_prompts),
+            **stats.seconds,
         }
         if self.objective.against_reference:
             m["objective/win_rate"] = labels.mean()
-            m["reward/ref_mean"] = scores["ref"].mean()
-        if "phi" in buffer:
-            phi = buffer["phi"]
-            m["objective/lambda"] = buffer["lambda"]
-            m["reward/phi_mean"] = phi["score"].mean()
-            j_phi = phi["score"] - tau * phi["seq_penalty"]
-            j_theta = theta["score"] - tau * theta["seq_penalty"]
+            m["reward/ref_mean"] = rollout.ref.score.mean()
+        if rollout.phi is not None:
+            phi = rollout.phi
+            m["objective/lambda"] = rollout.penalty_lambda
+            m["reward/phi_mean"] = phi.score.mean()
+            j_phi = phi.score - tau * phi.seq_penalty
+            j_theta = theta.score - tau * theta.seq_penalty
             m["objective/penalty_gap"] = j_phi.mean() - j_theta.mean()
-        for r in self._roles(buffer):
-            b, completions = buffer[r], stats["completions"][r]
-            m[f"policy_{r}/entropy"] = masked_mean(b["entropy"], b["mask"].float())
-            if "ref_logprobs" in b:
-                m[f"policy_{r}/kl"] = ((b["logprobs"] - b["ref_logprobs"]) * b["mask"]).sum(1).mean()
-            m[f"completions/{r}_mean_length"] = b["mask"].sum(1).float().mean()
+        for r in rollout.actors:
+            c, completion_ids = rollout.completions(r), stats.completion_ids[r]
+            m[f"policy_{r}/entropy"] = masked_mean(c.entropy, c.mask.float())
+            if c.ref_logprobs is not None:
+                m[f"policy_{r}/kl"] = ((c.logprobs - c.ref_logprobs) * c.mask).sum(1).mean()
+            m[f"completions/{r}_mean_length"] = c.mask.sum(1).float().mean()
             m[f"completions/{r}_empty_fraction"] = (
-                (completions[:, 0] == tok.eos_token_id).float().mean() if tok.eos_token_id is not None else 0.0
+                (completion_ids[:, 0] == tok.eos_token_id).float().mean() if tok.eos_token_id is not None else 0.0
             )
         score_fn = getattr(self.preference_oracle, "score", None)
         if callable(score_fn):
-            oracle_scores = score_fn(stats["prompts"], stats["texts"]["theta"])
+            oracle_scores = score_fn(stats.prompts, stats.texts["theta"])
             if oracle_scores is not None:
                 m["oracle/score_theta"] = float(np.mean(oracle_scores))
         self._rollout_metrics = self._gather_mean(m)
@@ -650,10 +652,11 @@ class BilevelTrainer(Trainer):
         return dict(zip(names, values.tolist()))
 
     # ------------------------------------------------------------------ training step
-    def _prepare_inputs(self, inputs: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
-        """Rollout at the first micro-step of an iteration; afterwards, the micro-batch of the buffered rollout.
-        In the fused mode the micro-batch is the whole buffer. A prepared batch (a dict) is returned as it is."""
-        if isinstance(inputs, dict):
+    def _prepare_inputs(self, inputs: list[dict[str, Any]] | Rollout | LossInputs) -> Rollout | LossInputs:
+        """The rollout at the first micro-step of an iteration (`generate_and_score`); afterwards, the micro-batch of
+        the buffered rollout. In the fused mode the micro-batch is the whole rollout. A prepared batch is returned as
+        it is."""
+        if isinstance(inputs, (Rollout, LossInputs)):
             return inputs
         a = self.args
         S = self.micro_steps_per_iteration
@@ -662,61 +665,61 @@ class BilevelTrainer(Trainer):
         m = self._micro_step % S
         if m == 0 or self._buffer is None:
             t0 = time.perf_counter()
-            self._buffer = self._rollout([row["prompt"] for row in inputs])
+            self._buffer = self.generate_and_score([row["prompt"] for row in inputs])
+            if not self._buffer.fused:
+                self._log_rollout(self._buffer)
             self._rollout_seconds = time.perf_counter() - t0
         buf = self._buffer
-        if buf["fused"]:
+        if buf.fused:
             return buf
         epoch, j = divmod(m, a.num_mini_batches * a.gradient_accumulation_steps)
         n = a.num_generations
-        B = len(buf["theta"]["input_ids"]) // n  # prompts of this process
+        B = len(buf.theta) // n  # prompts of this process
         chunk = B // (a.num_mini_batches * a.gradient_accumulation_steps)
         # a fixed permutation per (iteration, epoch): no RNG state involved, so resuming replays it exactly
-        generator = torch.Generator().manual_seed(a.seed * 1_000_003 + buf["iteration"] * 101 + epoch)
+        generator = torch.Generator().manual_seed(a.seed * 1_000_003 + buf.iteration * 101 + epoch)
         prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]
-        rows = (prompt_idx[:, None] * n + torch.arange(n)[None, :]).reshape(-1).to(buf["labels"].device)
+        rows = (prompt_idx[:, None] * n + torch.arange(n)[None, :]).reshape(-1).to(buf.labels.device)
         if self.objective.against_reference:  # one pair per theta completion
             pairs = rows
         else:
             pairs = (prompt_idx[:, None] * (n // 2) + torch.arange(n // 2)[None, :]).reshape(-1).to(rows.device)
-        sliced = self._roles(buf) + (["ref"] if "ref" in buf else [])
-        batch: dict[str, Any] = {r: {key: t[rows] for key, t in buf[r].items()} for r in sliced}
-        batch.update(iteration=buf["iteration"], tau=buf["tau"], labels=buf["labels"][pairs], fused=False)
-        batch.update({"lambda": buf["lambda"], "prompt_length": buf["prompt_length"]})
-        batch["reward_step"] = epoch == 0 and buf["reward_step"]
-        if batch["reward_step"]:
-            batch["reward"] = {r: {key: t[rows] for key, t in d.items()} for r, d in buf["reward"].items()}
-        return batch
+        return buf.minibatch(rows, pairs, reward_step=epoch == 0 and buf.reward_step)
 
-    def loss_parts(self, batch: dict[str, Any]) -> list[list[str]]:
+    def loss_parts(self, batch: Rollout) -> list[tuple[str, ...]]:
         """The groups of loss parts that get one forward/backward each, in order: x's loss on theta's and on phi's
         completions ("reward/theta", "reward/phi"; first, since in the fused mode their scores enter the actors'
         advantages), then "theta" and "phi" (actor + critic). One part per group, so only one part's activations are
         held at a time, none over more rows than a single-policy step; under DeepSpeed, whose engine steps inside
         each backward, all parts in one group."""
-        roles = self._roles(batch)
-        parts = ([f"reward/{r}" for r in roles] if batch["reward_step"] else []) + roles
-        return [parts] if self.is_deepspeed_enabled else [[p] for p in parts]
+        parts = ([f"reward/{r}" for r in batch.actors] if batch.reward_step else []) + batch.actors
+        return [tuple(parts)] if self.is_deepspeed_enabled else [(p,) for p in parts]
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One micro-step: the rollout when one is due, then `Trainer.training_step` (forward, loss, backward) once
         per group of `loss_parts`: gradient accumulation over the roles. Gradients are synchronized once, with the
-        last group."""
+        last group. Fused, each group's forward pass runs here first and completes the rollout (`_complete`):
+        stages 2 and 3 of `bilevel_rlhf.rollout` come from the pass whose loss is then backpropagated."""
         t0, self._rollout_seconds = time.perf_counter(), 0.0
         batch = self._prepare_inputs(inputs)
         groups = self.loss_parts(batch)
         loss = torch.zeros((), device=self.accelerator.device)
         for i, parts in enumerate(groups):
-            batch["parts"] = parts  # the same dict each time: in the fused mode compute_loss fills the buffer in
             with contextlib.nullcontext() if i == len(groups) - 1 else self.accelerator.no_sync(model):
-                loss = loss + super().training_step(model, batch, num_items_in_batch)
-        del batch["parts"]
-        if batch["fused"]:
+                outputs = None
+                if batch.fused:
+                    model.train()
+                    with self.compute_loss_context_manager():
+                        outputs = self._forward(model, batch, parts)
+                    batch = self._complete(batch, outputs)
+                loss = loss + super().training_step(model, LossInputs(batch, parts, outputs), num_items_in_batch)
+        if batch.fused:
+            self._buffer = batch
             self._log_rollout(batch)
-        roles, sm = self._roles(batch), self._step_metrics
+        sm = self._step_metrics
         for name in ("policy/approxkl", "policy/clipfrac", "value/loss"):  # means over the roles
             area, stat = name.split("/")
-            sm[name] = torch.stack([sm[f"{area}_{r}/{stat}"] for r in roles]).mean()
+            sm[name] = torch.stack([sm[f"{area}_{r}/{stat}"] for r in batch.actors]).mean()
         for key, v in self._gather_mean(sm).items():
             self._metrics[key].append(v)
         self._step_metrics.clear()
@@ -724,17 +727,47 @@ class BilevelTrainer(Trainer):
         self._metrics["time/update"].append(time.perf_counter() - t0 - self._rollout_seconds)
         return loss
 
-    def _ppo_loss(self, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def _forward(self, model, batch: Rollout, parts: tuple[str, ...]) -> dict[str, Any]:
+        """One forward pass (through the DDP/FSDP wrapper) for `parts`: the actors' outputs (role -> log-probs,
+        values, entropies) and r_x's scores (`"scores"`: role -> [N]): on theta's completions and the reference's they
+        are compared with for "reward/theta", on phi's for "reward/phi"."""
+        actors = [r for r in ACTORS if r in parts]
+        scored = [r for r in batch.generators if f"reward/{'theta' if r == 'ref' else r}" in parts]
+        reward = None
+        if scored:
+            reward = {key: torch.cat([getattr(batch.completions(r), f"reward_{key}") for r in scored])
+                      for key in ("input_ids", "attention_mask")}
+        out = model(
+            **{r: batch.completions(r).policy_inputs() for r in actors},
+            reward=reward,
+            prompt_length=batch.prompt_length,
+            temperature=self.args.temperature,
+            with_entropy=batch.fused,
+        )
+        out["scores"] = dict(zip(scored, out.pop("reward").split(len(batch.theta)))) if scored else {}
+        return out
+
+    def _complete(self, batch: Rollout, outputs: dict[str, Any]) -> Rollout:
+        """Fused: `batch` with the stages that this forward pass's outputs (without their graph) give: scores, then
+        each actor's old log-probs, values and advantages (so the PPO ratio is exactly 1)."""
+        if outputs["scores"]:
+            batch = self.with_scores(batch, {r: s.detach() for r, s in outputs["scores"].items()})
+        for r in ACTORS:
+            if r in outputs:
+                batch = self.with_advantages(batch, r, {key: v.detach() for key, v in outputs[r].items()})
+        return batch
+
+    def _ppo_loss(self, new: dict[str, torch.Tensor], old: Completions) -> tuple[torch.Tensor, dict]:
         """PPO-clip policy loss + vf_coef * clipped value loss, masked token means."""
         a = self.args
-        mask = old["mask"].float()
-        log_ratio = new["logprobs"] - old["logprobs"]
+        mask = old.mask.float()
+        log_ratio = new["logprobs"] - old.logprobs
         ratio = torch.exp(log_ratio)
-        adv = old["advantages"]
+        adv = old.advantages
         pg_losses = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - a.cliprange, 1 + a.cliprange))
         pg_loss = masked_mean(pg_losses, mask)
-        v_clipped = old["values"] + torch.clamp(new["values"] - old["values"], -a.cliprange_value, a.cliprange_value)
-        vf_losses = torch.max((new["values"] - old["returns"]) ** 2, (v_clipped - old["returns"]) ** 2)
+        v_clipped = old.values + torch.clamp(new["values"] - old.values, -a.cliprange_value, a.cliprange_value)
+        vf_losses = torch.max((new["values"] - old.returns) ** 2, (v_clipped - old.returns) ** 2)
         vf_loss = 0.5 * masked_mean(vf_losses, mask)
         stats = {
             "policy_loss": pg_loss.detach(),
@@ -745,39 +778,25 @@ class BilevelTrainer(Trainer):
         return pg_loss + a.vf_coef * vf_loss, stats
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The summed loss of the parts `inputs["parts"]` (default: all parts of the micro-batch) from one forward
-        pass. The parts' parameters are disjoint: each gets only its own gradient. In the fused mode the forward pass
-        is also the rollout's: its outputs, without their graph, give the scores, old log-probs, values and
-        advantages first (so the PPO ratio is exactly 1)."""
-        parts = inputs.get("parts") or sum(self.loss_parts(inputs), [])
-        roles, fused = [r for r in ("theta", "phi") if r in parts], inputs["fused"]
-        # r_x runs on theta's completions (and the reference's they are compared with) for "reward/theta", on phi's
-        # for "reward/phi"
-        scored = [r for r in ("theta", "ref", "phi") if f"reward/{'theta' if r == 'ref' else r}" in parts
-                  and r in inputs.get("reward", {})]
-        n = len(inputs["theta"]["input_ids"])  # rows per role
-        reward_inputs = None
-        if scored:
-            reward_inputs = {key: torch.cat([inputs["reward"][r][key] for r in scored]) for key in ("input_ids",
-                                                                                                   "attention_mask")}
-        out = model(
-            **{r: inputs[r] for r in roles},
-            reward=reward_inputs,
-            prompt_length=inputs["prompt_length"],
-            temperature=self.args.temperature,
-            with_entropy=fused,
-        )
-        k = inputs["iteration"]
+        """The summed loss of the parts of `inputs` (a `LossInputs`; a bare `Rollout` means all its parts) from one
+        forward pass (run here, or given: fused). The parts' parameters are disjoint: each gets only its own
+        gradient. Reads its inputs only; the loss statistics go to the step's metrics."""
+        if isinstance(inputs, Rollout):
+            inputs = LossInputs(inputs, tuple(p for group in self.loss_parts(inputs) for p in group))
+        batch, parts, out = inputs.batch, inputs.parts, inputs.outputs
+        if out is None:
+            out = self._forward(model, batch, parts)
+            if batch.fused:  # called directly on a fused rollout: complete a local copy from this pass
+                batch = self._complete(batch, out)
+        k = batch.iteration
         loss = torch.zeros((), device=self.accelerator.device)
         metrics = self._step_metrics
-        if scored:
-            scores = dict(zip(scored, out["reward"].split(n)))
-            if fused:
-                self._set_scores(inputs, {r: v.detach() for r, v in scores.items()})
-            pair_loss = self._pair_loss(scores, inputs["labels"]) if "theta" in scores else None
+        scores = out["scores"]
+        if scores:
+            pair_loss = self._pair_loss(scores, batch.labels) if "theta" in scores else None
             loss_x = reward_model_loss(
-                self.objective, self.args.method, pair_loss, inputs["labels"], scores.get("theta"), scores.get("phi"),
-                inputs["lambda"], inputs["tau"], g=inputs["theta"].get("g"),
+                self.objective, self.args.method, pair_loss, batch.labels, scores.get("theta"), scores.get("phi"),
+                batch.penalty_lambda, batch.tau, g=batch.theta.g,
             )
             _check_finite(f"reward-model loss (objective {self.objective.name!r})", loss_x, k)
             if loss_x.ndim != 0:
@@ -785,10 +804,10 @@ class BilevelTrainer(Trainer):
                                  f"{tuple(loss_x.shape)}")
             loss = loss + loss_x
             metrics["objective/reward_loss"] = metrics.get("objective/reward_loss", 0.0) + loss_x.detach()
-        for r in roles:
-            if fused:
-                self._set_advantages(inputs, r, {key: v.detach() for key, v in out[r].items()})
-            loss_r, stats = self._ppo_loss(out[r], inputs[r])
+        for r in ACTORS:
+            if r not in out:
+                continue
+            loss_r, stats = self._ppo_loss(out[r], batch.completions(r))
             loss = loss + loss_r
             metrics.update({f"policy_{r}/{key}": v for key, v in stats.items() if key != "value_loss"})
             metrics[f"value_{r}/loss"] = stats["value_loss"]
@@ -872,12 +891,12 @@ class BilevelTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         output_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         k = self.state.global_step // self.args.steps_per_iteration
-        tau, lam = self.schedule(k)
+        tau, penalty_lambda = self.schedule(k)
         state_fn = getattr(self.preference_oracle, "state_dict", None)
         state = {
             "iteration": k,
             "tau": tau,
-            "lambda": lam,
+            "lambda": penalty_lambda,
             "oracle_queries": self.oracle_queries,
             "oracle_state": state_fn() if callable(state_fn) else None,
         }

@@ -4,7 +4,8 @@ sampling, on the happy-tweet model.
 At the start of a run theta = phi = the initial policy, so the penalty term lambda (mean grad r_x over phi's
 completions - mean over theta's) is zero in expectation; drawn independently, its sample estimate is not. This script
 draws `--rollouts` rollouts at the recipe's settings (each x-step's mini-batch, as the trainer forms it) and reports
-the total variance E||h - E h||^2 of x's gradient h for independent sampling, for coupled sampling
+the total variance E||h - E h||^2 of x's gradient h for independent sampling, for independent sampling with four
+times the completions per actor (what a larger completion count for the penalty term buys), for coupled sampling
 (`common_random_numbers`), and for grad_x f alone (`partial_sgd`), and their ratios.
 
     python scripts/measure_variance.py --config recipes/happy_tweet/config.yaml --rollouts 32
@@ -29,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def gradients(script_args, training_args, model_args, rollouts: int, seed: int) -> np.ndarray:
     """[rollouts, dim(x)]: x's gradient on the first mini-batch of `rollouts` fresh rollouts at theta = phi."""
     from bilevel_rlhf import BilevelTrainer
+    from bilevel_rlhf.rollout import LossInputs
     from bilevel_rlhf.happy_tweet.data import load_prompt_dataset
     from bilevel_rlhf.happy_tweet.recipe import load_models, make_oracle
 
@@ -47,8 +49,8 @@ def gradients(script_args, training_args, model_args, rollouts: int, seed: int) 
         trainer._micro_step = 0  # the first micro-step of an iteration: a fresh rollout, x's step
         rows = rng.choice(len(prompts), size=B, replace=False)
         batch = trainer._prepare_inputs([{"prompt": prompts[int(i)]["prompt"]} for i in rows])
-        batch["parts"] = [p for group in trainer.loss_parts(batch) for p in group if p.startswith("reward/")]
-        loss = trainer.compute_loss(trainer.model, batch)
+        parts = tuple(p for group in trainer.loss_parts(batch) for p in group if p.startswith("reward/"))
+        loss = trainer.compute_loss(trainer.model, LossInputs(batch, parts))
         grads = torch.autograd.grad(loss, reward)
         out.append(torch.cat([g.flatten() for g in grads]).double().numpy())
     return np.stack(out)
@@ -73,7 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--rollouts must be >= 2, got {args.rollouts}")
     torch.set_num_threads(args.threads)
     results = {}
+    n = make_parser().parse_args_and_config(["--config", args.config, *overrides])[1].num_generations
     for name, extra in (("independent", ["--common_random_numbers", "false"]),
+                        # more completions per actor instead of coupling: what a separate, larger completion count for
+                        # the penalty term buys (here the labelled pairs grow too, which only lowers grad f's share)
+                        (f"independent_{4 * n}_generations",
+                         ["--common_random_numbers", "false", "--num_generations", str(4 * n)]),
                         ("coupled", ["--common_random_numbers", "true"]),
                         ("grad_f_alone", ["--method", "partial_sgd"])):
         script_args, training_args, model_args = make_parser().parse_args_and_config(

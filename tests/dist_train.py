@@ -51,9 +51,9 @@ def main(out_dir: str, mode: str, stage: str) -> None:
     rollout_prompts = []
 
     class RecordingTrainer(BilevelTrainer):  # records the prompts each rank rolls out
-        def _rollout(self, prompts):
+        def generate_and_score(self, prompts):
             rollout_prompts.append(list(prompts))
-            return super()._rollout(prompts)
+            return super().generate_and_score(prompts)
 
     oracle = ScoreOracle(lambda texts: [t.split().count("happy") for t in texts])
     trainer = RecordingTrainer(make_policy(tok), make_reward_model(tok), oracle, args, Dataset.from_dict({"prompt": prompts}),

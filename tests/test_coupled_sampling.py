@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from lm_fixtures import make_tokenizer
-from test_trainer_bandit import FIRST, K, PROBLEM, make_trainer, reward_gradient, set_logits
+from test_trainer_bandit import FIRST, K, PROBLEM, make_trainer, set_logits
 from test_trainer_math import PROMPTS
 from test_trainer_math import make_trainer as make_lm_trainer
 
@@ -55,12 +55,13 @@ def test_identical_actors_cancel_the_penalty_term_exactly(tmp_path):
         set_logits(trainer.model.policy_theta, np.log(pi))
         set_logits(trainer.model.policy_phi, np.log(pi))
         torch.manual_seed(3)
-        grads[crn] = reward_gradient(trainer, 256)
-        buf = trainer._buffer
-        same = torch.equal(buf["theta"]["input_ids"], buf["phi"]["input_ids"])
+        buf = trainer.generate_and_score(["q"] * 256)
+        (g,) = torch.autograd.grad(trainer.compute_loss(trainer.model, buf), trainer.model.reward_model.x)
+        grads[crn] = g.double().numpy()
+        same = torch.equal(buf.theta.input_ids, buf.phi.input_ids)
         assert same == crn
         if crn:  # lambda (mean r_x(phi) - mean r_x(theta)) is exactly zero: x's gradient is grad_x f alone
-            labels, s = buf["labels"].double(), buf["theta"]["input_ids"][:, -1] - FIRST
+            labels, s = buf.labels.double(), buf.theta.input_ids[:, -1] - FIRST
             d = torch.as_tensor(x)[s[0::2]] - torch.as_tensor(x)[s[1::2]]
             dloss_dd = torch.sigmoid(d) - labels  # d BT-NLL / d(r_a - r_b)
             expected = np.zeros(K)
@@ -120,6 +121,6 @@ def test_the_reference_never_shares_theta_noise(tmp_path):
     torch.manual_seed(0)
     trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[:4]])
     buf = trainer._buffer
-    assert torch.equal(buf["theta"]["input_ids"], buf["phi"]["input_ids"])  # theta and phi: shared noise
-    same = (buf["theta"]["input_ids"] == buf["ref"]["input_ids"]).all(1)
+    assert torch.equal(buf.theta.input_ids, buf.phi.input_ids)  # theta and phi: shared noise
+    same = (buf.theta.input_ids == buf.ref.input_ids).all(1)
     assert not bool(same.all()), "the reference's completions repeat theta's"

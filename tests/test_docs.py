@@ -129,8 +129,8 @@ def test_custom_objective_example_trains(tmp_path):
     trainer.train()
     assert trainer.oracle_queries == 2 * 4 * 2  # 2 iterations x 4 prompts x 2 theta completions, one query each
     assert "objective/win_rate" in capture.logs[0] and "reward/ref_mean" in capture.logs[0]
-    labels = trainer._buffer["labels"]
-    expected = objective.completion_values(trainer._buffer["pair_loss"], labels).mean()
+    labels = trainer._buffer.labels
+    expected = objective.completion_values(trainer._buffer.pair_loss, labels).mean()
     last_step = [log for log in capture.logs if "loss" in log][-1]
     assert last_step["objective/upper_loss"] == pytest.approx(float(expected), rel=1e-5)
 

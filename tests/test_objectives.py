@@ -69,7 +69,7 @@ def test_win_rate_takes_one_completion_per_prompt(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=8, objective="win_rate", num_generations=1, common_random_numbers=True)
     trainer.train()
     assert trainer.oracle_queries == 2 * 4  # 2 iterations x 4 prompts x 1 pair
-    assert trainer._buffer["theta"]["input_ids"].shape[0] == 4 == trainer._buffer["ref"]["input_ids"].shape[0]
+    assert trainer._buffer.theta.input_ids.shape[0] == 4 == trainer._buffer.ref.input_ids.shape[0]
 
 
 def test_a_pairing_objective_needs_an_even_completion_count(tmp_path):

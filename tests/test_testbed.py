@@ -264,8 +264,7 @@ def test_the_trainers_x_gradient_is_unbiased_on_the_multi_token_testbed(tmp_path
     torch.manual_seed(4)
     grads = []
     for _ in range(rollouts):
-        trainer._micro_step = 0
-        batch = trainer._prepare_inputs([{"prompt": T.PROMPT}] * prompts)
+        batch = trainer.generate_and_score([T.PROMPT] * prompts)
         (grad,) = torch.autograd.grad(trainer.compute_loss(trainer.model, batch), trainer.model.reward_model.x)
         grads.append(grad.double().numpy())
     grads = np.stack(grads)

@@ -83,9 +83,8 @@ def make_trainer(tmp_path, x, lam, prompts, **kw) -> BilevelTrainer:
 
 def reward_gradient(trainer: BilevelTrainer, prompts: int) -> np.ndarray:
     """The trainer's own estimate h of one rollout: the gradient in x of compute_loss on the full rollout."""
-    trainer._micro_step = 0  # first micro-step of an iteration: fresh rollout, reward step on
-    batch = trainer._prepare_inputs([{"prompt": "q"}] * prompts)
-    assert batch["reward_step"]
+    batch = trainer.generate_and_score(["q"] * prompts)  # iteration 0: a reward step
+    assert batch.reward_step
     loss = trainer.compute_loss(trainer.model, batch)
     (g,) = torch.autograd.grad(loss, trainer.model.reward_model.x)
     return g.double().numpy()
@@ -133,8 +132,7 @@ def test_short_single_loop_run_moves_x_toward_the_exact_optimum(tmp_path):
 
 def theta_logit_gradient(trainer: BilevelTrainer, prompts: int) -> np.ndarray:
     """The gradient of theta's PPO loss in its K logits at the rollout (ratio 1): minus a whitened policy gradient."""
-    trainer._micro_step = 0
-    batch = trainer._prepare_inputs([{"prompt": "q"}] * prompts)
+    batch = trainer.generate_and_score(["q"] * prompts)
     loss = trainer.compute_loss(trainer.model, batch)
     (g,) = torch.autograd.grad(loss, trainer.model.policy_theta.lm_head.weight)
     return g[FIRST : FIRST + K, 0].double().numpy()

@@ -183,9 +183,9 @@ def test_each_epoch_rolls_out_every_prompt_once_in_a_new_order(tmp_path):
     seen = []
 
     class Recording(BilevelTrainer):
-        def _rollout(self, prompts):
+        def generate_and_score(self, prompts):
             seen.append(list(prompts))
-            return super()._rollout(prompts)
+            return super().generate_and_score(prompts)
 
     tok = make_tokenizer()
     trainer = Recording(make_policy(tok), make_reward_model(tok), happy_oracle(),

@@ -23,6 +23,7 @@ from bilevel_rlhf.config import BilevelConfig
 from bilevel_rlhf.preference import ScoreOracle
 from bilevel_rlhf.objectives import PreferenceNLL, WinRate, get_objective
 from bilevel_rlhf.rl_utils import bradley_terry_loss
+from bilevel_rlhf.rollout import Completions, Rollout
 from bilevel_rlhf.schedules import lambda_at, lr_factor, tau_at
 from bilevel_rlhf.trainer import BilevelTrainer, reward_model_loss
 
@@ -69,7 +70,7 @@ def make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, objective_instanc
     return trainer
 
 
-def rollout(trainer: BilevelTrainer, iteration: int, seed: int = 5) -> tuple[dict, dict]:
+def rollout(trainer: BilevelTrainer, iteration: int, seed: int = 5) -> tuple[Rollout, Rollout]:
     """The first micro-step of `iteration`: its mini-batch and the whole buffer."""
     trainer.state.global_step = iteration * trainer.args.steps_per_iteration
     trainer._micro_step = iteration * trainer.micro_steps_per_iteration
@@ -78,11 +79,11 @@ def rollout(trainer: BilevelTrainer, iteration: int, seed: int = 5) -> tuple[dic
     return batch, trainer._buffer
 
 
-def unpadded_rows(buf: dict, role: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def unpadded_rows(buf: Rollout, role: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(prompt ids, completion ids) of each row, without any padding."""
-    P, b = buf["prompt_length"], buf[role]
+    P, b = buf.prompt_length, buf.completions(role)
     rows = []
-    for ids, am, cm in zip(b["input_ids"], b["attention_mask"], b["mask"]):
+    for ids, am, cm in zip(b.input_ids, b.attention_mask, b.mask):
         rows.append((ids[:P][am[:P].bool()], ids[P:][cm.bool()]))
     return rows
 
@@ -133,7 +134,9 @@ def test_ppo_loss_equals_hand_computed_values(tmp_path):
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
     new_lp = torch.log(ratio).requires_grad_(True)
     new = {"logprobs": new_lp, "values": new_v}
-    old = {"logprobs": torch.zeros_like(ratio), "values": old_v, "returns": returns, "advantages": adv, "mask": mask}
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    old = Completions(ids, ids, mask, ids, ids, logprobs=torch.zeros_like(ratio), values=old_v, returns=returns,
+                      advantages=adv)
     loss, stats = trainer._ppo_loss(new, old)
     # policy terms max(-A r, -A clip(r, 0.8, 1.2)):
     #   1: -1.1 (inside)  2: max(-1.5, -1.2) = -1.2  3: max(-0.5, -0.8) = -0.5  4: max(1.0, 1.6) = 1.6
@@ -167,40 +170,43 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
     assert trainer.fuse_rollout_and_update == fused
     k = 3
     batch, buf = rollout(trainer, iteration=k)
-    if fused:  # the update's forward pass fills the buffer in
-        trainer.compute_loss(trainer.model, batch)
+    if fused:  # the update's forward pass completes the rollout
+        trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
+        trainer.training_step(trainer.model, batch)
+        buf = trainer._buffer
+        assert buf.theta.advantages is not None and batch.theta.advantages is None  # a new record, not an update
     model = trainer.model
     tau, lam = expected_schedule(k)
-    assert buf["iteration"] == k
-    assert buf["tau"] == pytest.approx(tau, rel=1e-12)
-    assert buf["lambda"] == pytest.approx(lam, rel=1e-12)
+    assert buf.iteration == k
+    assert buf.tau == pytest.approx(tau, rel=1e-12)
+    assert buf.penalty_lambda == pytest.approx(lam, rel=1e-12)
     roles = ["theta"] + (["phi"] if method in ("single_loop", "fixed_tau", "nested_loop") else [])
-    assert [r for r in ("theta", "phi") if r in buf] == roles
+    assert buf.actors == roles
     scored = roles + (["ref"] if objective == "win_rate" else [])
     tok = trainer.processing_class
-    labels = buf["labels"].double().numpy()
+    labels = buf.labels.double().numpy()
 
     scores = {}
     for r in scored:
         # the completion mask: 1 up to and including the first eos, 0 after it (where the ids are pad)
-        P = buf["prompt_length"]
-        for ids, m in zip(buf[r]["input_ids"][:, P:], buf[r]["mask"]):
+        P = buf.prompt_length
+        for ids, m in zip(buf.completions(r).input_ids[:, P:], buf.completions(r).mask):
             eos = (ids == tok.eos_token_id).nonzero()
             end = int(eos[0]) + 1 if len(eos) else len(ids)
             assert m.tolist() == [1] * end + [0] * (len(ids) - end)
             assert (ids[end:] == tok.pad_token_id).all()
         rows = unpadded_rows(buf, r)
         texts = [tok.decode(c, skip_special_tokens=True) for _, c in rows]
-        assert texts == buf["stats"]["texts"][r]
+        assert texts == buf.stats.texts[r]
         # r_x of each (prompt, completion) scored alone, without padding
         with torch.no_grad():
             scores[r] = np.array([model.reward_model(input_ids=torch.cat([p, c])[None]).logits[0, 0].item()
                                   for p, c in rows])
-        np.testing.assert_allclose(buf[r]["score"].double().numpy(), scores[r], atol=1e-5)
-    s = np.array(char_score(buf["stats"]["texts"]["theta"]))
+        np.testing.assert_allclose(buf.completions(r).score.double().numpy(), scores[r], atol=1e-5)
+    s = np.array(char_score(buf.stats.texts["theta"]))
     if objective == "win_rate":
         # the oracle's soft labels on (theta's completion i, the reference's completion i); g = w * loss - label
-        s_ref = np.array(char_score(buf["stats"]["texts"]["ref"]))
+        s_ref = np.array(char_score(buf.stats.texts["ref"]))
         np.testing.assert_allclose(labels, 1 / (1 + np.exp(-(s - s_ref))), atol=1e-6)
         pair_loss = bt_nll(scores["theta"], scores["ref"], labels)
         g = 0.3 * pair_loss - labels
@@ -209,23 +215,23 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
         np.testing.assert_allclose(labels, 1 / (1 + np.exp(-(s[0::2] - s[1::2]))), atol=1e-6)
         pair_loss = bt_nll(scores["theta"][0::2], scores["theta"][1::2], labels)
         g = 2 * np.repeat(pair_loss, 2)
-    np.testing.assert_allclose(buf["pair_loss"].double().numpy(), pair_loss, atol=1e-5)
-    np.testing.assert_allclose(buf["theta"]["g"].double().numpy(), g, atol=1e-5)
+    np.testing.assert_allclose(buf.pair_loss.double().numpy(), pair_loss, atol=1e-5)
+    np.testing.assert_allclose(buf.theta.g.double().numpy(), g, atol=1e-5)
 
     for r in roles:
         rows = unpadded_rows(buf, r)
         policy = model.policy_theta if r == "theta" else model.policy_phi
         # theta maximizes J_tau - f / lambda: its terminal reward is r_x - g / lambda (one-actor methods: r_x)
-        terminal = scores[r] - (g / lam if (r == "theta" and "phi" in buf) else 0.0)
+        terminal = scores[r] - (g / lam if (r == "theta" and buf.phi is not None) else 0.0)
         per_row = []
         for i, (p, c) in enumerate(rows):
             lp, values, _ = recompute_row(policy, model.value_head(r), p, c, 0.8)
             L = len(c)
-            np.testing.assert_allclose(buf[r]["logprobs"][i, :L].double().numpy(), lp.numpy(), atol=1e-4)
-            np.testing.assert_allclose(buf[r]["values"][i, :L].double().numpy(), values.numpy(), atol=1e-4)
+            np.testing.assert_allclose(buf.completions(r).logprobs[i, :L].double().numpy(), lp.numpy(), atol=1e-4)
+            np.testing.assert_allclose(buf.completions(r).values[i, :L].double().numpy(), values.numpy(), atol=1e-4)
             if regularization == "kl":
                 ref_lp, _, _ = recompute_row(model.ref_policy, None, p, c, 0.8)
-                np.testing.assert_allclose(buf[r]["ref_logprobs"][i, :L].double().numpy(), ref_lp.numpy(), atol=1e-4)
+                np.testing.assert_allclose(buf.completions(r).ref_logprobs[i, :L].double().numpy(), ref_lp.numpy(), atol=1e-4)
                 penalty = (lp - ref_lp).numpy()
             else:
                 penalty = lp.numpy()
@@ -241,21 +247,21 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
         mean, std = flat.mean(), np.sqrt(flat.var(ddof=1) + 1e-8)
         for i, ((adv, ret), (_, _, pen)) in enumerate(zip(gae, per_row)):
             L = len(adv)
-            np.testing.assert_allclose(buf[r]["advantages"][i, :L].double().numpy(), (adv - mean) / std, atol=2e-4)
-            np.testing.assert_allclose(buf[r]["returns"][i, :L].double().numpy(), ret, atol=1e-4)
-            assert buf[r]["seq_penalty"][i].item() == pytest.approx(pen.sum(), abs=1e-4)
-            assert not buf[r]["advantages"][i, L:].any() and not buf[r]["returns"][i, L:].any()
+            np.testing.assert_allclose(buf.completions(r).advantages[i, :L].double().numpy(), (adv - mean) / std, atol=2e-4)
+            np.testing.assert_allclose(buf.completions(r).returns[i, :L].double().numpy(), ret, atol=1e-4)
+            assert buf.completions(r).seq_penalty[i].item() == pytest.approx(pen.sum(), abs=1e-4)
+            assert not buf.completions(r).advantages[i, L:].any() and not buf.completions(r).returns[i, L:].any()
 
 
 def test_each_epoch_partitions_the_rollout_and_only_the_first_trains_x(tmp_path):
     trainer = make_trainer(tmp_path)  # 2 epochs x 2 mini-batches over 4 prompts x 2 completions
     first, buf = rollout(trainer, iteration=1)
-    N = len(buf["theta"]["input_ids"])
+    N = len(buf.theta.input_ids)
 
     def key(role_batch, i):
-        return tuple(role_batch["input_ids"][i].tolist()) + tuple(np.round(role_batch["advantages"][i].tolist(), 6))
+        return tuple(role_batch.input_ids[i].tolist()) + tuple(np.round(role_batch.advantages[i].tolist(), 6))
 
-    whole = {r: sorted(key(buf[r], i) for i in range(N)) for r in ("theta", "phi")}
+    whole = {r: sorted(key(buf.completions(r), i) for i in range(N)) for r in ("theta", "phi")}
     for epoch in range(2):
         seen = {"theta": [], "phi": []}
         for j in range(2):
@@ -265,19 +271,18 @@ def test_each_epoch_partitions_the_rollout_and_only_the_first_trains_x(tmp_path)
                 trainer._micro_step = trainer.micro_steps_per_iteration * 1 + epoch * 2 + j
                 batch = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[:4]])
                 assert trainer._buffer is buf  # replayed, not regenerated
-            assert batch["reward_step"] == (epoch == 0)
-            assert ("reward" in batch) == (epoch == 0)
+            assert batch.reward_step == (epoch == 0)
             for r in seen:
-                seen[r] += [key(batch[r], i) for i in range(len(batch[r]["input_ids"]))]
+                seen[r] += [key(batch.completions(r), i) for i in range(len(batch.completions(r).input_ids))]
             # the pair labels travel with their completions
-            ids = batch["theta"]["input_ids"]
-            for p in range(len(batch["labels"])):
-                a = [i for i in range(N) if torch.equal(buf["theta"]["input_ids"][i], ids[2 * p])]
-                assert any(i % 2 == 0 and torch.equal(buf["theta"]["input_ids"][i + 1], ids[2 * p + 1])
-                           and buf["labels"][i // 2] == batch["labels"][p] for i in a)
+            ids = batch.theta.input_ids
+            for p in range(len(batch.labels)):
+                a = [i for i in range(N) if torch.equal(buf.theta.input_ids[i], ids[2 * p])]
+                assert any(i % 2 == 0 and torch.equal(buf.theta.input_ids[i + 1], ids[2 * p + 1])
+                           and buf.labels[i // 2] == batch.labels[p] for i in a)
             if epoch == 0:  # r_x's inputs: each actor's rows
                 for r in ("theta", "phi"):
-                    assert torch.equal(batch["reward"][r]["input_ids"], batch[r]["input_ids"])
+                    assert torch.equal(batch.completions(r).reward_input_ids, batch.completions(r).input_ids)
         for r in seen:
             assert sorted(seen[r]) == whole[r]
 
@@ -364,8 +369,8 @@ def test_rollout_metrics_equal_their_recomputation_from_the_buffer(tmp_path):
     _, buf = rollout(trainer, iteration=k)
     m = trainer._rollout_metrics
     tau, lam = expected_schedule(k)
-    labels = buf["labels"].double().numpy()
-    th, ph = (buf[r]["score"].double().numpy() for r in ("theta", "phi"))
+    labels = buf.labels.double().numpy()
+    th, ph = (buf.completions(r).score.double().numpy() for r in ("theta", "phi"))
     d = th[0::2] - th[1::2]
     correct = np.where(d > 0, labels, np.where(d < 0, 1 - labels, 0.5))  # P(r_x orders the pair as the oracle)
     assert abs(correct.mean() - 0.5) > 0.01  # an inverted accuracy would differ
@@ -376,9 +381,9 @@ def test_rollout_metrics_equal_their_recomputation_from_the_buffer(tmp_path):
     assert m["reward/phi_mean"] == pytest.approx(ph.mean(), abs=1e-5)
     kl, J = {}, {}
     for r, score in (("theta", th), ("phi", ph)):
-        b = buf[r]
-        mask = b["mask"].double()
-        kl[r] = ((b["logprobs"].double() - b["ref_logprobs"].double()) * mask).sum(1)
+        b = buf.completions(r)
+        mask = b.mask.double()
+        kl[r] = ((b.logprobs.double() - b.ref_logprobs.double()) * mask).sum(1)
         J[r] = score - tau * kl[r].numpy()  # regularized return of each completion
         assert m[f"policy_{r}/kl"] == pytest.approx(kl[r].mean().item(), abs=1e-5)
         assert m[f"completions/{r}_mean_length"] == pytest.approx(mask.sum(1).mean().item())
@@ -390,7 +395,7 @@ def test_rollout_metrics_equal_their_recomputation_from_the_buffer(tmp_path):
     gap = J["phi"].mean() - J["theta"].mean()
     assert abs(gap) > 1e-3
     assert m["objective/penalty_gap"] == pytest.approx(gap, abs=1e-5)
-    texts = buf["stats"]["texts"]["theta"]
+    texts = buf.stats.texts["theta"]
     assert m["oracle/score_theta"] == pytest.approx(np.mean(char_score(texts)), abs=1e-6)
     assert m["oracle/queries"] == len(labels) == 4
 
@@ -508,28 +513,28 @@ def test_logged_losses_equal_their_recomputation(tmp_path):
     trainer.model.train()
     torch.manual_seed(3)
     trainer.training_step(trainer.model, [{"prompt": p} for p in PROMPTS[:4]])
-    batch = captured[0]  # Trainer.training_step passes the prepared dict through again, once per loss part
+    batch = captured[0]  # Trainer.training_step passes the prepared batch through again, once per loss part
     metrics = {key: v[-1] for key, v in trainer._metrics.items()}
-    P = batch["prompt_length"]
+    P = batch.prompt_length
     scores = {}
     for r in ("theta", "phi"):
         with torch.no_grad():
             scores[r] = torch.tensor([
                 trainer.model.reward_model(input_ids=torch.cat([ids[:P][am[:P].bool()], ids[P:][m.bool()]])[None])
                 .logits[0, 0].item()
-                for ids, am, m in zip(batch[r]["input_ids"], batch[r]["attention_mask"], batch[r]["mask"])
+                for ids, am, m in zip(batch.completions(r).input_ids, batch.completions(r).attention_mask, batch.completions(r).mask)
             ])
-    th, labels = scores["theta"].double().numpy(), batch["labels"].double().numpy()
-    expected = bt_nll(th[0::2], th[1::2], labels).mean() + batch["lambda"] * (scores["phi"].mean() - scores["theta"].mean())
+    th, labels = scores["theta"].double().numpy(), batch.labels.double().numpy()
+    expected = bt_nll(th[0::2], th[1::2], labels).mean() + batch.penalty_lambda * (scores["phi"].mean() - scores["theta"].mean())
     assert metrics["objective/reward_loss"] == pytest.approx(float(expected), abs=1e-5)
     for r in ("theta", "phi"):
-        b = batch[r]
-        mask = b["mask"].double()
+        b = batch.completions(r)
+        mask = b.mask.double()
         # the first micro-step's policy equals the rollout's: ratio 1, so the PPO terms reduce to -A and (V - R)^2
         assert metrics[f"policy_{r}/approxkl"] == pytest.approx(0.0, abs=1e-10)
-        pg = -(b["advantages"].double() * mask).sum() / mask.sum()
+        pg = -(b.advantages.double() * mask).sum() / mask.sum()
         assert metrics[f"policy_{r}/policy_loss"] == pytest.approx(pg.item(), abs=1e-5)
-        vf = 0.5 * (((b["values"].double() - b["returns"].double()) ** 2) * mask).sum() / mask.sum()
+        vf = 0.5 * (((b.values.double() - b.returns.double()) ** 2) * mask).sum() / mask.sum()
         assert vf.item() > 1e-3
         assert metrics[f"value_{r}/loss"] == pytest.approx(vf.item(), rel=1e-4)
     assert metrics["value/loss"] == pytest.approx((metrics["value_theta/loss"] + metrics["value_phi/loss"]) / 2)
