@@ -39,8 +39,8 @@ def test_each_method_lowers_phi_from_the_default_start(default_setup, method):
 def test_tau_schedules_decay_to_the_floor_and_fixed_tau_stays():
     cfg = GridWorldConfig()
     taus = [tau_at(cfg, t) for t in range(0, 20000, 100)]
-    assert taus[0] == cfg.tau_0 and all(a >= b for a, b in zip(taus, taus[1:])) and taus[-1] == cfg.tau_min
-    assert tau_at(cfg, 10**6, decay=False) == cfg.tau_0
+    assert taus[0] == cfg.tau_init and all(a >= b for a, b in zip(taus, taus[1:])) and taus[-1] == cfg.tau_min
+    assert tau_at(cfg, 10**6, decay=False) == cfg.tau_init
 
 
 @pytest.mark.parametrize(
@@ -48,13 +48,11 @@ def test_tau_schedules_decay_to_the_floor_and_fixed_tau_stays():
     [
         ("gamma", -0.1, r"gamma=-0.1 is invalid: must be in \[0, 1\)"),
         ("gamma", 1.0, r"gamma=1.0 is invalid: must be in \[0, 1\)"),
-        ("tau_0", -0.5, r"tau_0=-0.5 is invalid: must be > 0"),
+        ("tau_init", -0.5, r"tau_init=-0.5 is invalid: must be > 0"),
         ("tau_min", -0.01, r"tau_min=-0.01 is invalid"),
-        ("tau_power", -1.0, r"tau_power=-1.0 is invalid: must be >= 0"),  # an increasing tau schedule
+        ("tau_decay_rate", -1.0, r"tau_decay_rate=-1.0 is invalid: must be >= 0"),  # an increasing tau schedule
         ("methods", ["single_loop", "magic"], r"methods=.*unknown: \['magic'\]"),
-        ("alpha", 2.0, r"alpha=2.0 is invalid: must be <= beta"),
-        ("zeta", 0.9, r"zeta=0.9 is invalid: must be <= alpha"),
-        ("zeta_power", -0.1, r"zeta_power=-0.1 is invalid: must be >= alpha_power"),
+        ("reward_lr_decay", -0.1, r"reward_lr_decay=-0.1 is invalid: must be >= 0"),  # an increasing x step
         ("x0", [1.0], r"x0=\[1.0\] is invalid"),
         ("batch_size", 0, r"batch_size=0 is invalid: must be an integer >= 1"),
         ("slip", 1.5, r"slip=1.5 is invalid"),
@@ -63,6 +61,21 @@ def test_tau_schedules_decay_to_the_floor_and_fixed_tau_stays():
 def test_invalid_config_raises_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         GridWorldConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"actor_learning_rate": 2.0}, r"critic_learning_rate >= actor_learning_rate >= reward_learning_rate"),
+        ({"reward_learning_rate": 0.9}, r"critic_learning_rate >= actor_learning_rate >= reward_learning_rate"),
+        ({"actor_lr_decay": 0.9}, r"critic_lr_decay <= actor_lr_decay <= reward_lr_decay"),
+    ],
+)
+def test_misordered_time_scales_warn_naming_the_fields(overrides, message):
+    """As in BilevelConfig, the three time-scales' order is the analysis' assumption, not a hard limit: a warning."""
+    with pytest.warns(UserWarning, match=message):
+        cfg = GridWorldConfig(**overrides)
+    assert all(getattr(cfg, k) == v for k, v in overrides.items())
 
 
 def test_invalid_layout_is_rejected_before_work():
@@ -82,7 +95,8 @@ def test_command_line_overrides():
 @pytest.mark.parametrize("method", ["single_loop", "partial_sgd", "finite_difference"])
 def test_non_finite_values_stop_the_run_with_quantity_and_iteration(default_setup, method):
     _, problem, _ = default_setup
-    cfg = GridWorldConfig(beta=1e308, alpha=1e308, zeta=1e308, fd_zeta=1e308, iterations=200)
+    cfg = GridWorldConfig(critic_learning_rate=1e308, actor_learning_rate=1e308, reward_learning_rate=1e308,
+                          fd_learning_rate=1e308, iterations=200)
     with pytest.raises(FloatingPointError, match=rf"{method}: \w+ became non-finite at iteration \d+"):
         run_method(problem, cfg, method, seed=0)
 

@@ -1,7 +1,9 @@
 """Every condition of GridWorldConfig.validate: the smallest bad value is rejected with a ValueError
-naming the field, the valid boundary value is accepted; and load_config / parse_args name the field."""
+naming the field, the valid boundary value is accepted; the three time-scales' ordering warns (as BilevelConfig
+does), naming the fields; and load_config / parse_args name the field."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -18,15 +20,21 @@ def above(v):
 
 
 TINY = float(np.nextafter(0.0, 1.0))  # the smallest positive float
-POSITIVE = ("reward_scale", "bump_width", "tau_0", "tau_k0", "beta", "alpha", "zeta", "step_k0", "lam",
-            "nested_zeta", "fd_eps", "fd_zeta", "exact_tau", "exact_zeta", "search_step", "search_refine_step")
-NONNEGATIVE = ("hazard_cost", "target_bonus", "placement_weight", "tau_power", "beta_power", "lam_power")
+POSITIVE = ("reward_scale", "bump_width", "tau_init", "tau_horizon", "critic_learning_rate", "actor_learning_rate",
+            "reward_learning_rate", "lr_horizon", "penalty_lambda", "nested_reward_learning_rate", "fd_eps",
+            "fd_learning_rate", "exact_tau", "exact_learning_rate", "search_step", "search_refine_step")
+NONNEGATIVE = ("hazard_cost", "target_bonus", "placement_weight", "tau_decay_rate", "critic_lr_decay", "actor_lr_decay",
+               "reward_lr_decay", "penalty_lambda_growth")
 INTEGERS = ("iterations", "batch_size", "nested_inner_steps", "fd_inner_steps", "fd_directions",
             "exact_iterations", "eval_every", "seeds")
-# fields that a boundary value of another field drags along (three time-scales, tau_min <= tau_0)
-COMPANIONS = {"tau_0": {"tau_min": 0.0}, "beta": {"alpha": TINY, "zeta": TINY}, "alpha": {"zeta": TINY}}
+# fields that a boundary value of another field drags along (tau_min <= tau_init; the three time-scales' order,
+# which would only warn, kept so that the boundary configs are silent)
+COMPANIONS = {"tau_init": {"tau_min": 0.0},
+              "critic_learning_rate": {"actor_learning_rate": TINY, "reward_learning_rate": TINY},
+              "actor_learning_rate": {"reward_learning_rate": TINY}}
 
-# (field, bad overrides, good boundary overrides); defaults: beta = alpha = 0.5, tau_0 = 0.3, powers 0 / 0 / 0.5
+# (field, bad overrides, good boundary overrides); defaults: critic = actor = 0.5, reward 0.05 learning rates,
+# tau_init = 0.3, decays 0 / 0 / 0.5
 CASES = [
     ("slip", {"slip": below(0.0)}, {"slip": 0.0}),
     ("slip", {"slip": above(1.0)}, {"slip": 1.0}),
@@ -36,18 +44,12 @@ CASES = [
     ("parameterization", {"parameterization": "Position"}, {"parameterization": "cells"}),
     ("parameterization", {"parameterization": ""}, {"parameterization": "position"}),
     *[(name, {name: 0.0, **COMPANIONS.get(name, {})}, {name: TINY, **COMPANIONS.get(name, {})}) for name in POSITIVE],
-    ("lam", {"lam": float("nan")}, {"lam": 1.0}),
+    ("penalty_lambda", {"penalty_lambda": float("nan")}, {"penalty_lambda": 1.0}),
     *[(name, {name: below(0.0)}, {name: 0.0}) for name in NONNEGATIVE],
     ("tau_min", {"tau_min": below(0.0)}, {"tau_min": 0.0}),
     ("tau_min", {"tau_min": above(0.3)}, {"tau_min": 0.3}),
     ("x0", {"x0": [1.0]}, {"x0": [0.0, 0.0]}),
     ("x0", {"x0": [1.0, 2.0, 3.0]}, {"x0": [9.0, 9.0]}),
-    ("alpha", {"alpha": above(0.5)}, {"alpha": 0.5, "beta": 0.5}),
-    ("zeta", {"zeta": above(0.5)}, {"zeta": 0.5, "alpha": 0.5}),
-    ("zeta", {"alpha": 0.2, "zeta": above(0.2)}, {"alpha": 0.2, "zeta": 0.2}),  # bounded by alpha, not beta
-    ("alpha_power", {"beta_power": 0.5, "alpha_power": below(0.5)}, {"beta_power": 0.5, "alpha_power": 0.5}),
-    ("zeta_power", {"zeta_power": below(0.0)}, {"zeta_power": 0.0}),
-    ("zeta_power", {"alpha_power": 0.7, "zeta_power": below(0.7)}, {"alpha_power": 0.7, "zeta_power": 0.7}),
     *[(name, {name: 0}, {name: 1}) for name in INTEGERS],
     *[(name, {name: 1.0}, {name: 2}) for name in ("iterations", "batch_size")],  # a float is not an integer
     ("methods", {"methods": []}, {"methods": ["exact"]}),
@@ -70,6 +72,40 @@ def test_validate_rejects_the_smallest_bad_value_and_accepts_the_boundary(field,
         cfg.validate()
 
 
+# the three time-scales (critic >= actor >= reward learning rate, critic <= actor <= reward decay): a warning naming
+# the fields, as in BilevelConfig, not an error. (message, warning overrides, silent overrides)
+TIME_SCALE_LR = "need critic_learning_rate >= actor_learning_rate >= reward_learning_rate"
+TIME_SCALE_DECAY = "need critic_lr_decay <= actor_lr_decay <= reward_lr_decay"
+WARN_CASES = [
+    (TIME_SCALE_LR, [
+        {"actor_learning_rate": above(0.5)},  # actor faster than the critic
+        {"reward_learning_rate": above(0.5)},  # x faster than both
+        {"actor_learning_rate": 0.2, "reward_learning_rate": above(0.2)},  # bounded by the actor, not the critic
+    ], [{"actor_learning_rate": 0.5, "critic_learning_rate": 0.5, "reward_learning_rate": 0.5},  # equal: allowed
+        {"actor_learning_rate": 0.2, "reward_learning_rate": 0.2}]),
+    (TIME_SCALE_DECAY, [
+        {"critic_lr_decay": 0.5, "actor_lr_decay": below(0.5)},  # actor decays slower than the critic
+        {"actor_lr_decay": 0.7, "reward_lr_decay": below(0.7)},  # x decays slower than the actor
+    ], [{"critic_lr_decay": 0.5, "actor_lr_decay": 0.5, "reward_lr_decay": 0.5},  # equal: allowed
+        {"actor_lr_decay": 0.7, "reward_lr_decay": 0.7}]),
+]
+
+
+@pytest.mark.parametrize("message,warn,silent", WARN_CASES, ids=["learning_rates", "lr_decays"])
+def test_time_scale_order_warns_naming_the_fields(message, warn, silent):
+    for overrides in warn:
+        with pytest.warns(UserWarning, match=message):
+            cfg = GridWorldConfig(**overrides)
+        for name, value in overrides.items():
+            assert getattr(cfg, name) == value
+        with pytest.warns(UserWarning, match=message):  # validate() itself, not only construction
+            cfg.validate()
+    for overrides in silent:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            GridWorldConfig(**overrides)
+        assert not [w for w in caught if "time-scales" in str(w.message)], overrides
+
 def test_every_validated_field_has_a_case():
     """Fields without a condition in validate (layout is validated by make_grid); any other field must
     appear in CASES, so a new condition needs a new case."""
@@ -77,7 +113,9 @@ def test_every_validated_field_has_a_case():
     covered = {c[0] for c in CASES}
     assert covered | unvalidated == {f.name for f in dataclasses.fields(GridWorldConfig)}
     assert not covered & unvalidated
-    GridWorldConfig().validate()  # the defaults are valid
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GridWorldConfig().validate()  # the defaults are valid, and silent
 
 
 def write_yaml(tmp_path, text):
@@ -99,9 +137,13 @@ def test_load_config_bad_value_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"^config field batch_size=2.5 is invalid"):
         load_config(write_yaml(tmp_path, "batch_size: 2.5\n"))
     # overrides are applied on top of the file and validated too
-    with pytest.raises(ValueError, match=r"^config field zeta="):
-        load_config(write_yaml(tmp_path, "alpha: 0.1\n"), {"zeta": 0.2})
-    assert load_config(write_yaml(tmp_path, "alpha: 0.1\n"), {"zeta": 0.1}).zeta == 0.1
+    with pytest.raises(ValueError, match=r"^config field tau_min="):
+        load_config(write_yaml(tmp_path, "tau_init: 0.1\n"), {"tau_min": 0.2})
+    assert load_config(write_yaml(tmp_path, "tau_init: 0.1\n"), {"tau_min": 0.1}).tau_min == 0.1
+    # ... and a misordered time-scale from file + override warns, naming the fields
+    with pytest.warns(UserWarning, match="reward_learning_rate"):
+        cfg = load_config(write_yaml(tmp_path, "actor_learning_rate: 0.1\n"), {"reward_learning_rate": 0.2})
+    assert cfg.reward_learning_rate == 0.2
 
 
 def test_parse_args_bad_value_and_unknown_flag_are_named(tmp_path, capsys):

@@ -86,9 +86,10 @@ def cosine(a, b):
 
 # ----- 1. one x-step of the sampled single loop = the population penalty hypergradient -----
 def test_one_single_loop_x_step_is_the_population_penalty_hypergradient(problem, monkeypatch):
-    cfg = GridWorldConfig(x0=X_PEN, iterations=1, batch_size=4096, zeta_power=0.0, eval_every=1)
-    cfg.alpha = cfg.beta = 0.0  # on purpose past validation (> 0): zero actor and critic steps hold the actors
-    x, tau, lam, zeta = np.array(cfg.x0), cfg.tau_0, cfg.lam, cfg.zeta
+    cfg = GridWorldConfig(x0=X_PEN, iterations=1, batch_size=4096, reward_lr_decay=0.0, eval_every=1)
+    # on purpose past validation (> 0): zero actor and critic steps hold the actors
+    cfg.actor_learning_rate = cfg.critic_learning_rate = 0.0
+    x, tau, lam, zeta = np.array(cfg.x0), cfg.tau_init, cfg.penalty_lambda, cfg.reward_learning_rate
     r, u_cost = problem.reward(x), problem.designer_cost
     _, pi_phi = soft_optimum(problem, r, tau)  # phi: argmax J_tau(x, .)
     _, pi_theta = soft_optimum(problem, r - u_cost / lam, tau)  # theta: argmax lam J_tau(x, .) - f(x, .)
@@ -127,8 +128,8 @@ def test_one_single_loop_x_step_is_the_population_penalty_hypergradient(problem,
 
 
 # ----- 2. tau: fixed_tau keeps tau_0, decaying methods follow the formula -----
-TAU_CFG = dict(iterations=80, batch_size=8, tau_0=0.3, tau_min=0.02, tau_k0=5.0, tau_power=1.0, eval_every=1000,
-               nested_inner_steps=4, fd_inner_steps=4, exact_iterations=8)
+TAU_CFG = dict(iterations=80, batch_size=8, tau_init=0.3, tau_min=0.02, tau_horizon=5.0, tau_decay_rate=1.0,
+               eval_every=1000, nested_inner_steps=4, fd_inner_steps=4, exact_iterations=8)
 # tau_t = max(0.02, 0.3 / (1 + t / 5)), by hand
 HAND_TAU = {0: 0.3, 5: 0.15, 10: 0.1, 25: 0.05, 45: 0.03, 69: 0.3 / 14.8, 70: 0.02, 75: 0.02, 79: 0.02}
 
@@ -145,9 +146,9 @@ def test_fixed_tau_uses_tau_0_at_every_step(problem, monkeypatch):
     _, calls = install_actors(monkeypatch, problem)
     result = run_method(problem, cfg, "fixed_tau", seed=0)
     taus = step_taus(calls, 2)
-    assert len(taus) == cfg.iterations and all(t == cfg.tau_0 for t in taus), taus
-    assert result.tau_final == cfg.tau_0
-    assert result.phi_tau == pytest.approx(float(problem.phi(result.x, cfg.tau_0)), abs=1e-12)
+    assert len(taus) == cfg.iterations and all(t == cfg.tau_init for t in taus), taus
+    assert result.tau_final == cfg.tau_init
+    assert result.phi_tau == pytest.approx(float(problem.phi(result.x, cfg.tau_init)), abs=1e-12)
     # and it is the schedule that keeps it: with decay=False tau_at ignores t
     assert [tau_at(cfg, t, decay=False) for t in HAND_TAU] == [0.3] * len(HAND_TAU)
 
@@ -188,10 +189,10 @@ def test_exact_methods_use_the_documented_tau(problem, monkeypatch, method):
 # ----- 3. the hypergradient directions of nested_loop, partial_sgd and finite_difference -----
 def test_nested_loop_outer_step_descends_along_the_hypergradient(problem, monkeypatch):
     """One outer step (20 inner steps, actors learning from their optima at x0): the step is
-    -nested_zeta (grad c + lam * mean over the second half of (w_phi - w_theta)), points along
+    -nested_reward_learning_rate (grad c + lam * mean over the second half of (w_phi - w_theta)), points along
     -grad Phi_tau and lowers the exact Phi_tau."""
     cfg = GridWorldConfig(x0=X_PEN, iterations=20, batch_size=512, eval_every=1000)
-    x, tau, lam, inner = np.array(cfg.x0), cfg.tau_0, cfg.lam, cfg.nested_inner_steps
+    x, tau, lam, inner = np.array(cfg.x0), cfg.tau_init, cfg.penalty_lambda, cfg.nested_inner_steps
     r = problem.reward(x)
     exact = problem.hypergradient(x, tau)[1]
     phi_tau_0 = float(problem.phi(x, tau))
@@ -203,7 +204,7 @@ def test_nested_loop_outer_step_descends_along_the_hypergradient(problem, monkey
         assert len(calls) == 2 * inner
         diffs = [calls[2 * t][1]["w"] - calls[2 * t + 1][1]["w"] for t in range(inner // 2, inner)]
         h_replay = problem.placement_grad(x) + lam * problem.reward_vjp(x, np.mean(diffs, 0))
-        h = (x - result.x) / cfg.nested_zeta
+        h = (x - result.x) / cfg.nested_reward_learning_rate
         np.testing.assert_allclose(h, h_replay, rtol=1e-9, atol=1e-11)
         assert h @ exact > 0, (seed, h, exact)
         assert float(problem.phi(result.x, tau)) < phi_tau_0 - 0.05, seed
@@ -213,9 +214,9 @@ def test_nested_loop_outer_step_descends_along_the_hypergradient(problem, monkey
 
 def test_partial_sgd_steps_along_minus_grad_c(problem):
     """x_{t+1} = x_t - zeta_t grad c(x_t), grad c = 2 kappa (x - target centre): no penalty term and
-    zeta_t = zeta (1 + t/step_k0)^-zeta_power, replayed by hand."""
-    cfg = GridWorldConfig(x0=X_PEN, iterations=6, batch_size=8, zeta=0.5, zeta_power=0.5, step_k0=2.0,
-                          placement_weight=0.01, eval_every=1000)
+    zeta_t = reward_learning_rate (1 + t/lr_horizon)^-reward_lr_decay, replayed by hand."""
+    cfg = GridWorldConfig(x0=X_PEN, iterations=6, batch_size=8, reward_learning_rate=0.5, reward_lr_decay=0.5,
+                          lr_horizon=2.0, placement_weight=0.01, eval_every=1000)
     x = np.array(cfg.x0)
     for t in range(cfg.iterations):
         x = x - 0.5 * (1 + t / 2.0) ** -0.5 * 2 * 0.01 * (x - TARGET_CENTRE)
@@ -229,8 +230,9 @@ def test_finite_difference_estimate_points_along_the_exact_hypergradient(problem
     """One x-update from a base actor held at pi*_tau(x): replayed from the recorded walker batches,
     g_i = (f(x + eps e_i) - f(x - eps e_i)) / (2 eps), f = mean over the second half of E_w[u] + c; and
     g is a (shrunken: 20 warm-started inner steps) estimate of grad Phi_tau: cosine > 0.9."""
-    cfg = GridWorldConfig(x0=X_PEN, iterations=1, batch_size=512, tau_power=0.0, fd_zeta=0.5, eval_every=1000)
-    x, tau, K, eps = np.array(cfg.x0), cfg.tau_0, cfg.fd_inner_steps, cfg.fd_eps
+    cfg = GridWorldConfig(x0=X_PEN, iterations=1, batch_size=512, tau_decay_rate=0.0, fd_learning_rate=0.5,
+                          eval_every=1000)
+    x, tau, K, eps = np.array(cfg.x0), cfg.tau_init, cfg.fd_inner_steps, cfg.fd_eps
     exact = problem.hypergradient(x, tau)[1]
     cosines = []
     for seed in range(4):
@@ -248,7 +250,7 @@ def test_finite_difference_estimate_points_along_the_exact_hypergradient(problem
         for i, e in enumerate(np.eye(2)):
             plus, minus = calls[(1 + 2 * i) * K:(2 + 2 * i) * K], calls[(2 + 2 * i) * K:(3 + 2 * i) * K]
             g[i] = (f_hat(plus, x + eps * e) - f_hat(minus, x - eps * e)) / (2 * eps)
-        np.testing.assert_allclose((x - result.x) / cfg.fd_zeta, g, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose((x - result.x) / cfg.fd_learning_rate, g, rtol=1e-9, atol=1e-11)
         assert g @ exact > 0, (seed, g, exact)
         cosines.append(cosine(g, exact))
     assert min(cosines) > 0.8 and np.mean(cosines) > 0.9, cosines
@@ -259,9 +261,10 @@ def test_penalty_methods_replay_with_lambda_and_zeta_schedules(problem, monkeypa
     """Several x-steps, increasing lambda and decaying zeta: theta learns on r_x - u/lam_t, phi on r_x,
     and after each block of `inner` walker steps (k-th x-step)
     x <- x - zeta_k (grad c(x) + lam_t reward_vjp(x, mean over the block's second half of w_phi - w_theta)),
-    zeta_k = zeta_0 (1 + k / (step_k0 / inner))^-zeta_power: nested_loop's x-steps are on their own clock."""
-    cfg = GridWorldConfig(x0=X_PEN, iterations=3 * inner, batch_size=64, lam=10.0, lam_power=1.0, step_k0=2.0 * inner,
-                          zeta=0.05, nested_zeta=0.05, zeta_power=0.5, nested_inner_steps=inner, eval_every=1000)
+    zeta_k = zeta_0 (1 + k / (lr_horizon / inner))^-reward_lr_decay: nested_loop's x-steps are on their own clock."""
+    cfg = GridWorldConfig(x0=X_PEN, iterations=3 * inner, batch_size=64, penalty_lambda=10.0, penalty_lambda_growth=1.0,
+                          lr_horizon=2.0 * inner, reward_learning_rate=0.05, nested_reward_learning_rate=0.05,
+                          reward_lr_decay=0.5, nested_inner_steps=inner, eval_every=1000)
     _, calls = install_actors(monkeypatch, problem)
     result = run_method(problem, cfg, method, seed=0)
     x = np.array(cfg.x0)
@@ -281,22 +284,22 @@ def test_penalty_methods_replay_with_lambda_and_zeta_schedules(problem, monkeypa
 
 # ----- 4. schedules against hand-computed values -----
 def test_tau_schedule_hand_values():
-    cfg = GridWorldConfig(tau_0=0.3, tau_min=0.02, tau_k0=500.0, tau_power=1.0, step_k0=1000.0)
+    cfg = GridWorldConfig(tau_init=0.3, tau_min=0.02, tau_horizon=500.0, tau_decay_rate=1.0, lr_horizon=1000.0)
     for t, expected in {0: 0.3, 500: 0.15, 1000: 0.1, 1500: 0.075, 7000: 0.02, 10**6: 0.02}.items():
         assert tau_at(cfg, t) == pytest.approx(expected, rel=1e-12), t
-    assert tau_at(cfg, 4000) == pytest.approx(0.3 / 9, rel=1e-12)  # tau_k0, not step_k0, sets the time scale
-    cfg2 = GridWorldConfig(tau_0=0.3, tau_min=0.0, tau_k0=500.0, tau_power=2.0)
+    assert tau_at(cfg, 4000) == pytest.approx(0.3 / 9, rel=1e-12)  # tau_horizon, not lr_horizon, sets the time scale
+    cfg2 = GridWorldConfig(tau_init=0.3, tau_min=0.0, tau_horizon=500.0, tau_decay_rate=2.0)
     assert tau_at(cfg2, 500) == pytest.approx(0.075, rel=1e-12) and tau_at(cfg2, 1500) == pytest.approx(0.3 / 16)
-    assert tau_at(GridWorldConfig(tau_power=0.0), 10**5) == 0.3  # power 0: constant
+    assert tau_at(GridWorldConfig(tau_decay_rate=0.0), 10**5) == 0.3  # power 0: constant
     assert all(tau_at(cfg, t, decay=False) == 0.3 for t in (0, 500, 10**6))
 
 
 def test_lambda_schedule_hand_values():
-    cfg = GridWorldConfig(lam=10.0, lam_power=1.0, step_k0=1000.0, tau_k0=7.0)
+    cfg = GridWorldConfig(penalty_lambda=10.0, penalty_lambda_growth=1.0, lr_horizon=1000.0, tau_horizon=7.0)
     assert [lam_at(cfg, t) for t in (0, 1000, 3000)] == pytest.approx([10.0, 20.0, 40.0], rel=1e-12)
-    cfg = GridWorldConfig(lam=10.0, lam_power=0.5, step_k0=1000.0)
+    cfg = GridWorldConfig(penalty_lambda=10.0, penalty_lambda_growth=0.5, lr_horizon=1000.0)
     assert [lam_at(cfg, t) for t in (0, 3000, 8000)] == pytest.approx([10.0, 20.0, 30.0], rel=1e-12)
-    assert all(lam_at(GridWorldConfig(lam=7.0), t) == 7.0 for t in (0, 10, 10**6))  # lam_power 0: constant
+    assert all(lam_at(GridWorldConfig(penalty_lambda=7.0), t) == 7.0 for t in (0, 10, 10**6))  # growth 0: constant
 
 
 def test_poly_step_size_hand_values():
@@ -398,12 +401,12 @@ def test_common_random_numbers_share_the_uniforms_exactly_when_on(problem, monke
 def test_identical_actors_cancel_exactly_only_with_common_random_numbers(problem, crn):
     """phi = theta = uniform (zero steps): with CRN the two batches coincide, the penalty term is exactly
     0 and x moves by -zeta grad c; independent uniforms leave a nonzero noise term."""
-    cfg = GridWorldConfig(x0=X_PEN, iterations=3, batch_size=64, zeta_power=0.0, eval_every=1000,
+    cfg = GridWorldConfig(x0=X_PEN, iterations=3, batch_size=64, reward_lr_decay=0.0, eval_every=1000,
                           common_random_numbers=crn)
-    cfg.alpha = cfg.beta = 0.0  # past validation on purpose: both actors stay uniform
+    cfg.actor_learning_rate = cfg.critic_learning_rate = 0.0  # past validation on purpose: both actors stay uniform
     x = np.array(cfg.x0)
     for _ in range(cfg.iterations):
-        x = x - cfg.zeta * problem.placement_grad(x)
+        x = x - cfg.reward_learning_rate * problem.placement_grad(x)
     result = run_method(problem, cfg, "single_loop", seed=0)
     if crn:
         np.testing.assert_allclose(result.x, x, rtol=0, atol=1e-13)

@@ -58,8 +58,9 @@ class RunResult:
 
 # ----- schedules (the project's shared pure functions of the iteration, bilevel_rlhf.schedules) -----
 def tau_at(cfg: GridWorldConfig, t: int, decay: bool = True) -> float:
-    """tau_t = max(tau_min, tau_0 (1 + t/k0)^-c), or tau_0 when not decaying (fixed_tau)."""
-    return schedules.tau_at(t, cfg.tau_0, cfg.tau_min, "polynomial" if decay else "constant", cfg.tau_power, cfg.tau_k0)
+    """tau_t = max(tau_min, tau_init (1 + t/tau_horizon)^-tau_decay_rate), or tau_init when not decaying (fixed_tau)."""
+    schedule = "polynomial" if decay else "constant"
+    return schedules.tau_at(t, cfg.tau_init, cfg.tau_min, schedule, cfg.tau_decay_rate, cfg.tau_horizon)
 
 
 def poly(init: float, power: float, t: int, k0: float) -> float:
@@ -68,8 +69,8 @@ def poly(init: float, power: float, t: int, k0: float) -> float:
 
 
 def lam_at(cfg: GridWorldConfig, t: int) -> float:
-    """lambda_t = lambda_0 (1 + t/k0)^p, p >= 0: constant or increasing."""
-    return schedules.lambda_at(t, cfg.lam, "polynomial", cfg.lam_power, cfg.step_k0, None)
+    """lambda_t = penalty_lambda (1 + t/lr_horizon)^penalty_lambda_growth, growth >= 0: constant or increasing."""
+    return schedules.lambda_at(t, cfg.penalty_lambda, "polynomial", cfg.penalty_lambda_growth, cfg.lr_horizon, None)
 
 
 # ----- sampling -----
@@ -181,10 +182,11 @@ def _penalty_method(problem, cfg, rng, method):
     tracker = _Tracker(problem, cfg.eval_every)
     tracker.log(x, 0)
     w_sum, n_w = np.zeros_like(u_cost), 0
-    tau = cfg.tau_0
+    tau = cfg.tau_init
     for t in range(cfg.iterations):
         tau = tau_at(cfg, t, decay=method != "fixed_tau")  # entropy weight
-        alpha, beta = poly(cfg.alpha, cfg.alpha_power, t, cfg.step_k0), poly(cfg.beta, cfg.beta_power, t, cfg.step_k0)
+        alpha = poly(cfg.actor_learning_rate, cfg.actor_lr_decay, t, cfg.lr_horizon)
+        beta = poly(cfg.critic_learning_rate, cfg.critic_lr_decay, t, cfg.lr_horizon)
         lam = lam_at(cfg, t)  # penalty coefficient lambda_t
         r = problem.reward(x)
         u_phi = sampler.uniforms(rng)
@@ -196,7 +198,8 @@ def _penalty_method(problem, cfg, rng, method):
             w_sum += w_phi - w_theta
             n_w += 1
         if (t + 1) % inner == 0:
-            zeta = poly(cfg.nested_zeta if nested else cfg.zeta, cfg.zeta_power, t // inner, cfg.step_k0 / inner)
+            zeta = poly(cfg.nested_reward_learning_rate if nested else cfg.reward_learning_rate, cfg.reward_lr_decay,
+                        t // inner, cfg.lr_horizon / inner)
             # h = grad_x f(x, theta) + lambda (E_phi[grad r_x] - E_theta[grad r_x]); grad_x f = grad c (u has no x)
             h = problem.placement_grad(x) + lam * problem.reward_vjp(x, w_sum / n_w)
             x = problem.project(x - zeta * h)
@@ -214,14 +217,15 @@ def _partial_sgd(problem, cfg, rng, method):
     actor = ActorCritic(problem.mdp, sampler.start(sampler.uniforms(rng)[3]))
     tracker = _Tracker(problem, cfg.eval_every)
     tracker.log(x, 0)
-    tau = cfg.tau_0
+    tau = cfg.tau_init
     for t in range(cfg.iterations):
         tau = tau_at(cfg, t)
-        alpha, beta = poly(cfg.alpha, cfg.alpha_power, t, cfg.step_k0), poly(cfg.beta, cfg.beta_power, t, cfg.step_k0)
+        alpha = poly(cfg.actor_learning_rate, cfg.actor_lr_decay, t, cfg.lr_horizon)
+        beta = poly(cfg.critic_learning_rate, cfg.critic_lr_decay, t, cfg.lr_horizon)
         actor.step(sampler, problem.reward(x), tau, alpha, beta, sampler.uniforms(rng))
         tracker.samples += cfg.batch_size
         h = problem.placement_grad(x)  # the data's gradient ignores how pi*(x) moves with x
-        x = problem.project(x - poly(cfg.zeta, cfg.zeta_power, t, cfg.step_k0) * h)
+        x = problem.project(x - poly(cfg.reward_learning_rate, cfg.reward_lr_decay, t, cfg.lr_horizon) * h)
         _check_finite(method, t, h=h, x=x, critic=actor.Q, actor=actor.logits)
         tracker.log(x, t + 1, force=t + 1 == cfg.iterations)
     return x, tau, tracker
@@ -237,7 +241,7 @@ def _finite_difference(problem, cfg, rng, method):
     tracker = _Tracker(problem, cfg.eval_every)
     tracker.log(x, 0)
     K = cfg.fd_inner_steps
-    t, k, tau = 0, 0, cfg.tau_0
+    t, k, tau = 0, 0, cfg.tau_init
     last_logged = 0
 
     def solve(ac: ActorCritic, x_eval: np.ndarray, stream: np.random.Generator) -> float:
@@ -245,7 +249,8 @@ def _finite_difference(problem, cfg, rng, method):
         r, f_sum = problem.reward(x_eval), 0.0
         for j in range(K):
             tau_t = tau_at(cfg, t)
-            alpha, beta = poly(cfg.alpha, cfg.alpha_power, t, cfg.step_k0), poly(cfg.beta, cfg.beta_power, t, cfg.step_k0)
+            alpha = poly(cfg.actor_learning_rate, cfg.actor_lr_decay, t, cfg.lr_horizon)
+            beta = poly(cfg.critic_learning_rate, cfg.critic_lr_decay, t, cfg.lr_horizon)
             w = ac.step(sampler, r, tau_t, alpha, beta, sampler.uniforms(stream))
             if j >= K // 2:
                 f_sum += float((w * problem.designer_cost).sum())
@@ -267,7 +272,8 @@ def _finite_difference(problem, cfg, rng, method):
             f_minus = solve(base.copy(), x - cfg.fd_eps * v, np.random.default_rng(seed))
             g += (f_plus - f_minus) / (2.0 * cfg.fd_eps) * v
         g /= len(directions) if problem.parameterization == "cells" else 1.0
-        x = problem.project(x - poly(cfg.fd_zeta, cfg.zeta_power, k, cfg.step_k0 / ((1 + 2 * len(directions)) * K)) * g)
+        zeta = poly(cfg.fd_learning_rate, cfg.reward_lr_decay, k, cfg.lr_horizon / ((1 + 2 * len(directions)) * K))
+        x = problem.project(x - zeta * g)
         k += 1
         _check_finite(method, t, h=g, x=x, critic=base.Q, actor=base.logits)
         if t - last_logged >= cfg.eval_every:
@@ -289,7 +295,7 @@ def _exact(problem, cfg, rng, method):
         if method == "exact_decay":
             tau = tau_at(cfg, round(k * cfg.iterations / cfg.exact_iterations))
         _, g = problem.hypergradient(x, tau)
-        x = problem.project(x - cfg.exact_zeta * g)
+        x = problem.project(x - cfg.exact_learning_rate * g)
         _check_finite(method, k, h=g, x=x)
         tracker.log(x, k + 1, force=k + 1 == cfg.exact_iterations)
     return x, tau, tracker

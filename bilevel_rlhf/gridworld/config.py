@@ -4,6 +4,7 @@ loadable from YAML and overridable from the command line (``--field value``)."""
 import argparse
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,29 +38,29 @@ class GridWorldConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Methods to run, from {METHODS}."})
     iterations: int = field(default=2000, metadata={"help": "Walker steps per sampled method (each = batch_size transitions per actor)."})
     batch_size: int = field(default=128, metadata={"help": "B, parallel walkers per actor (>= 1)."})
-    tau_0: float = field(default=0.3, metadata={"help": "Initial entropy weight tau_0 (> 0); fixed_tau keeps it."})
-    tau_min: float = field(default=0.02, metadata={"help": "Floor of the decaying tau (0 <= tau_min <= tau_0)."})
-    tau_k0: float = field(default=500.0, metadata={"help": "k0 in tau_t = max(tau_min, tau_0 (1 + t/k0)^-c) (> 0)."})
-    tau_power: float = field(default=1.0, metadata={"help": "c in the tau schedule (>= 0; a negative power would increase tau)."})
-    beta: float = field(default=0.5, metadata={"help": "Critic step beta_0 (fastest)."})
-    alpha: float = field(default=0.5, metadata={"help": "Actor step alpha_0 (<= beta_0)."})
-    zeta: float = field(default=0.05, metadata={"help": "Upper-variable step zeta_0 (<= alpha_0, slowest)."})
-    beta_power: float = field(default=0.0, metadata={"help": "Polynomial decay power of beta_t = beta_0 (1 + t/step_k0)^-p (>= 0)."})
-    alpha_power: float = field(default=0.0, metadata={"help": "Decay power of alpha_t (>= beta_power)."})
-    zeta_power: float = field(default=0.5, metadata={"help": "Decay power of zeta_t (>= alpha_power)."})
-    step_k0: float = field(default=1000.0, metadata={"help": "Time constant of the step-size decays (> 0)."})
-    lam: float = field(default=10.0, metadata={"help": "Penalty coefficient lambda_0 (> 0)."})
-    lam_power: float = field(default=0.0, metadata={"help": "lambda_t = lambda_0 (1 + t/step_k0)^p, p >= 0 (constant or increasing)."})
+    tau_init: float = field(default=0.3, metadata={"help": "Initial entropy weight (the paper's tau_0; > 0); fixed_tau keeps it."})
+    tau_min: float = field(default=0.02, metadata={"help": "Floor of the decaying tau (0 <= tau_min <= tau_init)."})
+    tau_horizon: float = field(default=500.0, metadata={"help": "Time constant (the paper's k_0) in tau_t = max(tau_min, tau_init (1 + t/tau_horizon)^-tau_decay_rate) (> 0)."})
+    tau_decay_rate: float = field(default=1.0, metadata={"help": "Decay power of the tau schedule (the paper's c; >= 0, a negative power would increase tau)."})
+    critic_learning_rate: float = field(default=0.5, metadata={"help": "Critic step size (the paper's beta_0; fastest)."})
+    actor_learning_rate: float = field(default=0.5, metadata={"help": "Actor step size (the paper's alpha_0; <= critic_learning_rate)."})
+    reward_learning_rate: float = field(default=0.05, metadata={"help": "Step size of x, the agent's reward parameters (the paper's zeta_0; <= actor_learning_rate, slowest)."})
+    critic_lr_decay: float = field(default=0.0, metadata={"help": "Polynomial decay power p of the critic step, critic_learning_rate (1 + t/lr_horizon)^-p (>= 0)."})
+    actor_lr_decay: float = field(default=0.0, metadata={"help": "Polynomial decay power of the actor step (>= 0; >= critic_lr_decay)."})
+    reward_lr_decay: float = field(default=0.5, metadata={"help": "Polynomial decay power of the x step (>= 0; >= actor_lr_decay)."})
+    lr_horizon: float = field(default=1000.0, metadata={"help": "Time constant of the step-size decays and of the penalty_lambda growth (> 0)."})
+    penalty_lambda: float = field(default=10.0, metadata={"help": "Penalty coefficient (the paper's lambda_0; > 0)."})
+    penalty_lambda_growth: float = field(default=0.0, metadata={"help": "Growth power g in lambda_t = penalty_lambda (1 + t/lr_horizon)^g (>= 0: constant or increasing)."})
     common_random_numbers: bool = field(default=True, metadata={"help": "Drive phi's and theta's walkers with the same random numbers (variance reduction of the lambda-weighted difference)."})
     nested_inner_steps: int = field(default=20, metadata={"help": "nested_loop: actor-critic steps at fixed x before each x step (>= 1)."})
-    nested_zeta: float = field(default=0.25, metadata={"help": "nested_loop: x step size zeta_0 (decays like zeta)."})
+    nested_reward_learning_rate: float = field(default=0.25, metadata={"help": "nested_loop: x step size (decays with reward_lr_decay, on the x-step clock)."})
     fd_inner_steps: int = field(default=20, metadata={"help": "finite_difference: warm-started actor-critic steps per Phi evaluation (>= 1)."})
     fd_eps: float = field(default=0.25, metadata={"help": "finite_difference: perturbation size (> 0)."})
     fd_directions: int = field(default=4, metadata={"help": "finite_difference, 'cells': random Gaussian directions per step (>= 1)."})
-    fd_zeta: float = field(default=4.0, metadata={"help": "finite_difference: x step size zeta_0 (decays like zeta)."})
+    fd_learning_rate: float = field(default=4.0, metadata={"help": "finite_difference: x step size (decays with reward_lr_decay, on the x-step clock)."})
     exact_iterations: int = field(default=300, metadata={"help": "exact, exact_decay: gradient steps on Phi_tau."})
     exact_tau: float = field(default=0.1, metadata={"help": "exact: the fixed tau of Phi_tau (> 0)."})
-    exact_zeta: float = field(default=0.5, metadata={"help": "exact, exact_decay: step size (constant)."})
+    exact_learning_rate: float = field(default=0.5, metadata={"help": "exact, exact_decay: step size (constant)."})
     eval_every: int = field(default=50, metadata={"help": "Record exact Phi(x) every this many walker steps (logging, not counted as samples)."})
     # ----- recipe -----
     seeds: int = field(default=5, metadata={"help": "Number of seeds (0, 1, ..., seeds-1)."})
@@ -72,7 +73,7 @@ class GridWorldConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field and its allowed range."""
+        """Raise ValueError naming the field and its allowed range; warn when the three time-scales are misordered."""
 
         def need(ok: bool, name: str, allowed: str) -> None:
             if not ok:
@@ -96,24 +97,37 @@ class GridWorldConfig:
         need(0.0 <= self.slip <= 1.0, "slip", "in [0, 1]")
         need(0.0 <= self.gamma < 1.0, "gamma", "in [0, 1)")
         need(self.parameterization in ("position", "cells"), "parameterization", "'position' or 'cells'")
-        for name in ("reward_scale", "bump_width", "tau_0", "tau_k0", "beta", "alpha", "zeta", "step_k0", "lam",
-                     "nested_zeta", "fd_eps", "fd_zeta", "exact_tau", "exact_zeta", "search_step", "search_refine_step"):
+        for name in ("reward_scale", "bump_width", "tau_init", "tau_horizon", "critic_learning_rate",
+                     "actor_learning_rate", "reward_learning_rate", "lr_horizon", "penalty_lambda",
+                     "nested_reward_learning_rate", "fd_eps", "fd_learning_rate", "exact_tau", "exact_learning_rate",
+                     "search_step", "search_refine_step"):
             need(getattr(self, name) > 0, name, "> 0")
-        for name in ("hazard_cost", "target_bonus", "placement_weight", "tau_power", "beta_power", "lam_power"):
+        for name in ("hazard_cost", "target_bonus", "placement_weight", "tau_decay_rate", "critic_lr_decay",
+                     "actor_lr_decay", "reward_lr_decay", "penalty_lambda_growth"):
             need(getattr(self, name) >= 0, name, ">= 0")
-        need(0.0 <= self.tau_min <= self.tau_0, "tau_min", f"in [0, tau_0={self.tau_0}]")
+        need(0.0 <= self.tau_min <= self.tau_init, "tau_min", f"in [0, tau_init={self.tau_init}]")
         need(len(self.x0) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.x0), "x0",
              "a (row, col) pair of finite numbers")
-        # three time-scales: beta_t >= alpha_t >= zeta_t for every t
-        need(self.alpha <= self.beta, "alpha", f"<= beta={self.beta} (critic fastest)")
-        need(self.zeta <= self.alpha, "zeta", f"<= alpha={self.alpha} (x slowest)")
-        need(self.alpha_power >= self.beta_power, "alpha_power", f">= beta_power={self.beta_power}")
-        need(self.zeta_power >= self.alpha_power, "zeta_power", f">= alpha_power={self.alpha_power}")
         for name in ("iterations", "batch_size", "nested_inner_steps", "fd_inner_steps", "fd_directions",
                      "exact_iterations", "eval_every", "seeds"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")  # integer: checked with the types above
         unknown = [m for m in self.methods if m not in METHODS]
         need(not unknown and len(self.methods) > 0, "methods", f"a non-empty list from {METHODS} (unknown: {unknown})")
+        # three time-scales, critic >= actor >= reward step size at every t (learning rates in that order, decays in
+        # the opposite one): a warning only, as in BilevelConfig
+        if not self.critic_learning_rate >= self.actor_learning_rate >= self.reward_learning_rate:
+            warnings.warn(
+                "the three time-scales of the analysis need critic_learning_rate >= actor_learning_rate >= "
+                f"reward_learning_rate; got {self.critic_learning_rate}, {self.actor_learning_rate}, "
+                f"{self.reward_learning_rate}",
+                stacklevel=2,
+            )
+        if not self.critic_lr_decay <= self.actor_lr_decay <= self.reward_lr_decay:
+            warnings.warn(
+                "the three time-scales of the analysis need critic_lr_decay <= actor_lr_decay <= reward_lr_decay; "
+                f"got {self.critic_lr_decay}, {self.actor_lr_decay}, {self.reward_lr_decay}",
+                stacklevel=2,
+            )
 
 
 def _parse_value(text: str, default: Any) -> Any:

@@ -109,7 +109,7 @@ def run_recipe(cfg: GridWorldConfig) -> dict:
         "config": dataclasses.asdict(cfg),
         "global_best": {"phi": search["phi"], "x": np.asarray(search["x"]).tolist(), "method": search["method"],
                         "seconds": search_seconds},
-        "phi_start": float(problem.phi(x0)), "phi_tau0_start": float(problem.phi(x0, cfg.tau_0)),
+        "phi_start": float(problem.phi(x0)), "phi_tau0_start": float(problem.phi(x0, cfg.tau_init)),
         "x0": x0.tolist(),
         "notes": {
             "phi": "exact Phi(x_final), tau = 0: hard value iteration with uniform tie-breaking",
