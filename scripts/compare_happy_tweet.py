@@ -5,13 +5,14 @@
     python scripts/compare_happy_tweet.py --methods single_loop rloo -- --actor_learning_rate 1e-4   # recipe overrides
 
 Each bilevel method runs the recipe (`python -m bilevel_rlhf.happy_tweet.recipe`, one subprocess per run) once per
-objective in `--objectives`, with `max_steps` set so that it uses `--queries` oracle queries (labelled pairs: two of
-theta's completions for preference_nll, one theta completion against one of the initial policy for win_rate). Runs
-are named METHOD-seedS, or METHOD_win_rate-seedS. The reference
-point is TRL's `RLOOTrainer` optimizing the VADER compound score directly (reward function = the oracle's score):
+objective in `--objectives`, with `max_steps` set so that it uses `--queries` oracle queries. Every run labels one
+pair per prompt and iteration: preference_nll runs get `--num_generations 2` (theta's two completions form the
+pair), win_rate runs `--num_generations 1` (theta's completion against one of the initial policy); overrides after
+`--` come later and win. Runs are named METHOD-seedS, or METHOD_win_rate-seedS. The reference point is TRL's
+`RLOOTrainer` optimizing the VADER compound score directly (reward function = the oracle's score):
 an oracle-reward upper bound, not a bilevel method; its "queries" are scored completions (each one scalar score,
 more information than one pairwise label). It uses the same model, prompts, completion length, temperature,
-learning rate (the actor's), completions per prompt, PPO epochs (`num_iterations`) and mini-batches
+learning rate (the actor's), completions per prompt (2), PPO epochs (`num_iterations`) and mini-batches
 (`steps_per_generation`) as the bilevel runs, and `--rloo_beta` as its KL coefficient. Runs whose summary.json says
 "completed" are skipped, so an interrupted comparison continues where it stopped. Finally every run is evaluated
 (scripts/evaluate_happy_tweet.py) into OUTPUT_DIR/eval: results.json, results.md, oracle_curve.png.
@@ -55,11 +56,20 @@ def completed(run_dir: Path, queries: int) -> bool:
     return s.get("status") == "completed" and s.get("oracle_queries") == queries
 
 
+# every run labels one pair per prompt and iteration, whatever the YAML's objective: theta's two completions
+# (preference_nll), or one theta completion against one of the reference (win_rate); overrides after `--` win
+GENERATIONS = {"preference_nll": 2, "win_rate": 1}
+
+
+def objective_args(objective: str) -> list[str]:
+    return ["--objective", objective, "--num_generations", str(GENERATIONS[objective])]
+
+
 def run_bilevel(method: str, objective: str, seed: int, max_steps: int, run_dir: Path, config: str,
                 overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "bilevel_rlhf.happy_tweet.recipe", "--config", config, *overrides,
-           "--method", method, "--objective", objective, "--seed", str(seed), "--max_steps", str(max_steps), "--output_dir", str(run_dir),
-           "--save_strategy", "no", "--report_to", "none"]
+    cmd = [sys.executable, "-m", "bilevel_rlhf.happy_tweet.recipe", "--config", config, *objective_args(objective),
+           *overrides, "--method", method, "--objective", objective, "--seed", str(seed), "--max_steps", str(max_steps),
+           "--output_dir", str(run_dir), "--save_strategy", "no", "--report_to", "none"]
     print("+ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -109,7 +119,7 @@ def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: lis
 
     from bilevel_rlhf.happy_tweet.recipe import make_oracle
 
-    script_args, a, model_args = parse_recipe_args(config, overrides)
+    script_args, a, model_args = parse_recipe_args(config, [*objective_args("preference_nll"), *overrides])
     t0 = time.time()
     B, n = a.per_device_train_batch_size, a.num_generations
     iterations = max(1, queries // (B * n))
@@ -135,7 +145,7 @@ def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, override
 
     from bilevel_rlhf.happy_tweet.recipe import make_oracle
 
-    script_args, a, model_args = parse_recipe_args(config, overrides)
+    script_args, a, model_args = parse_recipe_args(config, [*objective_args("preference_nll"), *overrides])
     t0 = time.time()
     B = a.per_device_train_batch_size  # prompts per step: one pair each
     args = OnlineDPOConfig(
@@ -172,17 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.queries < 1:
         parser.error(f"--queries must be >= 1, got {args.queries}")
 
-    # the counts below (prompts, completions, processes, steps per iteration) do not depend on the objective; parse
-    # with one the overrides are valid for (win_rate takes num_generations 1)
-    objective_args = ["--objective", "win_rate"] if "win_rate" in args.objectives else []
-    _, cfg, _ = parse_recipe_args(args.config, [*overrides, *objective_args])
-    completions = cfg.per_device_train_batch_size * cfg.num_generations * cfg.world_size  # per actor and iteration
+    # the TRL baselines take the preference_nll settings: two completions per prompt
+    needed = set(args.objectives) | ({"preference_nll"} if set(args.methods) & set(TRL_METHODS) else set())
+    configs = {obj: parse_recipe_args(args.config, [*objective_args(obj), *overrides])[1] for obj in sorted(needed)}
+    cfg = next(iter(configs.values()))
     out = Path(args.output_dir)
     runs: dict[str, str] = {}
     t0 = time.time()
     for seed in args.seeds:
         for method in args.methods:
             for objective in (args.objectives if method not in TRL_METHODS else [None]):
+                c = configs[objective or "preference_nll"]
+                completions = c.per_device_train_batch_size * c.num_generations * c.world_size  # per actor, iteration
                 # labelled pairs per iteration: theta's (2i, 2i+1), or each theta completion against the reference's
                 pairs = completions if objective == "win_rate" else completions // 2
                 iterations = max(1, args.queries // pairs)
@@ -204,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                 elif method == "online_dpo":
                     run_online_dpo(seed, args.queries, run_dir, args.config, overrides, args.dpo_beta)
                 else:
-                    run_bilevel(method, objective, seed, iterations * cfg.steps_per_iteration, run_dir, args.config,
+                    run_bilevel(method, objective, seed, iterations * c.steps_per_iteration, run_dir, args.config,
                                 overrides)
     train_seconds = time.time() - t0
     if args.skip_eval:

@@ -35,6 +35,7 @@ def trained_run(tiny_model, tmp_path_factory):
     from bilevel_rlhf.happy_tweet.recipe import run
 
     out = tmp_path_factory.mktemp("runs") / "single_loop"
+    torch.set_num_threads(2)  # the recipe sets its own count (torch_threads, 1 by default)
     summary = run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(out),
                    "--report_to", "tensorboard", *TINY])
     return out, summary
@@ -47,6 +48,7 @@ def test_recipe_end_to_end_writes_every_artifact(trained_run):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["status"] == summary["status"] == "completed"
     assert on_disk["method"] == "single_loop" and on_disk["iterations"] == 2 and on_disk["global_step"] == 8
+    assert on_disk["torch_threads"] == 1 == torch.get_num_threads()
     assert on_disk["oracle_queries"] == 2 * 4  # 2 iterations x 4 prompts x (2 completions / 2 per pair)
     assert [p["oracle/queries"] for p in on_disk["oracle_curve"]] == [4.0, 8.0]
     assert set(on_disk["eval_metrics"]) == {"eval_reward/theta_mean", "eval_oracle/score_theta"}
@@ -227,6 +229,8 @@ def test_bad_model_folders_and_arguments_name_the_problem(tiny_model, tmp_path):
         HappyTweetArguments(n_prompt_words=0)
     with pytest.raises(FileNotFoundError, match="tweets_path"):
         HappyTweetArguments(tweets_path=str(missing))
+    with pytest.raises(ValueError, match="torch_threads must be an integer >= 0"):
+        HappyTweetArguments(torch_threads=-1)
 
 
 def test_recipe_with_lora_saves_adapters_that_load_and_resume(tiny_model, tmp_path):

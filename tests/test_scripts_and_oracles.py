@@ -345,13 +345,13 @@ def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
     for name, s in summaries.items():
         kind, seed = name.split("-seed")
         assert s["status"] == "completed" and s["method"] == kind.replace("_win_rate", "") and s["seed"] == int(seed)
-        # 2 iterations x 4 pairs (preference_nll: 4 prompts x 2 completions / 2); win_rate: 1 iteration x 8 pairs
-        # (each completion against the reference's); RLOO: 8 scored completions; OnlineDPO: 2 steps x 4 pairs
+        # 2 iterations x 4 pairs, one per prompt (preference_nll: 2 completions per prompt; win_rate: 1, against the
+        # reference's); RLOO: 8 scored completions; OnlineDPO: 2 steps x 4 pairs
         assert s["oracle_queries"] == 8
         assert s["model_name_or_path"] == tiny_model
     for seed in (0, 1):
         assert summaries[f"single_loop-seed{seed}"]["global_step"] == 8  # 2 iterations x 4 steps
-        assert summaries[f"single_loop_win_rate-seed{seed}"]["global_step"] == 4
+        assert summaries[f"single_loop_win_rate-seed{seed}"]["global_step"] == 8
         assert summaries[f"single_loop_win_rate-seed{seed}"]["objective"] == "win_rate"
         assert summaries[f"rloo-seed{seed}"]["oracle_curve"][-1]["oracle/queries"] == 8.0
         assert summaries[f"online_dpo-seed{seed}"]["global_step"] == 2

@@ -74,6 +74,13 @@ class HappyTweetArguments:
         default=None,
         metadata={"help": "Cache of the embedded model (None: $BILEVEL_RLHF_CACHE or ~/.cache/bilevel_rlhf)."},
     )
+    torch_threads: int = field(
+        default=1,
+        metadata={"help": "torch intra-op threads (torch.set_num_threads); 0: torch's default (one per core). 1 by "
+                  "default: for models this small a second thread gains little on a quiet machine and stalls when "
+                  "another process holds a core (docs/happy_tweet.md). Runs are bit-reproducible only for the same "
+                  "count, so summary.json records it."},
+    )
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -86,6 +93,7 @@ class HappyTweetArguments:
         need(self.max_train_prompts is None or self.max_train_prompts >= 1, "max_train_prompts", "None or >= 1")
         need(self.num_eval_prompts >= 0, "num_eval_prompts", ">= 0")
         need(math.isfinite(self.oracle_temperature) and self.oracle_temperature > 0, "oracle_temperature", "> 0")
+        need(isinstance(self.torch_threads, int) and self.torch_threads >= 0, "torch_threads", "an integer >= 0")
         if self.tweets_path is not None and not Path(self.tweets_path).is_file():
             raise FileNotFoundError(f"tweets_path: file not found: {self.tweets_path}")
 
@@ -267,6 +275,8 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
     from .data import load_prompt_dataset
 
     t_start = time.time()
+    if script_args.torch_threads > 0:
+        torch.set_num_threads(script_args.torch_threads)
     set_seed(training_args.seed)
     resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
@@ -293,6 +303,11 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
         reward_processing_class=models["reward_tokenizer"],
         peft_config=get_peft_config(model_args),
     )
+    if trainer.accelerator.is_main_process:
+        dtype = next(trainer.model.parameters()).dtype
+        print(f"[happy-tweet] device {trainer.accelerator.device} x {trainer.accelerator.num_processes} process(es), "
+              f"parameters {dtype}, mixed precision {trainer.accelerator.mixed_precision}, "
+              f"torch threads {torch.get_num_threads()}", file=sys.stderr)
     stopper = StopOnSignal(trainer.accelerator)
     trainer.add_callback(stopper)
     stopper.install()
@@ -319,6 +334,7 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
         "model_name_or_path": models["policy_path"],
         "reward_model_name_or_path": models["reward_path"],
         "use_peft": bool(model_args.use_peft),
+        "torch_threads": torch.get_num_threads(),
         "iterations": trainer.state.global_step // training_args.steps_per_iteration,
         "global_step": trainer.state.global_step,
         "oracle_queries": trainer.oracle_queries,
@@ -344,12 +360,22 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
     return summary
 
 
+def _cpu_without_accelerator() -> None:
+    """The recipe trains on the accelerator when there is one, else on the CPU. Without one, `ACCELERATE_USE_CPU`
+    tells `TrainingArguments` so before it sets up its devices (as `use_cpu=True` would): without it, the processes
+    of a multi-process CPU launch would each train alone instead of joining one gloo process group."""
+    xpu = getattr(torch, "xpu", None)
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available())):
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def make_parser():
     """TrlParser over (HappyTweetArguments, BilevelConfig, ModelConfig); `--config recipe.yaml` gives defaults."""
     from trl import ModelConfig, TrlParser
 
     from ..config import BilevelConfig
 
+    _cpu_without_accelerator()
     return TrlParser((HappyTweetArguments, BilevelConfig, ModelConfig))
 
 
