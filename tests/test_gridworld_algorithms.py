@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bilevel_rlhf.gridworld.algorithms import build_problem, initial_x, run_method, tau_at
-from bilevel_rlhf.gridworld.config import METHODS, GridWorldConfig, parse_args
+from bilevel_rlhf.gridworld.algorithms import build_problem, gridworld_tau, initial_x, run_method
+from bilevel_rlhf.gridworld.config import METHODS, GridWorldConfig, load_config, parse_args
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,9 @@ def test_each_method_lowers_phi_from_the_default_start(default_setup, method):
 
 def test_tau_schedules_decay_to_the_floor_and_fixed_tau_stays():
     cfg = GridWorldConfig()
-    taus = [tau_at(cfg, t) for t in range(0, 20000, 100)]
+    taus = [gridworld_tau(cfg, t) for t in range(0, 20000, 100)]
     assert taus[0] == cfg.tau_init and all(a >= b for a, b in zip(taus, taus[1:])) and taus[-1] == cfg.tau_min
-    assert tau_at(cfg, 10**6, decay=False) == cfg.tau_init
+    assert gridworld_tau(cfg, 10**6, decay=False) == cfg.tau_init
 
 
 @pytest.mark.parametrize(
@@ -86,10 +86,13 @@ def test_invalid_layout_is_rejected_before_work():
 
 
 def test_command_line_overrides():
-    cfg = parse_args(["--seeds", "3", "--methods", "single_loop,exact", "--gamma", "0.8", "--progress", "false"])
+    cfg = parse_args(["--seeds", "3", "--methods", "single_loop", "exact", "--gamma", "0.8", "--progress", "false"])
     assert cfg.seeds == 3 and cfg.methods == ["single_loop", "exact"] and cfg.gamma == 0.8 and cfg.progress is False
     with pytest.raises(ValueError, match="methods"):
-        parse_args(["--methods", "single_loop,nope"])
+        parse_args(["--methods", "single_loop", "nope"])
+    # the YAML gives the defaults, the command line overrides them
+    cfg = parse_args(["--config", "recipes/gridworld/config.yaml", "--x0", "1", "2"])
+    assert cfg.x0 == [1.0, 2.0] and cfg.methods == load_config("recipes/gridworld/config.yaml").methods
 
 
 @pytest.mark.parametrize("method", ["single_loop", "partial_sgd", "finite_difference"])

@@ -1,9 +1,9 @@
 """The GridWorld recipe's configuration: one flat dataclass, validated before any work starts,
 loadable from YAML and overridable from the command line (``--field value``)."""
 
-import argparse
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,17 +130,6 @@ class GridWorldConfig:
             )
 
 
-def _parse_value(text: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if isinstance(default, list):
-        items = [t for t in text.split(",") if t]
-        return [type(default[0])(t) for t in items] if default else items
-    return type(default)(text)
-
-
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> GridWorldConfig:
     """Config from a YAML file (flat mapping of field names) with overrides applied on top."""
     values: dict[str, Any] = {}
@@ -156,19 +145,20 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> GridWorldConfig:
-    """``--config file.yaml`` plus ``--<field> value`` for any field (lists comma-separated)."""
-    parser = argparse.ArgumentParser(description="Bilevel RL on the tabular GridWorld goal-placement problem.")
-    parser.add_argument("--config", default=None, help="YAML config file (flat field: value mapping).")
-    defaults = GridWorldConfig()
-    for f in dataclasses.fields(GridWorldConfig):
-        parser.add_argument(f"--{f.name}", default=None, help=f.metadata.get("help", ""))
-    args = vars(parser.parse_args(argv))
-    path = args.pop("config")
-    overrides = {}
-    for k, v in args.items():
-        if v is not None:
-            try:
-                overrides[k] = _parse_value(v, getattr(defaults, k))
-            except ValueError as err:
-                raise ValueError(f"config field {k}={v!r} is invalid: {err}") from None
-    return load_config(path, overrides)
+    """``--config file.yaml`` plus ``--<field> value`` for any field (lists space-separated), parsed by TRL's
+    `TrlParser` (`HfArgumentParser` with a YAML config) as the happy-tweet recipe is: the file gives the defaults, the
+    command line overrides them. A value that does not convert stops with argparse's message naming the flag; an
+    unknown key of the file, or a value out of range, raises ValueError naming the field."""
+    from trl import TrlParser  # here, not at import: the tabular backend imports without torch/transformers
+
+    parser = TrlParser((GridWorldConfig,), description="Bilevel RL on the tabular GridWorld goal-placement problem.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, from_file, from_command_line = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True)
+    if from_command_line:
+        parser.error(f"unrecognized arguments: {' '.join(from_command_line)}")
+    unknown = sorted(a[2:] for a in from_file if a.startswith("--"))
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown} in {argv[argv.index('--config') + 1]}; known fields: "
+                         f"{sorted(f.name for f in dataclasses.fields(GridWorldConfig))}")
+    return cfg

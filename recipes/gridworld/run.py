@@ -1,7 +1,7 @@
 """Run every bilevel method on the tabular GridWorld goal-placement problem.
 
     python recipes/gridworld/run.py --config recipes/gridworld/config.yaml --output_dir outputs/gridworld
-    python recipes/gridworld/run.py --config recipes/gridworld/config.yaml --seeds 3 --methods single_loop,exact
+    python recipes/gridworld/run.py --config recipes/gridworld/config.yaml --seeds 3 --methods single_loop exact
 """
 
 import os
