@@ -1,5 +1,8 @@
 """Side-by-side cost of a TRL `RLOOTrainer` step, a `partial_sgd` step and a `single_loop` iteration.
 
+The harness behind `python scripts/benchmark.py`; it lives outside the installed package (`bilevel_rlhf`), which
+holds the product only.
+
 Every method runs in its own worker process (so each one's peak memory is its own), all on the same model, prompts,
 completion length and completions per actor, with the same `torch.set_num_threads`. The parent interleaves them
 step by step (A B C A B C ...): a worker pauses at the end of each optimizer step until it is given the next turn,
@@ -217,7 +220,7 @@ def _prompts(n: int, seed: int) -> list[str]:
     """Training prompts of the happy-tweet task (first 4 words of the training tweets), shuffled by `seed`."""
     import random
 
-    from .happy_tweet import load_prompt_dataset
+    from bilevel_rlhf.happy_tweet import load_prompt_dataset
 
     prompts = list(load_prompt_dataset("train", n_prompt_words=4)["prompt"])
     random.Random(seed).shuffle(prompts)
@@ -263,7 +266,7 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
             generation_kwargs={"min_new_tokens": args.max_completion_length} if args.full_length else None,
         )
         if args.rloo_reward == "vader":
-            from .preference import VaderOracle
+            from bilevel_rlhf.preference import VaderOracle
 
             oracle = VaderOracle()
 
@@ -285,10 +288,10 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
             "forward", trainer._get_per_token_logps_and_entropies
         )
     else:
-        from .config import BilevelConfig
-        from .modeling import BilevelModel
-        from .preference import VaderOracle
-        from .trainer import BilevelTrainer
+        from bilevel_rlhf.config import BilevelConfig
+        from bilevel_rlhf.modeling import BilevelModel
+        from bilevel_rlhf.preference import VaderOracle
+        from bilevel_rlhf.trainer import BilevelTrainer
 
         if args.full_length:
             policy.generation_config.min_new_tokens = args.max_completion_length
@@ -426,7 +429,7 @@ def run_lm_benchmark(args: BenchmarkArguments, model_path: str | None = None) ->
     """Interleaved steps of every method in `args.methods`; per method: summary, memory, raw records."""
     if model_path is None:
         if args.model is None:
-            from .happy_tweet import get_default_model
+            from bilevel_rlhf.happy_tweet import get_default_model
 
             model_path = str(get_default_model())
         else:
@@ -495,7 +498,7 @@ def scaled_layout(n: int) -> list[str]:
 def gridworld_speed(sizes: list[int], iterations: int, seed: int = 0) -> dict[int, dict[str, float]]:
     """Sampled single_loop iterations per second on n x n grids (`scaled_layout(n)`). The exact evaluations of Phi
     that the run logs (`GoalProblem.phi`: value iteration, not part of the method) are timed and subtracted."""
-    from .gridworld import GoalProblem, GridWorldConfig, build_problem, run_method
+    from bilevel_rlhf.gridworld import GoalProblem, GridWorldConfig, build_problem, run_method
 
     out = {}
     exact_phi = GoalProblem.phi
@@ -538,8 +541,8 @@ def gridworld_samples_to_1pct(
             res = json.load(fh)
         return {"source": results_path, "best_phi": res["global_best"]["phi"],
                 "summary": {m: {k: s[k] for k in keys} for m, s in res["summary"].items()}}
-    from .gridworld import GridWorldConfig, build_problem, global_search, run_method
-    from .gridworld.recipe import summarize
+    from bilevel_rlhf.gridworld import GridWorldConfig, build_problem, global_search, run_method
+    from bilevel_rlhf.gridworld.recipe import summarize
 
     cfg = GridWorldConfig(**{"progress": False, **(overrides or {})})
     problem = build_problem(cfg)

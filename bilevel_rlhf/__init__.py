@@ -1,7 +1,17 @@
 """bilevel-rlhf: bilevel reinforcement learning for RLHF on the Hugging Face stack.
 
-The public API is importable from here; heavy submodules (transformers, trl) load lazily so
-that the tabular GridWorld backend imports in a fraction of a second.
+The package root exports what a trainer user needs: the config and trainer, the rollout types, the upper-level
+objectives and the preference oracles. Everything else lives in its subpackage or module, one meaning per name:
+
+- `bilevel_rlhf.gridworld`: the tabular GridWorld backend (`GridWorldConfig`, `build_problem`, `run_method`, the
+  exact solvers, its `exact_hypergradient`, ...);
+- `bilevel_rlhf.rl_utils`: `compute_gae`, `masked_whiten`, `bradley_terry_loss`;
+- `bilevel_rlhf.happy_tweet`: the tweet data and the default small GPT-2 (`load_tweets`, `get_default_model`, ...);
+- `bilevel_rlhf.bandit`, `bilevel_rlhf.testbed`: the exact one-token bandit and multi-token testbed;
+- `bilevel_rlhf.schedules`: the trainer's schedules (`tau_at`, `lambda_at`, `lr_factor`).
+
+Submodules load lazily, so `import bilevel_rlhf` does not import transformers or trl, and the tabular GridWorld
+backend imports in a fraction of a second.
 """
 
 from importlib import import_module
@@ -11,22 +21,6 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
-    # --- GridWorld (tabular) backend ---
-    "DEFAULT_LAYOUT": ".gridworld",
-    "GoalProblem": ".gridworld",
-    "GridMDP": ".gridworld",
-    "GridWorldConfig": ".gridworld",
-    "RunResult": ".gridworld",
-    "TabularMDP": ".gridworld",
-    "build_problem": ".gridworld",
-    "exact_hypergradient": ".gridworld",
-    "global_search": ".gridworld",
-    "hard_value_iteration": ".gridworld",
-    "make_grid": ".gridworld",
-    "occupancy": ".gridworld",
-    "policy_evaluation": ".gridworld",
-    "run_method": ".gridworld",
-    "soft_value_iteration": ".gridworld",
     # --- language-model trainer ---
     "BilevelConfig": ".config",
     "BilevelTrainer": ".trainer",
@@ -42,19 +36,6 @@ _EXPORTS: dict[str, str] = {
     "ScoreOracle": ".preference",
     "VaderOracle": ".preference",
     "check_labels": ".preference",
-    "compute_gae": ".rl_utils",
-    "masked_whiten": ".rl_utils",
-    "bradley_terry_loss": ".rl_utils",
-    # --- happy tweet: data and the default small GPT-2 ---
-    "TweetModelConfig": ".happy_tweet",
-    "filter_text": ".happy_tweet",
-    "get_default_model": ".happy_tweet",
-    "get_default_reward_model_init": ".happy_tweet",
-    "load_prompt_dataset": ".happy_tweet",
-    "load_tweets": ".happy_tweet",
-    # --- benchmark (scripts/benchmark.py) ---
-    "BenchmarkArguments": ".benchmark",
-    "run_benchmark": ".benchmark",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -4,9 +4,18 @@ plus the GridWorld backend's speed at growing grid sizes. Writes <output_dir>/re
     python scripts/benchmark.py                                   # embedded tweet GPT-2, 2 threads
     python scripts/benchmark.py --use_peft --gridworld false      # LoRA on one shared base
     python scripts/benchmark.py --model /path/to/smollm2 --steps 10
+
+The harness is `benchmarks/harness.py` at the repository root (not part of the installed package).
 """
 
-from bilevel_rlhf.benchmark import BenchmarkArguments, markdown_tables, run_benchmark
+import sys
+from pathlib import Path
+
+# the repository root, so that `benchmarks` imports however this script is started (its worker processes, spawned,
+# inherit this sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import BenchmarkArguments, markdown_tables, run_benchmark  # noqa: E402
 
 
 def main() -> None:

@@ -326,7 +326,7 @@ MUTATIONS: list[Mutation] = [
       [PREFERENCE, SCRIPTS], "check_labels accepts negative labels"),
     # ------------------------------------------------------------------------------------------ gridworld algorithms
     M("gw_fixed_tau_decays", GW_ALG,
-      'tau = tau_at(cfg, t, decay=method != "fixed_tau")', "tau = tau_at(cfg, t)",
+      'tau = gridworld_tau(cfg, t, decay=method != "fixed_tau")', "tau = gridworld_tau(cfg, t)",
       [GW_CONTRACTS, GW_ALGORITHMS], "GridWorld fixed_tau quietly decays tau"),
     M("gw_nested_hypergrad_sign", GW_ALG,
       "h = problem.placement_grad(x) + lam * problem.reward_vjp(x, w_sum / n_w)",
@@ -370,7 +370,7 @@ MUTATIONS: list[Mutation] = [
       "u[2] <= 1.0 - gamma", "u[2] <= gamma",
       [GW_CONTRACTS, GW_SAMPLED], "walkers restart with probability gamma instead of 1 - gamma"),
     M("gw_exact_decay_index", GW_ALG,
-      "tau = tau_at(cfg, round(k * cfg.iterations / cfg.exact_iterations))", "tau = tau_at(cfg, k)",
+      "tau = gridworld_tau(cfg, round(k * cfg.iterations / cfg.exact_iterations))", "tau = gridworld_tau(cfg, k)",
       [GW_CONTRACTS, GW_ALGORITHMS], "exact_decay's tau path not stretched over the sampled budget"),
     # ------------------------------------------------------------------------------------------ gridworld recipe
     M("gw_samples_to_reach_off_by_one", GW_REC,

@@ -10,7 +10,7 @@ import time
 import pytest
 from lm_fixtures import make_policy, make_tokenizer
 
-from bilevel_rlhf.benchmark import (
+from benchmarks.harness import (
     PARTS,
     BenchmarkArguments,
     PartTimer,

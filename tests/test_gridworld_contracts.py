@@ -18,11 +18,11 @@ from bilevel_rlhf.gridworld.algorithms import (
     ActorCritic,
     Sampler,
     build_problem,
+    gridworld_tau,
     inverse_cdf,
     lam_at,
     poly,
     run_method,
-    tau_at,
 )
 from bilevel_rlhf.gridworld.config import GridWorldConfig, load_config
 from bilevel_rlhf.gridworld.recipe import format_table, samples_to_reach, summarize
@@ -149,8 +149,8 @@ def test_fixed_tau_uses_tau_0_at_every_step(problem, monkeypatch):
     assert len(taus) == cfg.iterations and all(t == cfg.tau_init for t in taus), taus
     assert result.tau_final == cfg.tau_init
     assert result.phi_tau == pytest.approx(float(problem.phi(result.x, cfg.tau_init)), abs=1e-12)
-    # and it is the schedule that keeps it: with decay=False tau_at ignores t
-    assert [tau_at(cfg, t, decay=False) for t in HAND_TAU] == [0.3] * len(HAND_TAU)
+    # and it is the schedule that keeps it: with decay=False gridworld_tau ignores t
+    assert [gridworld_tau(cfg, t, decay=False) for t in HAND_TAU] == [0.3] * len(HAND_TAU)
 
 
 @pytest.mark.parametrize("method,per_step", [("single_loop", 2), ("nested_loop", 2), ("partial_sgd", 1),
@@ -286,12 +286,14 @@ def test_penalty_methods_replay_with_lambda_and_zeta_schedules(problem, monkeypa
 def test_tau_schedule_hand_values():
     cfg = GridWorldConfig(tau_init=0.3, tau_min=0.02, tau_horizon=500.0, tau_decay_rate=1.0, lr_horizon=1000.0)
     for t, expected in {0: 0.3, 500: 0.15, 1000: 0.1, 1500: 0.075, 7000: 0.02, 10**6: 0.02}.items():
-        assert tau_at(cfg, t) == pytest.approx(expected, rel=1e-12), t
-    assert tau_at(cfg, 4000) == pytest.approx(0.3 / 9, rel=1e-12)  # tau_horizon, not lr_horizon, sets the time scale
+        assert gridworld_tau(cfg, t) == pytest.approx(expected, rel=1e-12), t
+    # tau_horizon, not lr_horizon, sets the time scale
+    assert gridworld_tau(cfg, 4000) == pytest.approx(0.3 / 9, rel=1e-12)
     cfg2 = GridWorldConfig(tau_init=0.3, tau_min=0.0, tau_horizon=500.0, tau_decay_rate=2.0)
-    assert tau_at(cfg2, 500) == pytest.approx(0.075, rel=1e-12) and tau_at(cfg2, 1500) == pytest.approx(0.3 / 16)
-    assert tau_at(GridWorldConfig(tau_decay_rate=0.0), 10**5) == 0.3  # power 0: constant
-    assert all(tau_at(cfg, t, decay=False) == 0.3 for t in (0, 500, 10**6))
+    assert gridworld_tau(cfg2, 500) == pytest.approx(0.075, rel=1e-12)
+    assert gridworld_tau(cfg2, 1500) == pytest.approx(0.3 / 16)
+    assert gridworld_tau(GridWorldConfig(tau_decay_rate=0.0), 10**5) == 0.3  # power 0: constant
+    assert all(gridworld_tau(cfg, t, decay=False) == 0.3 for t in (0, 500, 10**6))
 
 
 def test_lambda_schedule_hand_values():

@@ -57,7 +57,7 @@ class RunResult:
 
 
 # ----- schedules (the project's shared pure functions of the iteration, bilevel_rlhf.schedules) -----
-def tau_at(cfg: GridWorldConfig, t: int, decay: bool = True) -> float:
+def gridworld_tau(cfg: GridWorldConfig, t: int, decay: bool = True) -> float:
     """tau_t = max(tau_min, tau_init (1 + t/tau_horizon)^-tau_decay_rate), or tau_init when not decaying (fixed_tau)."""
     schedule = "polynomial" if decay else "constant"
     return schedules.tau_at(t, cfg.tau_init, cfg.tau_min, schedule, cfg.tau_decay_rate, cfg.tau_horizon)
@@ -184,7 +184,7 @@ def _penalty_method(problem, cfg, rng, method):
     w_sum, n_w = np.zeros_like(u_cost), 0
     tau = cfg.tau_init
     for t in range(cfg.iterations):
-        tau = tau_at(cfg, t, decay=method != "fixed_tau")  # entropy weight
+        tau = gridworld_tau(cfg, t, decay=method != "fixed_tau")  # entropy weight
         alpha = poly(cfg.actor_learning_rate, cfg.actor_lr_decay, t, cfg.lr_horizon)
         beta = poly(cfg.critic_learning_rate, cfg.critic_lr_decay, t, cfg.lr_horizon)
         lam = lam_at(cfg, t)  # penalty coefficient lambda_t
@@ -219,7 +219,7 @@ def _partial_sgd(problem, cfg, rng, method):
     tracker.log(x, 0)
     tau = cfg.tau_init
     for t in range(cfg.iterations):
-        tau = tau_at(cfg, t)
+        tau = gridworld_tau(cfg, t)
         alpha = poly(cfg.actor_learning_rate, cfg.actor_lr_decay, t, cfg.lr_horizon)
         beta = poly(cfg.critic_learning_rate, cfg.critic_lr_decay, t, cfg.lr_horizon)
         actor.step(sampler, problem.reward(x), tau, alpha, beta, sampler.uniforms(rng))
@@ -248,7 +248,7 @@ def _finite_difference(problem, cfg, rng, method):
         nonlocal t
         r, f_sum = problem.reward(x_eval), 0.0
         for j in range(K):
-            tau_t = tau_at(cfg, t)
+            tau_t = gridworld_tau(cfg, t)
             alpha = poly(cfg.actor_learning_rate, cfg.actor_lr_decay, t, cfg.lr_horizon)
             beta = poly(cfg.critic_learning_rate, cfg.critic_lr_decay, t, cfg.lr_horizon)
             w = ac.step(sampler, r, tau_t, alpha, beta, sampler.uniforms(stream))
@@ -259,7 +259,7 @@ def _finite_difference(problem, cfg, rng, method):
         return f_sum / (K - K // 2) + float(problem.placement_cost(x_eval))
 
     while t < cfg.iterations:
-        tau = tau_at(cfg, t)
+        tau = gridworld_tau(cfg, t)
         solve(base, x, rng)  # keep the base actor at the current x
         if problem.parameterization == "position":
             directions = np.eye(problem.dim)
@@ -293,7 +293,7 @@ def _exact(problem, cfg, rng, method):
     tau = cfg.exact_tau
     for k in range(cfg.exact_iterations):
         if method == "exact_decay":
-            tau = tau_at(cfg, round(k * cfg.iterations / cfg.exact_iterations))
+            tau = gridworld_tau(cfg, round(k * cfg.iterations / cfg.exact_iterations))
         _, g = problem.hypergradient(x, tau)
         x = problem.project(x - cfg.exact_learning_rate * g)
         _check_finite(method, k, h=g, x=x)
