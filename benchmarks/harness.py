@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bilevel_rlhf.validation import field_checker
+
 LM_METHODS = ("rloo", "partial_sgd", "single_loop")
 PARTS = ("generation", "forward", "backward", "optimizer", "other")
 
@@ -92,9 +94,7 @@ class BenchmarkArguments:
     output_dir: str = field(default="outputs/benchmark", metadata={"help": "Where results.json and table.md go."})
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        need = field_checker(self)
 
         if isinstance(self.methods, str):
             self.methods = [m for m in self.methods.split(",") if m]

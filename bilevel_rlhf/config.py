@@ -8,6 +8,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .validation import field_checker
+
 METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance")
 PENALTY_METHODS = ("single_loop", "fixed_tau", "nested_loop")  # two actors, theta penalized by lambda
 OBJECTIVES = ("preference_nll", "win_rate")
@@ -279,9 +281,7 @@ class BilevelConfig(TrainingArguments):
         return self.num_ppo_epochs * self.num_mini_batches
 
     def _validate_bilevel(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        need = field_checker(self)
 
         need(self.method in METHODS, "method", f"one of {METHODS}")
         need(self.nested_inner_steps >= 1, "nested_inner_steps", ">= 1")

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ..validation import field_checker
 from .mdp import DEFAULT_LAYOUT
 
 # exact: oracle descent on Phi_tau at a fixed tau; exact_decay: the same along the decaying tau path
@@ -75,9 +76,7 @@ class GridWorldConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field and its allowed range; warn when the three time-scales are misordered."""
 
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"config field {name}={getattr(self, name)!r} is invalid: must be {allowed}")
+        need = field_checker(self)
 
         # types first, so that the range checks below compare numbers (a YAML "abc" names its field, not a TypeError)
         for f in dataclasses.fields(self):

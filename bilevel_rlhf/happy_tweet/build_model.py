@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..validation import field_checker
+
 logger = logging.getLogger(__name__)
 BUILD_VERSION = 1  # bump when the build procedure changes in a way the config does not show
 BUILD_THREADS = 1  # torch CPU threads of a build: a fixed count makes builds bit-identical whatever the core count
@@ -70,9 +72,7 @@ class TweetModelConfig:
     max_tweets: int | None = field(default=None, metadata={"help": "Use only the first N tweets (cut-down builds)."})
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"TweetModelConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+        need = field_checker(self, "TweetModelConfig.")
 
         for name in ("n_layer", "n_head", "n_embd", "n_positions", "max_length", "n_prompt_words", "batch_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..validation import field_checker
+
 ORACLES = ("vader", "vader_bt", "minilm")
 SUMMARY_NAME = "summary.json"
 
@@ -83,9 +85,7 @@ class HappyTweetArguments:
     )
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        need = field_checker(self)
 
         need(self.oracle in ORACLES, "oracle", f"one of {ORACLES}")
         need(isinstance(self.n_prompt_words, int) and 1 <= self.n_prompt_words <= 32, "n_prompt_words", "in [1, 32]")
