@@ -121,6 +121,8 @@ class BilevelConfig(TrainingArguments):
             Completions per prompt from each actor (TRL: `num_generations`). With `"preference_nll"` even and >= 2:
             theta's completions (2i, 2i+1) form the pairs the oracle labels; with `"win_rate"` any count >= 1 (each
             is compared with a completion of the reference, so 1 gives one labelled pair per prompt).
+        num_eval_generations (`int`, *optional*, defaults to `1`):
+            theta's completions per prompt in `evaluate()` (its means are over all of them).
 
         > PPO
 
@@ -209,6 +211,9 @@ class BilevelConfig(TrainingArguments):
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling in (0, 1]."})
     num_generations: int = field(
         default=2, metadata={"help": "Completions per prompt per actor, >= 1 (even for preference_nll)."}
+    )
+    num_eval_generations: int = field(
+        default=1, metadata={"help": "theta's completions per prompt in evaluate(), >= 1."}
     )
 
     # --- PPO ---
@@ -318,6 +323,7 @@ class BilevelConfig(TrainingArguments):
             "num_generations",
             ">= 1, and even when theta's own completions (2i, 2i+1) form the pairs (objective='preference_nll')",
         )
+        need(self.num_eval_generations >= 1, "num_eval_generations", ">= 1")
         need(self.num_ppo_epochs >= 1, "num_ppo_epochs", ">= 1")
         need(self.num_mini_batches >= 1, "num_mini_batches", ">= 1")
         need(self.cliprange > 0, "cliprange", "> 0")

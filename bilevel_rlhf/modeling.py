@@ -213,11 +213,19 @@ def save_value_heads(model: BilevelModel, path: str) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """`load_file`, naming the file when it is truncated or not a safetensors file."""
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors' SafetensorError, or OSError
+        raise ValueError(f"cannot read {path} ({type(err).__name__}: {err})") from err
+
+
 def load_value_heads(path: str) -> dict[str, ValueHead]:
     """Read the critics written by `save_value_heads` (safetensors only): ``{"theta": head, "phi": head}``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no value heads at {path}")
-    tensors = load_file(path)
+    tensors = _read_safetensors(path)
     heads = {}
     for role in ("theta", "phi"):
         state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(role + ".")}
@@ -254,13 +262,16 @@ def _load_safetensors_into(module: torch.nn.Module, directory: str) -> None:
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        with open(index) as fh:
-            files = sorted({os.path.join(directory, f) for f in json.load(fh)["weight_map"].values()})
+        try:
+            with open(index) as fh:
+                files = sorted({os.path.join(directory, f) for f in json.load(fh)["weight_map"].values()})
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"cannot read {index} ({type(err).__name__}: {err})") from err
     else:
         raise FileNotFoundError(f"no model.safetensors in {directory}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(f))
+        state.update(_read_safetensors(f))
     result = module.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"unexpected weights in {directory}: {result.unexpected_keys[:5]}")
@@ -279,7 +290,7 @@ def load_roles(model: BilevelModel, directory: str) -> None:
 
         for role, sub in (("theta", ""), ("phi", "phi")):
             if role in model.adapter_names:
-                state = load_file(os.path.join(directory, sub, "adapter_model.safetensors"))
+                state = _read_safetensors(os.path.join(directory, sub, "adapter_model.safetensors"))
                 set_peft_model_state_dict(model.policy_theta, state, adapter_name=role)
     else:
         _load_safetensors_into(model.policy_theta, directory)

@@ -315,6 +315,18 @@ class BilevelTrainer(Trainer):
             callbacks=callbacks,
         )
         self.add_callback(_SamplerEpochCallback(self))
+        self._tensorboard_in_output_dir()
+
+    def _tensorboard_in_output_dir(self) -> None:
+        """TensorBoard logs go to output_dir/runs/<date>_<host> (transformers' own choice at the start of training)
+        also when evaluate() logs before train(): transformers' callback would otherwise open its writer in ./runs.
+        $TENSORBOARD_LOGGING_DIR still wins."""
+        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations.integration_utils import default_logdir
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
 
     # ------------------------------------------------------------------ schedules
     @property
@@ -840,8 +852,9 @@ class BilevelTrainer(Trainer):
         r_sum, o_sum, count = 0.0, 0.0, 0
         bs = self.args.per_device_eval_batch_size
         score_fn = getattr(self.preference_oracle, "score", None)
+        n = self.args.num_eval_generations
         for start in range(0, len(shard), bs):
-            prompts = shard[start : start + bs]["prompt"]
+            prompts = [p for p in shard[start : start + bs]["prompt"] for _ in range(n)]
             ids, mask, _ = self._tokenize_prompts(prompts)
             completion = self._generate("theta", ids, mask)
             cmask = self._completion_mask(completion)
@@ -906,12 +919,25 @@ class BilevelTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
-        load_roles(unwrapped, resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, STATE_NAME.format(rank=self.accelerator.process_index))
         if not os.path.isfile(path):
             path = os.path.join(resume_from_checkpoint, STATE_NAME.format(rank=0))
-        with open(path) as fh:
-            state = json.load(fh)
+
+        def corrupt(what: str) -> RuntimeError:
+            return RuntimeError(
+                f"cannot resume from {resume_from_checkpoint}: {what}. The checkpoint is incomplete or corrupt; pass "
+                "an earlier checkpoint-* folder as resume_from_checkpoint (--resume_from_checkpoint PATH)."
+            )
+
+        try:  # a missing, truncated or corrupt file: load_roles names it
+            load_roles(unwrapped, resume_from_checkpoint)
+        except (OSError, ValueError, KeyError) as err:
+            raise corrupt(str(err)) from err
+        try:
+            with open(path) as fh:
+                state = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise corrupt(f"cannot read {path} ({type(err).__name__}: {err})") from err
         self.oracle_queries = int(state["oracle_queries"])
         load_fn = getattr(self.preference_oracle, "load_state_dict", None)
         if state["oracle_state"] is not None and callable(load_fn):

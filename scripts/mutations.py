@@ -450,6 +450,7 @@ MUTATIONS += _unchecked("cfg", CFG, [CONFIG], "BilevelConfig", [
     ("top_k", "need(self.top_k >= 0,"),
     ("top_p", "need(0 < self.top_p <= 1,"),
     ("num_generations", "self.num_generations >= 1 and (self.objective == \"win_rate\" or self.num_generations % 2 == 0),"),
+    ("num_eval_generations", "need(self.num_eval_generations >= 1,"),
     ("num_ppo_epochs", "need(self.num_ppo_epochs >= 1,"),
     ("num_mini_batches", "need(self.num_mini_batches >= 1,"),
     ("cliprange", "need(self.cliprange > 0,"),

@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 36 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 42 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 37 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 43 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-42 + 3 + 4 = 49 validated conditions.
+43 + 3 + 4 = 50 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -74,6 +74,7 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
     ("top_p", dict(top_p=0.0), [dict(top_p=1.0), dict(top_p=EPS)]),
     ("num_generations", dict(num_generations=3),  # odd pairs nothing with preference_nll; win_rate pairs each one
      [dict(num_generations=2), dict(num_generations=4), dict(num_generations=1, objective="win_rate")]),
+    ("num_eval_generations", dict(num_eval_generations=0), [dict(num_eval_generations=1)]),
     ("num_ppo_epochs", dict(num_ppo_epochs=0), [dict(num_ppo_epochs=1)]),
     ("num_mini_batches", dict(num_mini_batches=0), [dict(num_mini_batches=1)]),
     ("cliprange", dict(cliprange=0.0), [dict(cliprange=EPS)]),
@@ -227,7 +228,7 @@ def _need_fields_in_source() -> list[str]:
 
 
 def test_every_need_call_has_a_case():
-    """One case per need(...) condition of config.py (42 when written): a new validation without a case fails."""
+    """One case per need(...) condition of config.py (43 when written): a new validation without a case fails."""
     source_fields = _need_fields_in_source()
     assert len(source_fields) == CONFIG_PY.read_text().count("need(") + 2 * 3  # the role loop: 3 calls x 3 roles
     assert Counter(source_fields) == Counter(field for field, *_ in NEED_CASES)
@@ -240,4 +241,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
     warns = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "warnings.warn"]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 49  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 50  # see the module docstring

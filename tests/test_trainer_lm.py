@@ -169,6 +169,31 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert state["iteration"] == 2 and state["oracle_queries"] == 32 and state["oracle_state"]["rng"]
 
 
+@pytest.mark.parametrize("broken", ["model.safetensors", "reward_model/model.safetensors", "value_heads.safetensors",
+                                    "bilevel_state_rank0.json"])
+def test_resume_from_a_corrupt_checkpoint_names_it_and_the_file(tmp_path, broken):
+    make_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=4).train()
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    (checkpoint / broken).write_bytes((checkpoint / broken).read_bytes()[:40])  # truncated by a kill
+    resumed = make_trainer(tmp_path, max_steps=8, save_strategy="steps", save_steps=4)
+    with pytest.raises(RuntimeError, match=rf"cannot resume from {checkpoint}: .*{broken}.*earlier checkpoint"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_tensorboard_logs_go_to_the_output_dir_even_when_evaluating_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    tok = make_tokenizer()
+    trainer = BilevelTrainer(make_policy(tok), make_reward_model(tok), happy_oracle(),
+                             config(tmp_path, report_to="tensorboard"), Dataset.from_dict({"prompt": PROMPTS * 4}),
+                             processing_class=tok, eval_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    trainer.evaluate()  # logs before train(): transformers' callback would open ./runs
+    trainer.train()
+    assert not (tmp_path / "runs").exists()
+    (logdir,) = (tmp_path / "out" / "runs").iterdir()
+    assert any(f.name.startswith("events.out.tfevents") for f in logdir.iterdir())
+
+
 def test_evaluate_reports_theta_reward_and_oracle_score_without_queries(tmp_path):
     tok = make_tokenizer()
     trainer = BilevelTrainer(make_policy(tok), make_reward_model(tok), happy_oracle(), config(tmp_path),

@@ -400,9 +400,10 @@ def test_rollout_metrics_equal_their_recomputation_from_the_buffer(tmp_path):
     assert m["oracle/queries"] == len(labels) == 4
 
 
-def test_evaluate_reports_means_over_all_prompts_and_leaves_training_untouched(tmp_path):
+@pytest.mark.parametrize("n", [1, 2])
+def test_evaluate_reports_means_over_all_prompts_and_leaves_training_untouched(tmp_path, n):
     eval_prompts = ["the cat", "a dog was very", "we love", "it is very good and", "the sun", "dark night", "fun"]
-    trainer = make_trainer(tmp_path, eval_prompts=eval_prompts, per_device_eval_batch_size=3)
+    trainer = make_trainer(tmp_path, eval_prompts=eval_prompts, per_device_eval_batch_size=3, num_eval_generations=n)
     generated = []
     generate = trainer._generate
 
@@ -414,7 +415,9 @@ def test_evaluate_reports_means_over_all_prompts_and_leaves_training_untouched(t
     trainer._generate = spy
     params = [p.detach().clone() for p in trainer.model.parameters()]
     metrics = trainer.evaluate()
-    assert [len(ids) for ids, _, _ in generated] == [3, 3, 1]  # an uneven last batch: a mean of batch means differs
+    # an uneven last batch (a mean of batch means would differ); n completions of each prompt
+    assert [len(ids) for ids, _, _ in generated] == [3 * n, 3 * n, n]
+    assert len({tuple(out[i].tolist()) for _, _, out in generated[:1] for i in range(n)}) == n  # distinct samples
     tok, rewards, texts = trainer.processing_class, [], []
     for ids, mask, out in generated:
         for row, am, comp in zip(ids, mask, out):
