@@ -8,7 +8,7 @@ tokens come from ``trl.trainer.utils.selective_log_softmax`` (not re-implemented
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ __all__ = [
     "compute_gae",
     "bradley_terry_loss",
     "token_kl_penalty",
+    "completion_mask",
+    "sample_completions",
+    "decode_completions",
 ]
 
 
@@ -175,3 +178,30 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | None) -> t
     is_eos = completion_ids == eos_token_id
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(positions[:1], T - 1))
     return (positions[None, :] <= first[:, None]).long()
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    **sampling: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions of left-padded prompts from `model.generate(**sampling)`: the ids after the prompt, with pad after
+    the first eos, and their `completion_mask`. The trainer's rollout and evaluation and the happy-tweet evaluation all
+    sample through here."""
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, **sampling)
+    completion = out[:, prompt_ids.shape[1] :]
+    mask = completion_mask(completion, eos_token_id)
+    return torch.where(mask.bool(), completion, pad_token_id), mask
+
+
+def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """The text of each completion's real tokens. The padding is cut by the mask, not by `skip_special_tokens`, which
+    keeps a pad token that the tokenizer's backend does not mark as special."""
+    return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, mask)]
+

@@ -53,7 +53,16 @@ from .objectives import UpperObjective, get_objective
 from .preference import check_labels
 from .rollout import ACTORS, Completions, LossInputs, Rollout, RolloutStats
 from .sampling import coupled_sampling_processors
-from .rl_utils import bradley_terry_loss, completion_mask, compute_gae, masked_mean, masked_whiten, token_kl_penalty
+from .rl_utils import (
+    bradley_terry_loss,
+    completion_mask,
+    compute_gae,
+    decode_completions,
+    masked_mean,
+    masked_whiten,
+    sample_completions,
+    token_kl_penalty,
+)
 from .schedules import lambda_at, lr_factor, tau_at
 
 STATE_NAME = "bilevel_state_rank{rank}.json"
@@ -433,8 +442,9 @@ class BilevelTrainer(Trainer):
     def _generate(
         self, role: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, noise_seed: int | None = None
     ) -> torch.Tensor:
-        """Sampled completion ids [N, T] from `role` (after the first eos: pad or eos). With a `noise_seed`, sampled by
-        Gumbel-max with the noise of that seed (`bilevel_rlhf.sampling`): the same distribution, shared noise."""
+        """Sampled completion ids [N, T] from `role` (pad after the first eos; `rl_utils.sample_completions`). With a
+        `noise_seed`, sampled by Gumbel-max with the noise of that seed (`bilevel_rlhf.sampling`): the same
+        distribution, shared noise."""
         a, tok = self.args, self.processing_class
         unwrapped = self.accelerator.unwrap_model(self.model)
         if noise_seed is None:
@@ -443,27 +453,17 @@ class BilevelTrainer(Trainer):
             processors = coupled_sampling_processors(noise_seed, prompt_ids.shape[1], a.temperature, a.top_k, a.top_p)
             sampling = dict(do_sample=False, logits_processor=processors, temperature=None, top_k=None, top_p=None)
         with unwrapped.actor(role) as policy:
-            out = policy.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=a.max_completion_length,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                **sampling,
-            )
-        return out[:, prompt_ids.shape[1] :]
+            completion, _ = sample_completions(policy, prompt_ids, prompt_mask, a.max_completion_length,
+                                               tok.pad_token_id, tok.eos_token_id, **sampling)
+        return completion
 
     def _completion_mask(self, completion_ids: torch.Tensor) -> torch.Tensor:
         """1 up to and including the first eos (`rl_utils.completion_mask`)."""
         return completion_mask(completion_ids, self.processing_class.eos_token_id)
 
     def _decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        """The text of each completion's real tokens. The padding is cut by the mask, not by `skip_special_tokens`,
-        which keeps a pad token that the tokenizer's backend does not mark as special."""
-        return [
-            self.processing_class.decode(ids[m.bool()], skip_special_tokens=True)
-            for ids, m in zip(completion_ids, mask)
-        ]
+        """The text of each completion's real tokens (`rl_utils.decode_completions`)."""
+        return decode_completions(self.processing_class, completion_ids, mask)
 
     def _reward_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs of r_x for prompt + completion rows: the policy's own ids, or the text of each row's real tokens
@@ -858,7 +858,6 @@ class BilevelTrainer(Trainer):
             ids, mask, _ = self._tokenize_prompts(prompts)
             completion = self._generate("theta", ids, mask)
             cmask = self._completion_mask(completion)
-            completion = torch.where(cmask.bool(), completion, self.processing_class.pad_token_id)
             texts = self._decode(completion, cmask)
             r_ids, r_mask = self._reward_inputs(torch.cat([ids, completion], 1), torch.cat([mask, cmask], 1))
             r_sum += float(unwrapped.reward_forward(r_ids, r_mask).sum())

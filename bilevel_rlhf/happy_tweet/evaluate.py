@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from ..modeling import position_ids_from_mask
-from ..rl_utils import bradley_terry_loss, completion_mask
+from .. import rl_utils
+from ..rl_utils import bradley_terry_loss
 
 METRICS = ("vader_mean", "vader_frac_gt_0.5", "kl_to_initial", "distinct_1", "distinct_2", "mean_length")
 # the upper objectives: the policy's win rate against the initial policy, and the final r_x's fit (bilevel runs)
@@ -119,22 +120,16 @@ def sample_completions(
     """Sample one completion per prompt (tokenized as the trainer does: the tokenizer's default special tokens,
     e.g. the tweet model's leading <|endoftext|>, and left padding)."""
     enc = tokenizer(prompts, padding=True, return_tensors="pt")
-    out = model.generate(
-        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
+    completion, mask = rl_utils.sample_completions(  # the trainer's own sampling and masking
+        model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id,
         do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    P = enc["input_ids"].shape[1]
-    completion = out[:, P:]
-    mask = completion_mask(completion, tokenizer.eos_token_id)  # the trainer's own masking
-    completion = torch.where(mask.bool(), completion, tokenizer.pad_token_id)
     return {
         "input_ids": torch.cat([enc["input_ids"], completion], 1),
         "attention_mask": torch.cat([enc["attention_mask"], mask], 1),
-        "prompt_length": P,
+        "prompt_length": enc["input_ids"].shape[1],
         "completion_mask": mask,
-        # cut by the mask: skip_special_tokens keeps a pad token that the tokenizer's backend does not mark special
-        "texts": [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion, mask)],
+        "texts": rl_utils.decode_completions(tokenizer, completion, mask),
     }
 
 
