@@ -1,4 +1,4 @@
-"""Compare the bilevel methods and TRL's RLOO on the happy-tweet task, same oracle budget and seeds.
+"""Compare the bilevel methods with TRL's OnlineDPO and RLOO on the happy-tweet task, same oracle budget and seeds.
 
     python scripts/compare_happy_tweet.py                              # 1 seed, defaults of recipes/happy_tweet/config.yaml
     python scripts/compare_happy_tweet.py --seeds 0 1 2 --queries 1600 --output_dir outputs/compare
@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", default=["single_loop", "fixed_tau", "partial_sgd", "rloo"],
-                        choices=METHODS)
-    parser.add_argument("--objectives", nargs="+", default=["preference_nll"], choices=OBJECTIVES,
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        default=["nested_loop", "single_loop", "partial_sgd", "online_dpo", "rloo"])
+    parser.add_argument("--objectives", nargs="+", default=["win_rate"], choices=OBJECTIVES,
                         help="upper objectives of the bilevel methods (each bilevel method runs with each)")
     parser.add_argument("--queries", type=int, default=960, help="oracle queries per run (default 960)")
     parser.add_argument("--config", default=str(ROOT / "recipes/happy_tweet/config.yaml"))

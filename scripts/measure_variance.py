@@ -8,7 +8,10 @@ the total variance E||h - E h||^2 of x's gradient h for independent sampling, fo
 times the completions per actor (what a larger completion count for the penalty term buys), for coupled sampling
 (`common_random_numbers`), and for grad_x f alone (`partial_sgd`), and their ratios.
 
-    python scripts/measure_variance.py --config recipes/happy_tweet/config.yaml --rollouts 32
+    python scripts/measure_variance.py --config recipes/happy_tweet/config.yaml --rollouts 32 \
+        --method single_loop --objective preference_nll --num_generations 2 --penalty_lambda 10
+
+Arguments it does not know override the recipe's YAML (the figures of docs/algorithm.md use the line above).
 """
 
 from __future__ import annotations

@@ -69,6 +69,10 @@ def main(out_dir: str, mode: str, stage: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{trainer.accelerator.process_index}-{stage}.json"), "w") as fh:
         json.dump(result, fh)
+    # leave the process group before exiting: a gloo thread still running at interpreter exit aborts the process
+    # ("terminate called without an active exception")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

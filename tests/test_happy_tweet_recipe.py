@@ -37,7 +37,7 @@ def trained_run(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "single_loop"
     torch.set_num_threads(2)  # the recipe sets its own count (torch_threads, 1 by default)
     summary = run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(out),
-                   "--report_to", "tensorboard", *TINY])
+                   "--report_to", "tensorboard", "--method", "single_loop", *TINY])
     return out, summary
 
 
@@ -49,7 +49,7 @@ def test_recipe_end_to_end_writes_every_artifact(trained_run):
     assert on_disk["status"] == summary["status"] == "completed"
     assert on_disk["method"] == "single_loop" and on_disk["iterations"] == 2 and on_disk["global_step"] == 8
     assert on_disk["torch_threads"] == 1 == torch.get_num_threads()
-    assert on_disk["oracle_queries"] == 2 * 4  # 2 iterations x 4 prompts x (2 completions / 2 per pair)
+    assert on_disk["oracle_queries"] == 2 * 4  # 2 iterations x 4 prompts x 1 pair (win_rate, 1 completion each)
     assert [p["oracle/queries"] for p in on_disk["oracle_curve"]] == [4.0, 8.0]
     assert set(on_disk["eval_metrics"]) == {"eval_reward/theta_mean", "eval_oracle/score_theta"}
     assert all(abs(v) < 1e6 for v in on_disk["eval_metrics"].values())
@@ -76,7 +76,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_model, trained_run, tmp_
     reference_dir, reference = trained_run
     out = tmp_path / "interrupted"
     args = ["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(out), "--report_to", "none",
-            *TINY]
+            "--method", "single_loop", *TINY]
     original = BilevelTrainer.training_step
     sent = []
 
@@ -153,7 +153,7 @@ def test_evaluation_script(trained_run, tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"][1]["name"] == "single_loop"
     table = (tmp_path / "results.md").read_text()
-    assert "| initial | 1 |" in table and "| single_loop | 1 | 8 |" in table
+    assert "| initial | 1 |" in table and "| single_loop (win_rate) | 1 | 8 |" in table
     assert (tmp_path / "oracle_curve.png").stat().st_size > 1000
 
 

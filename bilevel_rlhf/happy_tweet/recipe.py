@@ -388,7 +388,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console script `bilevel-happy-tweet`."""
+    from accelerate import PartialState
+
     run()
+    # leave the process group of a multi-process launch before exiting (a gloo thread alive at interpreter exit can
+    # abort the process)
+    PartialState().destroy_process_group()
 
 
 if __name__ == "__main__":
