@@ -299,6 +299,7 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
             **common, method=method, per_device_train_batch_size=args.num_prompts,
             num_generations=args.num_generations, num_ppo_epochs=1, num_mini_batches=1,
             actor_learning_rate=1e-5, critic_learning_rate=1e-4, reward_learning_rate=1e-6,
+            fuse_rollout_and_update=args.fuse,
         )
         BilevelModel.policy_forward = PartTimerHolder.timer.wrap("forward", BilevelModel.policy_forward)
         BilevelModel.reward_forward = PartTimerHolder.timer.wrap("forward", BilevelModel.reward_forward)
@@ -306,7 +307,6 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
             model=policy, reward_model=reward_model, preference_oracle=VaderOracle(seed=args.seed), args=config,
             train_dataset=dataset, processing_class=tok, peft_config=peft_config, callbacks=[callback],
         )
-        trainer._fuse_allowed = args.fuse
     trainer.accelerator.backward = PartTimerHolder.timer.wrap("backward", trainer.accelerator.backward)
     trainer.remove_callback(PrinterCallback)  # no log lines on stdout (the logs stay in trainer.state.log_history)
     return trainer

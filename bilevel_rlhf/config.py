@@ -142,6 +142,10 @@ class BilevelConfig(TrainingArguments):
             GAE lambda in [0, 1] (not the penalty lambda).
         whiten_rewards (`bool`, *optional*, defaults to `False`):
             Rescale the per-token rewards to unit variance before GAE.
+        fuse_rollout_and_update (`bool`, *optional*, defaults to `True`):
+            With one micro-step per iteration (`num_ppo_epochs = num_mini_batches = gradient_accumulation_steps = 1`),
+            let the update's forward pass also give the rollout's old log-probs, values and scores: one forward pass
+            per actor and one of r_x fewer per iteration, the same loss and gradients. Ignored otherwise.
 
         > Models
 
@@ -225,6 +229,9 @@ class BilevelConfig(TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount in [0, 1]."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda in [0, 1]."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Rescale per-token rewards before GAE."})
+    fuse_rollout_and_update: bool = field(
+        default=True, metadata={"help": "With one micro-step per iteration, the update's forward pass doubles as the rollout's."}
+    )
 
     # --- models ---
     model_init_kwargs: dict[str, Any] | str | None = field(

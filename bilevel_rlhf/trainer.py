@@ -312,7 +312,6 @@ class BilevelTrainer(Trainer):
         self._micro_step: int | None = None
         self._sampler: IterationSampler | None = None
         self._rollout_seconds = 0.0
-        self._fuse_allowed = True  # tests switch it off to compare the fused path with the plain one
 
         super().__init__(
             model=wrapper,
@@ -359,7 +358,7 @@ class BilevelTrainer(Trainer):
     def fuse_rollout_and_update(self) -> bool:
         """Whether the rollout's actor and r_x forward passes double as the update's (one micro-step per iteration,
         the usual RLOO/GRPO setting): it saves one forward pass per actor and one of r_x per iteration."""
-        return self.micro_steps_per_iteration == 1 and self._fuse_allowed
+        return self.micro_steps_per_iteration == 1 and self.args.fuse_rollout_and_update
 
     def is_reward_iteration(self, k: int) -> bool:
         """Whether iteration k updates x: every iteration, or every `nested_inner_steps`-th for nested_loop."""

@@ -26,12 +26,12 @@ def make_trainer(tmp_path, fuse: bool, peft: bool = False, **kw) -> BilevelTrain
                                  init_lora_weights=False)  # random B: the adapters differ from the base at once
     args = BilevelConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_completion_length=4, max_prompt_length=8,
-        use_cpu=True, report_to="none", num_generations=2, penalty_lambda=2.0, tau_init=0.1, seed=0, **kw,
+        use_cpu=True, report_to="none", num_generations=2, penalty_lambda=2.0, tau_init=0.1, seed=0,
+        fuse_rollout_and_update=fuse, **kw,
     )
     oracle = ScoreOracle(lambda texts: [t.split().count("happy") for t in texts], mode="deterministic", name="happy")
     trainer = BilevelTrainer(make_policy(tok), make_reward_model(tok), oracle, args,
                              Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok, peft_config=peft_config)
-    trainer._fuse_allowed = fuse
     return trainer
 
 
