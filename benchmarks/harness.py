@@ -1,4 +1,5 @@
-"""Side-by-side cost of a TRL `RLOOTrainer` step, a `partial_sgd` step and a `single_loop` iteration.
+"""Side-by-side cost of a step of TRL's `RLOOTrainer` and `OnlineDPOTrainer`, a `partial_sgd` step and a `single_loop`
+iteration.
 
 The harness behind `python scripts/benchmark.py`; it lives outside the installed package (`bilevel_rlhf`), which
 holds the product only.
@@ -37,7 +38,7 @@ from typing import Any
 
 from bilevel_rlhf.validation import field_checker
 
-LM_METHODS = ("rloo", "partial_sgd", "single_loop")
+LM_METHODS = ("rloo", "online_dpo", "partial_sgd", "single_loop")
 PARTS = ("generation", "forward", "backward", "optimizer", "other")
 
 
@@ -75,7 +76,8 @@ class BenchmarkArguments:
     rloo_beta: float = field(default=0.05, metadata={"help": "RLOO's KL coefficient to the reference (> 0)."})
     rloo_reward: str = field(
         default="reward_model",
-        metadata={"help": "RLOO's reward: 'reward_model' (the same scalar-head model r_x our methods use) or 'vader'."},
+        metadata={"help": "The TRL baselines' reward (RLOO's score; OnlineDPO's ranking of its two completions): "
+                  "'reward_model' (the same scalar-head model r_x our methods use) or 'vader'."},
     )
     fuse: bool = field(
         default=True,
@@ -227,6 +229,26 @@ def _prompts(n: int, seed: int) -> list[str]:
     return prompts[:n]
 
 
+def _trl_reward(args: BenchmarkArguments, reward_model, model_path: str):
+    """The TRL baselines' reward function and its tokenizer: VADER, or the scalar-head model r_x our methods use."""
+    from transformers import AutoTokenizer
+
+    if args.rloo_reward == "vader":
+        from bilevel_rlhf.preference import VaderOracle
+
+        oracle = VaderOracle()
+
+        def vader(completions, **kwargs):
+            return oracle.compound(completions)
+
+        return vader, None
+    reward_tok = AutoTokenizer.from_pretrained(model_path)
+    if reward_tok.pad_token is None:
+        reward_tok.pad_token = reward_tok.eos_token
+    reward_model.forward = PartTimerHolder.timer.wrap("forward", reward_model.forward)
+    return reward_model.eval(), reward_tok
+
+
 def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, output_dir: str, callback):
     """The trainer of `method` on the shared setup (model, prompts, lengths, threads, seed)."""
     import torch
@@ -256,7 +278,24 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
         temperature=1.0, top_k=0, top_p=1.0, disable_tqdm=True, dataloader_num_workers=0,
         gradient_checkpointing=False,  # a tiny model gains nothing from it: off for every method
     )
-    if method == "rloo":
+    if method in ("rloo", "online_dpo"):
+        reward_funcs, reward_tok = _trl_reward(args, reward_model, model_path)
+    if method == "online_dpo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+        # two completions per prompt (the pair the reward ranks): n_rows completions from n_rows / 2 prompts
+        dpo_common = {k: v for k, v in common.items() if k != "max_completion_length"}  # OnlineDPO: max_new_tokens
+        config = OnlineDPOConfig(
+            **dpo_common, per_device_train_batch_size=max(1, n_rows // 2), learning_rate=1e-5, beta=[0.1],
+            disable_dropout=True, max_new_tokens=args.max_completion_length,
+            generation_kwargs={"min_new_tokens": args.max_completion_length} if args.full_length else None,
+        )
+        trainer = OnlineDPOTrainer(
+            model=policy, reward_funcs=reward_funcs, args=config, train_dataset=dataset, processing_class=tok,
+            reward_processing_classes=reward_tok, peft_config=peft_config, callbacks=[callback],
+        )
+    elif method == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
         config = RLOOConfig(
@@ -265,21 +304,6 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
             disable_dropout=True,  # as our trainer does
             generation_kwargs={"min_new_tokens": args.max_completion_length} if args.full_length else None,
         )
-        if args.rloo_reward == "vader":
-            from bilevel_rlhf.preference import VaderOracle
-
-            oracle = VaderOracle()
-
-            def vader(completions, **kwargs):
-                return oracle.compound(completions)
-
-            reward_funcs, reward_tok = vader, None
-        else:
-            reward_funcs = reward_model.eval()
-            reward_tok = AutoTokenizer.from_pretrained(model_path)
-            if reward_tok.pad_token is None:
-                reward_tok.pad_token = reward_tok.eos_token
-            reward_model.forward = PartTimerHolder.timer.wrap("forward", reward_model.forward)
         trainer = RLOOTrainer(
             model=policy, reward_funcs=reward_funcs, args=config, train_dataset=dataset, processing_class=tok,
             reward_processing_classes=reward_tok, peft_config=peft_config, callbacks=[callback],

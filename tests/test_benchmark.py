@@ -119,7 +119,7 @@ def test_gridworld_speed_and_samples_to_1pct(tmp_path):
 
 
 def test_tiny_end_to_end_run(tmp_path):
-    """Three trainers in worker processes, interleaved: every method reports every figure."""
+    """Four trainers in worker processes, interleaved: every method reports every figure."""
     tok = make_tokenizer()
     model_dir = tmp_path / "tiny"
     make_policy(tok, n_positions=64).save_pretrained(model_dir)
@@ -127,7 +127,7 @@ def test_tiny_end_to_end_run(tmp_path):
     args = BenchmarkArguments(num_prompts=2, num_generations=2, max_completion_length=6, warmup_steps=1, steps=2,
                               gridworld=False, output_dir=str(tmp_path / "out"))
     lm = run_lm_benchmark(args, model_path=str(model_dir))
-    assert set(lm["methods"]) == {"rloo", "partial_sgd", "single_loop"}
+    assert set(lm["methods"]) == {"rloo", "online_dpo", "partial_sgd", "single_loop"}
     for m, s in lm["methods"].items():
         assert s["steps"] == 2 and s["median_s"] > 0 and s["peak_rss_mb"] > 0
         # full_length: every step generates rows x max_completion_length tokens per actor
@@ -139,7 +139,7 @@ def test_tiny_end_to_end_run(tmp_path):
             assert sum(r[p] for p in PARTS if p != "other") <= r["seconds"]
     assert lm["methods"]["rloo"]["ratio_to_rloo"] == 1.0
     table = markdown_tables({"arguments": vars(args), "machine": {"load_average_start": [0.0]}, "lm": lm})
-    for m in ("rloo", "partial_sgd", "single_loop"):
+    for m in ("rloo", "online_dpo", "partial_sgd", "single_loop"):
         assert f"| {m} |" in table
 
 
