@@ -712,6 +712,8 @@ class BilevelTrainer(Trainer):
         last group. Fused, each group's forward pass runs here first and completes the rollout (`_complete`):
         stages 2 and 3 of `bilevel_rlhf.rollout` come from the pass whose loss is then backpropagated."""
         t0, self._rollout_seconds = time.perf_counter(), 0.0
+        if self._micro_step is None:  # first call of this train(): checkpoints sit at iteration boundaries
+            self._micro_step = self.state.global_step * self.args.gradient_accumulation_steps
         batch = self._prepare_inputs(inputs)
         groups = self.loss_parts(batch)
         loss = torch.zeros((), device=self.accelerator.device)

@@ -49,8 +49,9 @@ def gradients(script_args, training_args, model_args, rollouts: int, seed: int) 
     torch.manual_seed(seed)
     out = []
     for _ in range(rollouts):
-        trainer._micro_step = 0  # the first micro-step of an iteration: a fresh rollout, x's step
         rows = rng.choice(len(prompts), size=B, replace=False)
+        # private on purpose: no public method returns the first mini-batch (x's step) of a fresh rollout
+        trainer._micro_step = 0  # the first micro-step of an iteration: a fresh rollout, x's step
         batch = trainer._prepare_inputs([{"prompt": prompts[int(i)]["prompt"]} for i in rows])
         parts = tuple(p for group in trainer.loss_parts(batch) for p in group if p.startswith("reward/"))
         loss = trainer.compute_loss(trainer.model, LossInputs(batch, parts))

@@ -8,7 +8,7 @@ import statistics
 import time
 
 import pytest
-from lm_fixtures import make_policy, make_tokenizer
+from testing_utils import make_policy, make_tokenizer
 
 from benchmarks.harness import (
     PARTS,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from lm_fixtures import make_tokenizer
 from test_trainer_bandit import FIRST, K, PROBLEM, make_trainer, set_logits
 from test_trainer_math import PROMPTS
 from test_trainer_math import make_trainer as make_lm_trainer
+from testing_utils import make_tokenizer
 
 from bilevel_rlhf import bandit
 
@@ -117,10 +117,8 @@ def test_the_reference_never_shares_theta_noise(tmp_path):
     model = trainer.model
     model.policy_theta.load_state_dict(model.ref_policy.state_dict())  # theta = the reference
     model.policy_phi.load_state_dict(model.ref_policy.state_dict())
-    trainer.state.global_step, trainer._micro_step = 0, 0
     torch.manual_seed(0)
-    trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[:4]])
-    buf = trainer._buffer
+    buf = trainer.generate_and_score(PROMPTS[:4])
     assert torch.equal(buf.theta.input_ids, buf.phi.input_ids)  # theta and phi: shared noise
     same = (buf.theta.input_ids == buf.ref.input_ids).all(1)
     assert not bool(same.all()), "the reference's completions repeat theta's"

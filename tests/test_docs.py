@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
-from lm_fixtures import make_policy, make_reward_model, make_tokenizer
 from test_trainer_math import PROMPTS, char_score, make_trainer
+from testing_utils import make_policy, make_reward_model, make_tokenizer, record_loss_inputs
 from transformers import TrainerCallback
 
 from bilevel_rlhf.config import PENALTY_METHODS, BilevelConfig
@@ -126,11 +126,12 @@ def test_custom_objective_example_trains(tmp_path):
                              Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok, objective=objective)
     capture = Capture()
     trainer.add_callback(capture)
+    loss_inputs = record_loss_inputs(trainer)
     trainer.train()
     assert trainer.oracle_queries == 2 * 4 * 2  # 2 iterations x 4 prompts x 2 theta completions, one query each
     assert "objective/win_rate" in capture.logs[0] and "reward/ref_mean" in capture.logs[0]
-    labels = trainer._buffer.labels
-    expected = objective.completion_values(trainer._buffer.pair_loss, labels).mean()
+    last = loss_inputs[-1].batch  # the last rollout, completed by its update's forward passes (fused)
+    expected = objective.completion_values(last.pair_loss, last.labels).mean()
     last_step = [log for log in capture.logs if "loss" in log][-1]
     assert last_step["objective/upper_loss"] == pytest.approx(float(expected), rel=1e-5)
 

@@ -160,7 +160,7 @@ def test_evaluation_script(trained_run, tmp_path):
 def test_sequence_kl_expectation_is_the_exact_kl():
     """Two-token completions: E_{y1 ~ p}[sequence_kl] (enumerated) equals the brute-force KL of the sequences."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from lm_fixtures import make_policy, make_tokenizer
+    from testing_utils import make_policy, make_tokenizer
 
     from bilevel_rlhf.happy_tweet.evaluate import sequence_kl
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_trainer_math import make_trainer
+from testing_utils import record_rollouts
 
 from bilevel_rlhf import UpperObjective
 
@@ -67,9 +68,11 @@ def test_an_object_that_is_not_an_objective_is_rejected_before_training(tmp_path
 def test_win_rate_takes_one_completion_per_prompt(tmp_path):
     """Each theta completion is compared with one of the reference: one completion per prompt is one labelled pair."""
     trainer = make_trainer(tmp_path, max_steps=8, objective="win_rate", num_generations=1, common_random_numbers=True)
+    rollouts = record_rollouts(trainer)
     trainer.train()
     assert trainer.oracle_queries == 2 * 4  # 2 iterations x 4 prompts x 1 pair
-    assert trainer._buffer.theta.input_ids.shape[0] == 4 == trainer._buffer.ref.input_ids.shape[0]
+    assert len(rollouts) == 2
+    assert all(r.theta.input_ids.shape[0] == 4 == r.ref.input_ids.shape[0] for r in rollouts)
 
 
 def test_a_pairing_objective_needs_an_even_completion_count(tmp_path):

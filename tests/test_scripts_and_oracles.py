@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from lm_fixtures import WORDS, make_policy, make_reward_model, make_tokenizer
+from testing_utils import WORDS, happy_oracle, make_policy, make_reward_model, make_tokenizer
 from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -461,7 +461,7 @@ def test_reward_processing_class_retokenizes_prompt_plus_completion(tmp_path, mo
 
     from bilevel_rlhf.modeling import BilevelModel
     from bilevel_rlhf.trainer import BilevelTrainer
-    from test_trainer_lm import config, happy_oracle
+    from test_trainer_lm import config
 
     tok = make_tokenizer()
     rtok, rvocab = _reversed_tokenizer()

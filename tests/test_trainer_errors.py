@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from lm_fixtures import make_policy, make_reward_model, make_tokenizer
-from test_trainer_lm import PROMPTS, config, happy_oracle, make_trainer
+from test_trainer_lm import PROMPTS, config, make_trainer
+from testing_utils import happy_oracle, make_policy, make_reward_model, make_tokenizer
 
 from bilevel_rlhf.config import BilevelConfig
 from bilevel_rlhf.modeling import ValueHead

@@ -5,42 +5,36 @@ from __future__ import annotations
 import weakref
 
 import pytest
+import testing_utils
 import torch
-from datasets import Dataset
-from lm_fixtures import make_policy, make_reward_model, make_tokenizer
+from testing_utils import record_loss_inputs
 
-from bilevel_rlhf.config import BilevelConfig
-from bilevel_rlhf.preference import ScoreOracle
 from bilevel_rlhf.trainer import BilevelTrainer
 
 PROMPTS = ["the cat is", "a dog was", "we love the", "it is very"]
+# this file's defaults: one iteration of 4 prompts, a schedule that weighs the penalty terms
+CONFIG = dict(per_device_train_batch_size=4, max_completion_length=4, max_prompt_length=8, num_generations=2,
+              penalty_lambda=2.0, tau_init=0.1)
 
 
 def make_trainer(tmp_path, fuse: bool, peft: bool = False, **kw) -> BilevelTrainer:
-    tok = make_tokenizer()
+    """`testing_utils.make_trainer` on PROMPTS with this file's defaults; `fuse`: fuse_rollout_and_update."""
     peft_config = None
     if peft:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], task_type="CAUSAL_LM",
                                  init_lora_weights=False)  # random B: the adapters differ from the base at once
-    args = BilevelConfig(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_completion_length=4, max_prompt_length=8,
-        use_cpu=True, report_to="none", num_generations=2, penalty_lambda=2.0, tau_init=0.1, seed=0,
-        fuse_rollout_and_update=fuse, **kw,
-    )
-    oracle = ScoreOracle(lambda texts: [t.split().count("happy") for t in texts], mode="deterministic", name="happy")
-    trainer = BilevelTrainer(make_policy(tok), make_reward_model(tok), oracle, args,
-                             Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok, peft_config=peft_config)
-    return trainer
+    return testing_utils.make_trainer(tmp_path, PROMPTS, peft_config=peft_config, fuse_rollout_and_update=fuse,
+                                      **{**CONFIG, **kw})
 
 
 def loss_and_grads(trainer: BilevelTrainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    trainer._micro_step = 0  # first micro-step of an iteration: a fresh rollout
+    """The loss and gradients of all loss parts on one fresh rollout (`compute_loss` completes a fused one)."""
     torch.manual_seed(7)  # the same samples on both paths
     trainer.model.train()
-    batch = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS])
-    loss = trainer.compute_loss(trainer.model, batch)
+    rollout = trainer.generate_and_score(PROMPTS)
+    loss = trainer.compute_loss(trainer.model, rollout)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
@@ -127,7 +121,8 @@ def test_one_backward_per_part_gives_the_joint_gradients_with_one_part_held_at_a
         return forward(**kw)
 
     trainer.model.forward = recording_forward
-    trainer._micro_step, trainer.current_gradient_accumulation_steps = 0, 1
+    loss_inputs = record_loss_inputs(trainer)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
     torch.manual_seed(7)
     meter = SavedTensorMeter()
     with meter.hooks():
@@ -144,9 +139,20 @@ def test_one_backward_per_part_gives_the_joint_gradients_with_one_part_held_at_a
     # the graph of one part at a time: the peak of held activations is well below the joint pass's
     assert 0 < meter.peak < 0.7 * meter_joint.peak, (meter.peak, meter_joint.peak)
     assert trainer._metrics["policy/approxkl"]
-    # the iteration's rollout holds every stage, fused (from the update's own forward pass) or not
+    # the batch of the last loss part holds every stage, fused (from the update's own forward passes) or not
     for r in ("theta", "phi"):
-        c = trainer._buffer.completions(r)
+        c = loss_inputs[-1].batch.completions(r)
         assert all(t is not None for t in (c.score, c.terminal, c.logprobs, c.values, c.advantages, c.returns))
     if fuse:  # the PPO ratio of the fused update is exactly 1
         assert float(trainer._metrics["policy/approxkl"][-1]) == 0.0
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_training_step_takes_a_rollout_from_generate_and_score(tmp_path, fuse):
+    trainer = make_trainer(tmp_path, fuse)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
+    trainer.model.train()
+    rollout = trainer.generate_and_score(PROMPTS)
+    loss = trainer.training_step(trainer.model, rollout)
+    assert torch.isfinite(loss) and trainer._metrics["policy/approxkl"]
+    assert any(p.grad is not None for p in trainer.model.reward_model.parameters())

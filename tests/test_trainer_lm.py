@@ -6,42 +6,35 @@ import json
 import os
 
 import pytest
+import testing_utils
 import torch
 from datasets import Dataset
-from lm_fixtures import make_policy, make_reward_model, make_tokenizer
 from safetensors.torch import load_file
+from testing_utils import happy_oracle, make_config, make_policy, make_reward_model, make_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from bilevel_rlhf.config import BilevelConfig
 from bilevel_rlhf.modeling import load_roles, load_value_heads
-from bilevel_rlhf.preference import ScoreOracle
 from bilevel_rlhf.trainer import BilevelTrainer
 
 PROMPTS = ["the cat is", "a dog was", "we love the", "it is very", "the day was", "they hate a", "you and we", "the sun is"]
 
 
-def happy_oracle(mode: str = "deterministic") -> ScoreOracle:
-    """Prefers the completion with more 'happy' tokens."""
-    return ScoreOracle(lambda texts: [t.split().count("happy") for t in texts], mode=mode, name="happy")
+# this file's defaults: 16 prompts per iteration, 2 PPO epochs, learning rates that move a tiny model in 30 steps
+CONFIG = dict(
+    per_device_train_batch_size=16, max_steps=4, num_ppo_epochs=2, max_completion_length=4, max_prompt_length=8,
+    num_generations=2, actor_learning_rate=3e-3, critic_learning_rate=3e-3, reward_learning_rate=1e-3,
+    penalty_lambda=1.0, tau_init=0.01, logging_steps=1,
+)
 
 
 def config(tmp_path, **kw) -> BilevelConfig:
-    base = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, max_steps=4, num_ppo_epochs=2,
-        max_completion_length=4, max_prompt_length=8, use_cpu=True, report_to="none", num_generations=2,
-        actor_learning_rate=3e-3, critic_learning_rate=3e-3, reward_learning_rate=1e-3, penalty_lambda=1.0,
-        tau_init=0.01, logging_steps=1, disable_tqdm=True, seed=0,
-    )
-    base.update(kw)
-    return BilevelConfig(**base)
+    return make_config(tmp_path, **{**CONFIG, **kw})
 
 
-def make_trainer(tmp_path, tok=None, peft_config=None, oracle=None, policy=None, **kw) -> BilevelTrainer:
-    tok = tok or make_tokenizer()
-    return BilevelTrainer(
-        policy or make_policy(tok), make_reward_model(tok), oracle or happy_oracle(), config(tmp_path, **kw),
-        Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tok, peft_config=peft_config,
-    )
+def make_trainer(tmp_path, tok=None, **kw) -> BilevelTrainer:
+    """`testing_utils.make_trainer` on PROMPTS * 4 with this file's defaults."""
+    return testing_utils.make_trainer(tmp_path, PROMPTS * 4, tok=tok, **{**CONFIG, **kw})
 
 
 def happy_frequency(policy, tok, n: int = 256) -> float:
@@ -183,10 +176,7 @@ def test_resume_from_a_corrupt_checkpoint_names_it_and_the_file(tmp_path, broken
 def test_tensorboard_logs_go_to_the_output_dir_even_when_evaluating_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    tok = make_tokenizer()
-    trainer = BilevelTrainer(make_policy(tok), make_reward_model(tok), happy_oracle(),
-                             config(tmp_path, report_to="tensorboard"), Dataset.from_dict({"prompt": PROMPTS * 4}),
-                             processing_class=tok, eval_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    trainer = make_trainer(tmp_path, report_to="tensorboard", eval_prompts=PROMPTS)
     trainer.evaluate()  # logs before train(): transformers' callback would open ./runs
     trainer.train()
     assert not (tmp_path / "runs").exists()
@@ -195,10 +185,7 @@ def test_tensorboard_logs_go_to_the_output_dir_even_when_evaluating_first(tmp_pa
 
 
 def test_evaluate_reports_theta_reward_and_oracle_score_without_queries(tmp_path):
-    tok = make_tokenizer()
-    trainer = BilevelTrainer(make_policy(tok), make_reward_model(tok), happy_oracle(), config(tmp_path),
-                             Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tok,
-                             eval_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    trainer = make_trainer(tmp_path, eval_prompts=PROMPTS)
     metrics = trainer.evaluate()
     assert set(metrics) == {"eval_reward/theta_mean", "eval_oracle/score_theta"}
     assert all(v == v for v in metrics.values()) and trainer.oracle_queries == 0
@@ -227,8 +214,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     trainer.train()  # Trainer turns it on through BilevelModel.activation_checkpointing_enable
     model = trainer.model
     assert model.policy_theta.is_activation_checkpointing and model.reward_model.is_activation_checkpointing
-    trainer._micro_step = 0
-    batch = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS * 2])
+    batch = trainer.generate_and_score(PROMPTS * 2)  # a fresh rollout
 
     def gradients():
         model.zero_grad()

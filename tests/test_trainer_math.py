@@ -14,16 +14,15 @@ import os
 
 import numpy as np
 import pytest
+import testing_utils
 import torch
-from datasets import Dataset
+from testing_utils import record_loss_inputs, record_rollouts
 from transformers import TrainerCallback
-from lm_fixtures import make_policy, make_reward_model, make_tokenizer
 
-from bilevel_rlhf.config import BilevelConfig
 from bilevel_rlhf.preference import ScoreOracle
 from bilevel_rlhf.objectives import PreferenceNLL, WinRate, get_objective
 from bilevel_rlhf.rl_utils import bradley_terry_loss
-from bilevel_rlhf.rollout import Completions, Rollout
+from bilevel_rlhf.rollout import Completions, LossInputs, Rollout
 from bilevel_rlhf.schedules import lambda_at, lr_factor, tau_at
 from bilevel_rlhf.trainer import BilevelTrainer, reward_model_loss
 
@@ -40,23 +39,21 @@ def char_score(texts: list[str]) -> list[float]:
     return [len(t.replace(" ", "")) / 4.0 for t in texts]
 
 
-def make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, objective_instance=None, **kw) -> BilevelTrainer:
-    tok = make_tokenizer()
-    base = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, num_ppo_epochs=2,
-        num_mini_batches=2, max_completion_length=5, max_prompt_length=8, use_cpu=True, report_to="none", seed=0,
-        disable_tqdm=True, gamma=GAMMA, lam=GAE_LAMBDA, tau_init=TAU0, tau_schedule="polynomial",
-        tau_decay_rate=TAU_C, tau_horizon=TAU_K0, penalty_lambda=LAM0, penalty_lambda_schedule="polynomial",
-        penalty_lambda_growth=LAM_G, penalty_lambda_horizon=LAM_K0, actor_learning_rate=1e-3,
-        critic_learning_rate=1e-3, reward_learning_rate=1e-3, logging_steps=1,
-    )
-    base.update(kw)
+# this file's defaults: 2 PPO epochs x 2 mini-batches over 4 prompts; schedules that change with k; gamma != lam
+CONFIG = dict(
+    per_device_train_batch_size=4, num_generations=2, num_ppo_epochs=2, num_mini_batches=2, max_completion_length=5,
+    max_prompt_length=8, gamma=GAMMA, lam=GAE_LAMBDA, tau_init=TAU0, tau_schedule="polynomial", tau_decay_rate=TAU_C,
+    tau_horizon=TAU_K0, penalty_lambda=LAM0, penalty_lambda_schedule="polynomial", penalty_lambda_growth=LAM_G,
+    penalty_lambda_horizon=LAM_K0, actor_learning_rate=1e-3, critic_learning_rate=1e-3, reward_learning_rate=1e-3,
+    logging_steps=1,
+)
+
+
+def make_trainer(tmp_path, prompts=PROMPTS, **kw) -> BilevelTrainer:
+    """`testing_utils.make_trainer` with this file's defaults and oracle (`char_score`), its actors and critics moved
+    away from the reference."""
     oracle = ScoreOracle(char_score, mode="probability", name="chars")
-    trainer = BilevelTrainer(
-        make_policy(tok), make_reward_model(tok), oracle, BilevelConfig(**base), Dataset.from_dict({"prompt": prompts}),
-        eval_dataset=Dataset.from_dict({"prompt": eval_prompts}) if eval_prompts else None, processing_class=tok,
-        objective=objective_instance,
-    )
+    trainer = testing_utils.make_trainer(tmp_path, prompts, oracle=oracle, **{**CONFIG, **kw})
     # move the actors and critics away from the reference and from each other: the KL terms, the penalty gap and the
     # values are then all non-zero, so a wrong sign or a dropped term shows
     model = trainer.model
@@ -70,13 +67,21 @@ def make_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, objective_instanc
     return trainer
 
 
-def rollout(trainer: BilevelTrainer, iteration: int, seed: int = 5) -> tuple[Rollout, Rollout]:
-    """The first micro-step of `iteration`: its mini-batch and the whole buffer."""
+def micro_steps(trainer: BilevelTrainer, iteration: int, count: int = 1,
+                seed: int = 5) -> tuple[list[Rollout], list[list[LossInputs]]]:
+    """The first `count` micro-steps of `iteration` on a fresh trainer, through `training_step` (the rollout, then
+    each loss part's forward and backward; no optimizer step): the rollouts generated and, for each micro-step,
+    what `compute_loss` was given."""
+    rollouts, loss_inputs = record_rollouts(trainer), record_loss_inputs(trainer)
     trainer.state.global_step = iteration * trainer.args.steps_per_iteration
-    trainer._micro_step = iteration * trainer.micro_steps_per_iteration
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests do not run
     torch.manual_seed(seed)
-    batch = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[: trainer.args.per_device_train_batch_size]])
-    return batch, trainer._buffer
+    steps = []
+    for _ in range(count):
+        start = len(loss_inputs)
+        trainer.training_step(trainer.model, [{"prompt": p} for p in PROMPTS[: trainer.args.per_device_train_batch_size]])
+        steps.append(loss_inputs[start:])
+    return rollouts, steps
 
 
 def unpadded_rows(buf: Rollout, role: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -169,12 +174,10 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
                            temperature=0.8, objective=objective, objective_weight=0.3, **kw)
     assert trainer.fuse_rollout_and_update == fused
     k = 3
-    batch, buf = rollout(trainer, iteration=k)
-    if fused:  # the update's forward pass completes the rollout
-        trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
-        trainer.training_step(trainer.model, batch)
-        buf = trainer._buffer
-        assert buf.theta.advantages is not None and batch.theta.advantages is None  # a new record, not an update
+    (buf,), (step,) = micro_steps(trainer, iteration=k)
+    if fused:  # the update's forward passes complete the rollout: the last loss part's batch holds every stage
+        generated, buf = buf, step[-1].batch
+        assert buf.theta.advantages is not None and generated.theta.advantages is None  # a new record, not an update
     model = trainer.model
     tau, lam = expected_schedule(k)
     assert buf.iteration == k
@@ -255,7 +258,8 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
 
 def test_each_epoch_partitions_the_rollout_and_only_the_first_trains_x(tmp_path):
     trainer = make_trainer(tmp_path)  # 2 epochs x 2 mini-batches over 4 prompts x 2 completions
-    first, buf = rollout(trainer, iteration=1)
+    rollouts, steps = micro_steps(trainer, iteration=1, count=4)
+    (buf,) = rollouts  # generated at the first micro-step, replayed by the others
     N = len(buf.theta.input_ids)
 
     def key(role_batch, i):
@@ -265,13 +269,11 @@ def test_each_epoch_partitions_the_rollout_and_only_the_first_trains_x(tmp_path)
     for epoch in range(2):
         seen = {"theta": [], "phi": []}
         for j in range(2):
-            if epoch == j == 0:
-                batch = first
-            else:
-                trainer._micro_step = trainer.micro_steps_per_iteration * 1 + epoch * 2 + j
-                batch = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[:4]])
-                assert trainer._buffer is buf  # replayed, not regenerated
+            step = steps[2 * epoch + j]
+            batch = step[0].batch
+            assert all(inputs.batch is batch for inputs in step)  # every loss part of a micro-step: one mini-batch
             assert batch.reward_step == (epoch == 0)
+            assert any(part.startswith("reward/") for inputs in step for part in inputs.parts) == (epoch == 0)
             for r in seen:
                 seen[r] += [key(batch.completions(r), i) for i in range(len(batch.completions(r).input_ids))]
             # the pair labels travel with their completions
@@ -366,8 +368,9 @@ def test_x_does_not_move_outside_its_steps(tmp_path):
 def test_rollout_metrics_equal_their_recomputation_from_the_buffer(tmp_path):
     trainer = make_trainer(tmp_path)
     k = 2
-    _, buf = rollout(trainer, iteration=k)
-    m = trainer._rollout_metrics
+    (buf,), _ = micro_steps(trainer, iteration=k)
+    trainer.log({})  # what the training loop logs after this micro-step's optimizer step
+    m = trainer.state.log_history[-1]
     tau, lam = expected_schedule(k)
     labels = buf.labels.double().numpy()
     th, ph = (buf.completions(r).score.double().numpy() for r in ("theta", "phi"))
@@ -508,15 +511,8 @@ def test_objectives_completion_values_are_df_dpi():
 
 def test_logged_losses_equal_their_recomputation(tmp_path):
     trainer = make_trainer(tmp_path)
-    captured = []
-    prepare = trainer._prepare_inputs
-    trainer._prepare_inputs = lambda inputs: captured.append(prepare(inputs)) or captured[-1]
-    trainer.state.global_step, trainer._micro_step = 0, 0
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
-    trainer.model.train()
-    torch.manual_seed(3)
-    trainer.training_step(trainer.model, [{"prompt": p} for p in PROMPTS[:4]])
-    batch = captured[0]  # Trainer.training_step passes the prepared batch through again, once per loss part
+    _, (step,) = micro_steps(trainer, iteration=0, seed=3)
+    batch = step[0].batch  # the first micro-step's mini-batch, given to compute_loss once per loss part
     metrics = {key: v[-1] for key, v in trainer._metrics.items()}
     P = batch.prompt_length
     scores = {}
