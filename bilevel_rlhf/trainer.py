@@ -828,6 +828,10 @@ class BilevelTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.optimizer is not None:
+            # HF logs the first parameter group's rate (the actors'): log each role's under its own name instead
+            del logs["learning_rate"]
+            logs.update({f"learning_rate/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
         if self.model.training or self._metrics:
             logs.update({key: sum(v) / len(v) for key, v in self._metrics.items()})
             logs.update(self._rollout_metrics)

@@ -208,6 +208,11 @@ MUTATIONS: list[Mutation] = [
             batch = self.with_scores(""", """        if False:
             batch = self.with_scores(""",
       [FUSED, MATH], "the fused update does not score with its own forward pass (terminal rewards missing)"),
+    M("lr_logged_for_one_group", TRAINER,
+      """logs.update({f"learning_rate/{g['name']}": g["lr"] for g in""",
+      """logs.update({f"learning_rate/{g['name']}": self.optimizer.param_groups[0]["lr"] for g in""",
+      [MATH + "::test_learning_rates_follow_their_schedules_and_clipping_is_per_role"],
+      "every role's logged learning rate is the actors'"),
     M("reward_iteration_off_by_one", TRAINER,
       "return (k + 1) % self.args.nested_inner_steps == 0", "return k % self.args.nested_inner_steps == 0",
       [MATH, LM_NESTED], "nested_loop updates x at the first inner iteration instead of the last"),

@@ -335,6 +335,15 @@ def test_learning_rates_follow_their_schedules_and_clipping_is_per_role(tmp_path
                 assert s[role]["post"] == pytest.approx(min(s[role]["pre"], 1.0), rel=1e-4), (s, role)
         if epoch == 0:
             assert s["reward"]["pre"] > 50.0  # the test needs a reward gradient far above the clip norm
+    # each role's rate is logged under its own name (after the step: the rate of step h["step"]); HF's single
+    # learning_rate, the actors', is not
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 12
+    for h in logs:
+        k = h["step"] // spi
+        assert "learning_rate" not in h
+        for role in base:
+            assert h[f"learning_rate/{role}"] == pytest.approx(base[role] * (1 + k / 1.5) ** (-decay[role]), rel=1e-6)
 
 
 def test_nested_loop_updates_x_only_at_every_nth_iteration(tmp_path):
