@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .validation import field_checker
+from .validation import field_checker, warn_unless_time_scales
 
 METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance")
 PENALTY_METHODS = ("single_loop", "fixed_tau", "nested_loop")  # two actors, theta penalized by lambda
@@ -279,13 +279,7 @@ class BilevelConfig(TrainingArguments):
                 "reward_learning_rate",
                 stacklevel=2,
             )
-        if not self.critic_learning_rate >= self.actor_learning_rate >= self.reward_learning_rate:
-            warnings.warn(
-                "the three time-scales of the analysis need critic_learning_rate >= actor_learning_rate >= "
-                f"reward_learning_rate; got {self.critic_learning_rate}, {self.actor_learning_rate}, "
-                f"{self.reward_learning_rate}",
-                stacklevel=2,
-            )
+        warn_unless_time_scales(self, ("critic_learning_rate", "actor_learning_rate", "reward_learning_rate"))
 
     @property
     def steps_per_iteration(self) -> int:

@@ -559,11 +559,10 @@ class BilevelTrainer(Trainer):
                        for r in generators}
         masks = {r: self._completion_mask(c) for r, c in completions.items()}
         T = max(c.shape[1] for c in completions.values())
-        for r in generators:  # a common width T; the padding is masked out
+        for r in generators:  # a common width T, pad after each first eos (as _generate returns them), masked out
             pad = T - completions[r].shape[1]
             completions[r] = torch.nn.functional.pad(completions[r], (0, pad), value=tok.pad_token_id)
             masks[r] = torch.nn.functional.pad(masks[r], (0, pad), value=0)
-            completions[r] = torch.where(masks[r].bool(), completions[r], tok.pad_token_id)
         texts = {r: self._decode(completions[r], masks[r]) for r in generators}
         rep_prompts = [p for p in prompts for _ in range(n)]
         t_generation = time.perf_counter() - t0
@@ -671,9 +670,7 @@ class BilevelTrainer(Trainer):
             return inputs
         a = self.args
         S = self.micro_steps_per_iteration
-        if self._micro_step is None:  # first call of this train(): checkpoints sit at iteration boundaries
-            self._micro_step = self.state.global_step * a.gradient_accumulation_steps
-        m = self._micro_step % S
+        m = self._micro_step % S  # set by training_step
         if m == 0 or self._buffer is None:
             t0 = time.perf_counter()
             self._buffer = self.generate_and_score([row["prompt"] for row in inputs])

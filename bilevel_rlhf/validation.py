@@ -3,6 +3,7 @@ check raises ValueError naming the field, what it must be, and the value it got,
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 
@@ -16,3 +17,19 @@ def field_checker(config: Any, owner: str = "") -> Callable[[bool, str, str], No
             raise ValueError(f"{owner}{name} must be {allowed}, got {getattr(config, name)!r}")
 
     return need
+
+
+def warn_unless_time_scales(config: Any, fields: tuple[str, str, str], decays: bool = False) -> None:
+    """Warn (not raise) unless the three time-scales of the analysis are in order: `fields` name the critic's,
+    the actor's and x's step sizes, which must not increase (critic fastest), or, with `decays`, their decay
+    powers, which must not decrease."""
+    values = [getattr(config, name) for name in fields]
+    keys = [-v for v in values] if decays else values  # one comparison for both orders
+    if not keys[0] >= keys[1] >= keys[2]:
+        op = "<=" if decays else ">="
+        warnings.warn(
+            f"the three time-scales of the analysis need {fields[0]} {op} {fields[1]} {op} {fields[2]}; got "
+            f"{values[0]}, {values[1]}, {values[2]}",
+            stacklevel=4,
+        )
+

@@ -482,20 +482,17 @@ MUTATIONS += _unchecked("gwcfg", GW_CFG, [GW_CONFIG], "GridWorldConfig", [
     ("methods", "need(not unknown and len(self.methods) > 0,"),
 ])
 
-# the three time-scales' order warns (as in BilevelConfig): each half of the chained comparison dropped
-GW_CFG_LR_ORDER = "if not self.critic_learning_rate >= self.actor_learning_rate >= self.reward_learning_rate:"
-GW_CFG_DECAY_ORDER = "if not self.critic_lr_decay <= self.actor_lr_decay <= self.reward_lr_decay:"
+# the three time-scales' order warns, one rule for both configs (bilevel_rlhf/validation.py): each half of the chained
+# comparison dropped
+VALIDATION = "bilevel_rlhf/validation.py"
 MUTATIONS += [
-    M("gwcfg_actor_le_critic_unwarned", GW_CFG,
-      GW_CFG_LR_ORDER, "if not self.actor_learning_rate >= self.reward_learning_rate:",
-      [GW_CONFIG], "GridWorldConfig is silent when actor_learning_rate > critic_learning_rate"),
-    M("gwcfg_reward_le_actor_unwarned", GW_CFG,
-      GW_CFG_LR_ORDER, "if not self.critic_learning_rate >= self.actor_learning_rate:",
-      [GW_CONFIG], "GridWorldConfig is silent when reward_learning_rate > actor_learning_rate"),
-    M("gwcfg_actor_decay_ge_critic_unwarned", GW_CFG,
-      GW_CFG_DECAY_ORDER, "if not self.actor_lr_decay <= self.reward_lr_decay:",
-      [GW_CONFIG], "GridWorldConfig is silent when actor_lr_decay < critic_lr_decay"),
-    M("gwcfg_reward_decay_ge_actor_unwarned", GW_CFG,
-      GW_CFG_DECAY_ORDER, "if not self.critic_lr_decay <= self.actor_lr_decay:",
-      [GW_CONFIG], "GridWorldConfig is silent when reward_lr_decay < actor_lr_decay"),
+    M("time_scales_fast_half_unwarned", VALIDATION,
+      "if not keys[0] >= keys[1] >= keys[2]:", "if not keys[1] >= keys[2]:",
+      [GW_CONFIG, CONFIG], "the configs are silent when the actor is faster than the critic (or decays slower)"),
+    M("time_scales_slow_half_unwarned", VALIDATION,
+      "if not keys[0] >= keys[1] >= keys[2]:", "if not keys[0] >= keys[1]:",
+      [GW_CONFIG, CONFIG], "the configs are silent when x is faster than the actor (or decays slower)"),
+    M("time_scales_decay_order_inverted", VALIDATION,
+      "keys = [-v for v in values] if decays else values", "keys = values",
+      [GW_CONFIG], "decay powers are checked in the learning rates' order (critic decaying fastest)"),
 ]

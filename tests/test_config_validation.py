@@ -238,7 +238,8 @@ def test_every_need_call_has_a_case():
 def test_every_post_init_raise_and_warning_has_a_case():
     fn = _function(ast.parse(CONFIG_PY.read_text()), "__post_init__")
     raises = [n for n in ast.walk(fn) if isinstance(n, ast.Raise)]
-    warns = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "warnings.warn"]
+    warns = [n for n in ast.walk(fn) if isinstance(n, ast.Call)
+             and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
     assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 50  # see the module docstring

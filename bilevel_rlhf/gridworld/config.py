@@ -4,13 +4,12 @@ loadable from YAML and overridable from the command line (``--field value``)."""
 import dataclasses
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from ..validation import field_checker
+from ..validation import field_checker, warn_unless_time_scales
 from .mdp import DEFAULT_LAYOUT
 
 # exact: oracle descent on Phi_tau at a fixed tau; exact_decay: the same along the decaying tau path
@@ -113,20 +112,9 @@ class GridWorldConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         need(not unknown and len(self.methods) > 0, "methods", f"a non-empty list from {METHODS} (unknown: {unknown})")
         # three time-scales, critic >= actor >= reward step size at every t (learning rates in that order, decays in
-        # the opposite one): a warning only, as in BilevelConfig
-        if not self.critic_learning_rate >= self.actor_learning_rate >= self.reward_learning_rate:
-            warnings.warn(
-                "the three time-scales of the analysis need critic_learning_rate >= actor_learning_rate >= "
-                f"reward_learning_rate; got {self.critic_learning_rate}, {self.actor_learning_rate}, "
-                f"{self.reward_learning_rate}",
-                stacklevel=2,
-            )
-        if not self.critic_lr_decay <= self.actor_lr_decay <= self.reward_lr_decay:
-            warnings.warn(
-                "the three time-scales of the analysis need critic_lr_decay <= actor_lr_decay <= reward_lr_decay; "
-                f"got {self.critic_lr_decay}, {self.actor_lr_decay}, {self.reward_lr_decay}",
-                stacklevel=2,
-            )
+        # the opposite one): BilevelConfig's rule, a warning only
+        warn_unless_time_scales(self, ("critic_learning_rate", "actor_learning_rate", "reward_learning_rate"))
+        warn_unless_time_scales(self, ("critic_lr_decay", "actor_lr_decay", "reward_lr_decay"), decays=True)
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> GridWorldConfig:
