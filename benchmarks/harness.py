@@ -320,8 +320,8 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
         if args.full_length:
             policy.generation_config.min_new_tokens = args.max_completion_length
         config = BilevelConfig(
-            **common, method=method, per_device_train_batch_size=args.num_prompts,
-            num_generations=args.num_generations, num_ppo_epochs=1, num_mini_batches=1,
+            **common, method=method, per_device_train_batch_size=n_rows,
+            num_generations=args.num_generations, num_iterations=1, steps_per_generation=1,
             actor_learning_rate=1e-5, critic_learning_rate=1e-4, reward_learning_rate=1e-6,
             fuse_rollout_and_update=args.fuse,
         )

@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     # --- language-model trainer ---
     "BilevelConfig": ".config",
     "BilevelTrainer": ".trainer",
+    "load_policy": ".modeling",
     "load_value_heads": ".modeling",
     "Completions": ".rollout",
     "Rollout": ".rollout",

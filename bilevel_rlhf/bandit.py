@@ -189,14 +189,8 @@ def _reference(log_pi_ref: np.ndarray | None, k: int) -> np.ndarray:
 
 
 def upper_loss(
-    x: np.ndarray,
-    pi: np.ndarray,
-    scores: np.ndarray,
-    temperature: float,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
-    log_pi_ref: np.ndarray | None = None,
+    x: np.ndarray, pi: np.ndarray, scores: np.ndarray, temperature: float,
+    *, objective: str = "preference_nll", weight: float = 0.1, log_pi_ref: np.ndarray | None = None,
 ) -> float:
     """f(x, pi). "preference_nll": E_{y1, y2 ~ pi iid}[BT-NLL of r_x on (y1, y2) with the oracle's expected
     label] = pi^T L pi. "win_rate": pi^T (w L - P) pi_ref with w = ``weight`` (needs ``log_pi_ref``)."""
@@ -210,14 +204,8 @@ def upper_loss(
 
 
 def upper_loss_grads(
-    x: np.ndarray,
-    pi: np.ndarray,
-    scores: np.ndarray,
-    temperature: float,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
-    log_pi_ref: np.ndarray | None = None,
+    x: np.ndarray, pi: np.ndarray, scores: np.ndarray, temperature: float,
+    *, objective: str = "preference_nll", weight: float = 0.1, log_pi_ref: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(grad_x f(x, pi), grad_pi f(x, pi)) with pi treated as a free vector in R^K.
 
@@ -238,53 +226,43 @@ def upper_loss_grads(
 
 
 def phi_tau(
-    x: np.ndarray,
-    log_pi_ref: np.ndarray,
-    tau: float,
-    scores: np.ndarray,
-    temperature: float,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
+    x: np.ndarray, log_pi_ref: np.ndarray, tau: float, scores: np.ndarray, temperature: float,
+    *, objective: str = "preference_nll", weight: float = 0.1,
 ) -> float:
     """Phi_tau(x) = f(x, pi*_tau(x)), the regularized bilevel objective."""
     pi = soft_optimal_policy(x, log_pi_ref, tau)
     return upper_loss(x, pi, scores, temperature, objective=objective, weight=weight, log_pi_ref=log_pi_ref)
 
 
-def exact_hypergradient(
-    x: np.ndarray,
-    log_pi_ref: np.ndarray,
-    tau: float,
-    scores: np.ndarray,
-    temperature: float,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
-) -> np.ndarray:
-    """d Phi_tau / dx = grad_x f + (d pi*/dx)^T grad_pi f, with d pi*/dx = (diag(pi) - pi pi^T) / tau."""
+def _grads_at_optimum(
+    x: np.ndarray, log_pi_ref: np.ndarray, tau: float, scores: np.ndarray, temperature: float,
+    objective: str, weight: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pi, grad_x f(x, pi), grad_pi f(x, pi)) at pi = pi*_tau(x)."""
     pi = soft_optimal_policy(x, log_pi_ref, tau)
     g_x, g_pi = upper_loss_grads(x, pi, scores, temperature, objective=objective, weight=weight, log_pi_ref=log_pi_ref)
+    return pi, g_x, g_pi
+
+
+def exact_hypergradient(
+    x: np.ndarray, log_pi_ref: np.ndarray, tau: float, scores: np.ndarray, temperature: float,
+    *, objective: str = "preference_nll", weight: float = 0.1,
+) -> np.ndarray:
+    """d Phi_tau / dx = grad_x f + (d pi*/dx)^T grad_pi f, with d pi*/dx = (diag(pi) - pi pi^T) / tau."""
+    pi, g_x, g_pi = _grads_at_optimum(x, log_pi_ref, tau, scores, temperature, objective, weight)
     return g_x + pi * (g_pi - pi @ g_pi) / tau
 
 
 def covariance_hypergradient(
-    x: np.ndarray,
-    log_pi_ref: np.ndarray,
-    tau: float,
-    scores: np.ndarray,
-    temperature: float,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
+    x: np.ndarray, log_pi_ref: np.ndarray, tau: float, scores: np.ndarray, temperature: float,
+    *, objective: str = "preference_nll", weight: float = 0.1,
 ) -> np.ndarray:
     """grad_x f + (1/tau) Cov_{y ~ pi*_tau(x)}(e_y, g(y)), g = grad_pi f at pi*_tau(x) (docs/algorithm.md, "The covariance limit").
 
     grad_x r_x(y) = e_y for the tabular reward. Written as the expectation over y that a sampled estimator
     averages; equal to :func:`exact_hypergradient` (pi* is a Boltzmann tilt of pi_ref by x / tau).
     """
-    pi = soft_optimal_policy(x, log_pi_ref, tau)
-    g_x, g = upper_loss_grads(x, pi, scores, temperature, objective=objective, weight=weight, log_pi_ref=log_pi_ref)
+    pi, g_x, g = _grads_at_optimum(x, log_pi_ref, tau, scores, temperature, objective, weight)
     k = pi.shape[0]
     centered_e = np.eye(k) - pi  # row y: e_y - E[e_y]
     cov = (pi * (g - pi @ g)) @ centered_e  # sum_y pi_y (g_y - E g) (e_y - E e)
@@ -298,17 +276,9 @@ def _tangent_basis(k: int) -> np.ndarray:
 
 
 def penalized_policy(
-    x: np.ndarray,
-    lam: float,
-    tau: float,
-    log_pi_ref: np.ndarray,
-    scores: np.ndarray,
-    temperature: float,
-    tol: float = 1e-12,
-    max_iter: int = 200,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
+    x: np.ndarray, lam: float, tau: float, log_pi_ref: np.ndarray, scores: np.ndarray, temperature: float,
+    tol: float = 1e-12, max_iter: int = 200,
+    *, objective: str = "preference_nll", weight: float = 0.1,
 ) -> np.ndarray:
     """theta = argmax over the simplex of lam * J_tau(x, pi) - f(x, pi).
 
@@ -383,15 +353,8 @@ def penalized_policy(
 
 
 def penalty_hypergradient(
-    x: np.ndarray,
-    lam: float,
-    tau: float,
-    log_pi_ref: np.ndarray,
-    scores: np.ndarray,
-    temperature: float,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
+    x: np.ndarray, lam: float, tau: float, log_pi_ref: np.ndarray, scores: np.ndarray, temperature: float,
+    *, objective: str = "preference_nll", weight: float = 0.1,
 ) -> np.ndarray:
     """Population value of the trainer's reward-model gradient at the exact lower-level solutions:
 
@@ -408,17 +371,9 @@ def penalty_hypergradient(
 
 
 def exact_optimum(
-    log_pi_ref: np.ndarray,
-    tau: float,
-    scores: np.ndarray,
-    temperature: float,
-    x0: np.ndarray | None = None,
-    tol: float = 1e-10,
-    max_iter: int = 500,
-    max_step: float = 1.0,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
+    log_pi_ref: np.ndarray, tau: float, scores: np.ndarray, temperature: float,
+    x0: np.ndarray | None = None, tol: float = 1e-10, max_iter: int = 500, max_step: float = 1.0,
+    *, objective: str = "preference_nll", weight: float = 0.1,
 ) -> np.ndarray:
     """A minimizer of Phi_tau over x in the gauge sum(x) = 0, by damped (modified) Newton's method.
 
@@ -562,16 +517,9 @@ def _reward_fit(x: np.ndarray, V: np.ndarray, P: np.ndarray, tol: float, max_ite
 
 
 def partial_sgd_fixed_point(
-    log_pi_ref: np.ndarray,
-    tau: float,
-    scores: np.ndarray,
-    temperature: float,
-    *,
-    objective: str = "preference_nll",
-    weight: float = 0.1,
-    x0: np.ndarray | None = None,
-    tol: float = 1e-10,
-    max_iter: int = 200,
+    log_pi_ref: np.ndarray, tau: float, scores: np.ndarray, temperature: float,
+    *, objective: str = "preference_nll", weight: float = 0.1,
+    x0: np.ndarray | None = None, tol: float = 1e-10, max_iter: int = 200,
 ) -> np.ndarray:
     """The x (gauge sum(x) = 0) with grad_x f(x, pi)|_{pi = pi*_tau(x)} = 0, pi held fixed when differentiating.
 

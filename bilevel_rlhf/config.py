@@ -31,10 +31,11 @@ class BilevelConfig(TrainingArguments):
     `TrainingArguments` are **not used**: the three learning rates below replace them (one parameter group per role);
     setting them gives a warning. `optim` must be an AdamW (`adamw_torch` or `adamw_torch_fused`).
 
-    Counting: one *iteration* k = one rollout (generation + scoring) followed by
-    `num_ppo_epochs * num_mini_batches` optimizer steps (each step one PPO mini-batch, made of
-    `gradient_accumulation_steps` micro-batches). `max_steps` counts optimizer steps; the schedules are functions of k.
-    `per_device_train_batch_size` is the number of **prompts** per iteration per process.
+    Counting, in TRL's RLOO/GRPO terms: `per_device_train_batch_size` counts **completions** per actor in one
+    micro-batch of one process (a multiple of `num_generations`). One *iteration* k of the paper is one generation
+    (rollout) of `per_device_train_batch_size * steps_per_generation` completions per actor and process, followed by
+    `num_iterations` passes over it, each of `steps_per_generation` micro-batches, `gradient_accumulation_steps` of
+    them per optimizer step. `max_steps` counts optimizer steps; the schedules are functions of k.
 
     Parameters:
         > Method
@@ -126,10 +127,11 @@ class BilevelConfig(TrainingArguments):
 
         > PPO
 
-        num_ppo_epochs (`int`, *optional*, defaults to `1`):
-            Passes over each rollout.
-        num_mini_batches (`int`, *optional*, defaults to `1`):
-            Mini-batches (optimizer steps) per epoch; must divide the prompts per iteration.
+        steps_per_generation (`int` or `None`, *optional*, defaults to `None`):
+            Micro-batches per generation and pass (TRL's meaning); a multiple of `gradient_accumulation_steps`, which
+            it defaults to (one optimizer step per pass).
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Passes over each generation (TRL's mu, PPO's epochs). Not the paper's iteration k, which counts generations.
         cliprange (`float`, *optional*, defaults to `0.2`):
             PPO ratio clip epsilon > 0.
         cliprange_value (`float`, *optional*, defaults to `0.2`):
@@ -143,7 +145,7 @@ class BilevelConfig(TrainingArguments):
         whiten_rewards (`bool`, *optional*, defaults to `False`):
             Rescale the per-token rewards to unit variance before GAE.
         fuse_rollout_and_update (`bool`, *optional*, defaults to `True`):
-            With one micro-step per iteration (`num_ppo_epochs = num_mini_batches = gradient_accumulation_steps = 1`),
+            With one micro-step per iteration (`num_iterations = steps_per_generation = 1`),
             let the update's forward pass also give the rollout's old log-probs, values and scores: one forward pass
             per actor and one of r_x fewer per iteration, the same loss and gradients. Ignored otherwise.
 
@@ -221,8 +223,11 @@ class BilevelConfig(TrainingArguments):
     )
 
     # --- PPO ---
-    num_ppo_epochs: int = field(default=1, metadata={"help": "PPO epochs per rollout, >= 1."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per epoch, >= 1."})
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batches per generation and pass; a multiple of (and by default) gradient_accumulation_steps."},
+    )
+    num_iterations: int = field(default=1, metadata={"help": "Passes (PPO epochs) over each generation, >= 1."})
     cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip > 0."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip > 0."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value-loss weight >= 0."})
@@ -241,11 +246,13 @@ class BilevelConfig(TrainingArguments):
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in actors and reward model."})
 
     def __post_init__(self) -> None:
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
         self._validate_bilevel()
         super().__post_init__()
         if self.save_strategy == "steps" and self.save_steps >= 1 and int(self.save_steps) % self.steps_per_iteration:
             raise ValueError(
-                f"save_steps must be a multiple of num_ppo_epochs * num_mini_batches = {self.steps_per_iteration} "
+                f"save_steps must be a multiple of the optimizer steps per iteration = {self.steps_per_iteration} "
                 f"(checkpoints are taken at iteration boundaries), got {self.save_steps}"
             )
         optim = getattr(self.optim, "value", self.optim)
@@ -262,7 +269,7 @@ class BilevelConfig(TrainingArguments):
             )
         if self.max_steps > 0 and self.max_steps % self.steps_per_iteration:
             raise ValueError(
-                f"max_steps must be a multiple of num_ppo_epochs * num_mini_batches = {self.steps_per_iteration} (a "
+                f"max_steps must be a multiple of the optimizer steps per iteration = {self.steps_per_iteration} (a "
                 f"run ends at an iteration boundary, not inside a rollout it paid oracle queries for), got "
                 f"{self.max_steps}"
             )
@@ -283,8 +290,13 @@ class BilevelConfig(TrainingArguments):
 
     @property
     def steps_per_iteration(self) -> int:
-        """Optimizer steps per iteration (one rollout)."""
-        return self.num_ppo_epochs * self.num_mini_batches
+        """Optimizer steps per iteration k (one generation): num_iterations * steps_per_generation / accumulation."""
+        return self.num_iterations * self.steps_per_generation // self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        """Prompts per generation and process: per_device_train_batch_size * steps_per_generation / num_generations."""
+        return self.per_device_train_batch_size * self.steps_per_generation // self.num_generations
 
     def _validate_bilevel(self) -> None:
         need = field_checker(self)
@@ -325,19 +337,21 @@ class BilevelConfig(TrainingArguments):
             ">= 1, and even when theta's own completions (2i, 2i+1) form the pairs (objective='preference_nll')",
         )
         need(self.num_eval_generations >= 1, "num_eval_generations", ">= 1")
-        need(self.num_ppo_epochs >= 1, "num_ppo_epochs", ">= 1")
-        need(self.num_mini_batches >= 1, "num_mini_batches", ">= 1")
+        need(self.num_iterations >= 1, "num_iterations", ">= 1")
         need(self.cliprange > 0, "cliprange", "> 0")
         need(self.cliprange_value > 0, "cliprange_value", "> 0")
         need(self.vf_coef >= 0, "vf_coef", ">= 0")
         need(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
         need(0 <= self.lam <= 1, "lam", "in [0, 1]")
-        need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", ">= 1")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", ">= 1")
-        micro = self.num_mini_batches * self.gradient_accumulation_steps
         need(
-            self.per_device_train_batch_size % micro == 0,
+            self.steps_per_generation >= 1 and self.steps_per_generation % self.gradient_accumulation_steps == 0,
+            "steps_per_generation",
+            f"a positive multiple of gradient_accumulation_steps = {self.gradient_accumulation_steps}",
+        )
+        need(
+            self.per_device_train_batch_size >= 1 and self.per_device_train_batch_size % self.num_generations == 0,
             "per_device_train_batch_size",
-            f"a multiple of num_mini_batches * gradient_accumulation_steps = {micro} (prompts per iteration are "
-            "split into that many micro-batches)",
+            f"a positive multiple of num_generations = {self.num_generations} (it counts completions per actor in one "
+            "micro-batch, and a prompt's completions stay in one micro-batch)",
         )

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 VALUE_HEADS_NAME = "value_heads.safetensors"
+CONFIG_NAME = "bilevel_config.json"
 ADAPTER_NAMES = ("phi", "theta")
 
 
@@ -234,6 +235,28 @@ def load_value_heads(path: str) -> dict[str, ValueHead]:
             head.load_state_dict(state)
             heads[role] = head
     return heads
+
+
+def load_policy(directory: str, role: str = "theta", **from_pretrained_kwargs):
+    """An actor written by `BilevelTrainer.save_model(directory)`: `"theta"` (the top level) or `"phi"` (`phi/`, the
+    penalty methods only), through `AutoModelForCausalLM.from_pretrained` (safetensors; a LoRA adapter is loaded
+    onto the base its adapter_config.json names). A missing role raises an error that names the method."""
+    from transformers import AutoModelForCausalLM
+
+    if role not in ("theta", "phi"):
+        raise ValueError(f"role must be 'theta' or 'phi', got {role!r}")
+    path = directory if role == "theta" else os.path.join(directory, "phi")
+    if not os.path.isdir(path):
+        config = os.path.join(directory, CONFIG_NAME)
+        method = json.load(open(config)).get("method") if os.path.isfile(config) else None
+        if method is not None and role == "phi":
+            raise FileNotFoundError(
+                f"{directory} holds no phi: it was saved by method={method!r}, which trains one actor (theta, at the "
+                "top level); phi/ is written by the penalty methods single_loop, fixed_tau and nested_loop"
+            )
+        raise FileNotFoundError(f"no saved {role} at {path} (expected a BilevelTrainer.save_model folder)")
+    from_pretrained_kwargs.setdefault("use_safetensors", True)
+    return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
 
 
 def save_roles(model: BilevelModel, output_dir: str) -> None:

@@ -7,16 +7,17 @@ One *iteration* k (docs/algorithm.md, "Language models"; docs/trainer.md):
      which pairs the oracle labels: theta's (2i, 2i+1), or theta's completion i against the reference's completion i
      (`win_rate`); r_x scores everything; per-token reward -tau_k * penalty_t plus the terminal score (phi and the
      one-actor methods' theta: r_x; the penalized theta: r_x - g / lambda_k, g = df/dpi); GAE per critic.
-  2. `num_ppo_epochs * num_mini_batches` optimizer steps, each one PPO mini-batch. The loss is the sum of the parts'
+  2. `num_iterations` passes over the rollout, each of `steps_per_generation` micro-batches (TRL's counting; one
+     optimizer step per `gradient_accumulation_steps` of them). The loss is the sum of the parts'
      losses (disjoint parameter sets, one parameter group and learning rate per role):
        phi, theta: PPO-clip + vf_coef * clipped value loss;
-       x (reward model), during the first epoch only, so each sample enters x's gradient once per iteration:
+       x (reward model), during the first pass only, so each sample enters x's gradient once per iteration:
          `reward_model_loss`: f's x-part + lambda_k * (mean r_x(phi) - mean r_x(theta)) for the penalty methods,
          f's x-part + (1/tau_k) Cov(r_x, g) over theta's completions for `covariance`, f's x-part for partial_sgd.
      Each part runs its own forward/backward in turn (`loss_parts`; gradient accumulation over the parts), so only
      one part's activations are held at a time: the peak is the largest part's, not their sum.
-  3. tau_k, lambda_k and the learning rates are functions of k = global_step // (num_ppo_epochs * num_mini_batches).
-With one micro-step per iteration (num_ppo_epochs = num_mini_batches = gradient_accumulation_steps = 1) the rollout
+  3. tau_k, lambda_k and the learning rates are functions of k = global_step // args.steps_per_iteration.
+With one micro-step per iteration (num_iterations = steps_per_generation = 1) the rollout
 does not run the actors (nor r_x when x is trained): the update's forward pass, with gradients, also gives the old
 log-probs, values and scores (`fuse_rollout_and_update`; `training_step` runs it and completes the rollout from it).
 Checkpoints are taken at iteration boundaries only (validated in the config), so no rollout is ever lost.
@@ -48,7 +49,7 @@ from transformers import (
 from trl.trainer.utils import disable_dropout_in_model
 
 from .config import PENALTY_METHODS, BilevelConfig
-from .modeling import BilevelModel, load_roles, save_roles
+from .modeling import CONFIG_NAME, BilevelModel, load_roles, save_roles
 from .objectives import UpperObjective, get_objective
 from .preference import check_labels
 from .rollout import ACTORS, Completions, LossInputs, Rollout, RolloutStats
@@ -66,7 +67,6 @@ from .rl_utils import (
 from .schedules import lambda_at, lr_factor, tau_at
 
 STATE_NAME = "bilevel_state_rank{rank}.json"
-CONFIG_NAME = "bilevel_config.json"
 
 
 def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
@@ -236,11 +236,11 @@ class BilevelTrainer(Trainer):
         _check_prompt_dataset(train_dataset, "train_dataset")
         if eval_dataset is not None:
             _check_prompt_dataset(eval_dataset, "eval_dataset")
-        global_prompts = args.per_device_train_batch_size * args.world_size
+        global_prompts = args.prompts_per_iteration * args.world_size
         if len(train_dataset) < global_prompts:
             raise ValueError(
                 f"train_dataset has {len(train_dataset)} prompts, fewer than one iteration needs "
-                f"(per_device_train_batch_size * world_size = {global_prompts})"
+                f"(per_device_train_batch_size * steps_per_generation / num_generations * world_size = {global_prompts})"
             )
 
         # --- models (safetensors only; remote code only when the user allows it) ---
@@ -322,6 +322,9 @@ class BilevelTrainer(Trainer):
             processing_class=processing_class,
             callbacks=callbacks,
         )
+        # one dataloader batch = one iteration's prompts of this process (`per_device_train_batch_size` counts
+        # completions per micro-batch, as in TRL's RLOO/GRPO); the sampler repeats it for each micro-step
+        self._train_batch_size = args.prompts_per_iteration
         self.add_callback(_SamplerEpochCallback(self))
         self._tensorboard_in_output_dir()
 
@@ -339,7 +342,7 @@ class BilevelTrainer(Trainer):
     # ------------------------------------------------------------------ schedules
     @property
     def micro_steps_per_iteration(self) -> int:
-        return self.args.steps_per_iteration * self.args.gradient_accumulation_steps
+        return self.args.num_iterations * self.args.steps_per_generation
 
     def schedule(self, k: int) -> tuple[float, float]:
         """(tau_k, lambda_k) at iteration k."""
@@ -416,7 +419,7 @@ class BilevelTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         self._sampler = IterationSampler(
             len(dataset),
-            batch_size=self.args.per_device_train_batch_size * self.args.world_size,
+            batch_size=self.args.prompts_per_iteration * self.args.world_size,
             repeat_count=self.micro_steps_per_iteration,
             seed=self.args.seed,
         )
@@ -680,10 +683,10 @@ class BilevelTrainer(Trainer):
         buf = self._buffer
         if buf.fused:
             return buf
-        epoch, j = divmod(m, a.num_mini_batches * a.gradient_accumulation_steps)
+        epoch, j = divmod(m, a.steps_per_generation)
         n = a.num_generations
         B = len(buf.theta) // n  # prompts of this process
-        chunk = B // (a.num_mini_batches * a.gradient_accumulation_steps)
+        chunk = B // a.steps_per_generation
         # a fixed permutation per (iteration, epoch): no RNG state involved, so resuming replays it exactly
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + buf.iteration * 101 + epoch)
         prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]

@@ -57,17 +57,24 @@ def completed(run_dir: Path, queries: int) -> bool:
 
 
 # every run labels one pair per prompt and iteration, whatever the YAML's objective: theta's two completions
-# (preference_nll), or one theta completion against one of the reference (win_rate); overrides after `--` win
+# (preference_nll), or one theta completion against one of the reference (win_rate); the micro-batch (completions
+# per actor) grows with the completions per prompt, so both objectives see the YAML's prompts per iteration.
+# Overrides after `--` win.
 GENERATIONS = {"preference_nll": 2, "win_rate": 1}
 
 
-def objective_args(objective: str) -> list[str]:
-    return ["--objective", objective, "--num_generations", str(GENERATIONS[objective])]
+def objective_args(objective: str, config: str) -> list[str]:
+    import yaml
+
+    yaml_args = yaml.safe_load(Path(config).read_text())
+    prompts = yaml_args["per_device_train_batch_size"] // yaml_args.get("num_generations", 1)  # per micro-batch
+    n = GENERATIONS[objective]
+    return ["--objective", objective, "--num_generations", str(n), "--per_device_train_batch_size", str(prompts * n)]
 
 
 def run_bilevel(method: str, objective: str, seed: int, max_steps: int, run_dir: Path, config: str,
                 overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "bilevel_rlhf.happy_tweet.recipe", "--config", config, *objective_args(objective),
+    cmd = [sys.executable, "-m", "bilevel_rlhf.happy_tweet.recipe", "--config", config, *objective_args(objective, config),
            *overrides, "--method", method, "--objective", objective, "--seed", str(seed), "--max_steps", str(max_steps),
            "--output_dir", str(run_dir), "--save_strategy", "no", "--report_to", "none"]
     print("+ " + " ".join(cmd), flush=True)
@@ -119,14 +126,14 @@ def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: lis
 
     from bilevel_rlhf.happy_tweet.recipe import make_oracle
 
-    script_args, a, model_args = parse_recipe_args(config, [*objective_args("preference_nll"), *overrides])
+    script_args, a, model_args = parse_recipe_args(config, [*objective_args("preference_nll", config), *overrides])
     t0 = time.time()
-    B, n = a.per_device_train_batch_size, a.num_generations
-    iterations = max(1, queries // (B * n))
-    args = RLOOConfig(
+    iterations = max(1, queries // (a.per_device_train_batch_size * a.steps_per_generation))
+    args = RLOOConfig(  # the same counting as BilevelConfig: completions per micro-batch, micro-batches per generation
         output_dir=str(run_dir), seed=seed, use_cpu=a.use_cpu, bf16=False, report_to="none", save_strategy="no",
-        per_device_train_batch_size=B * n // a.num_mini_batches, steps_per_generation=a.num_mini_batches,
-        num_generations=n, num_iterations=a.num_ppo_epochs, max_steps=iterations * a.num_mini_batches * a.num_ppo_epochs,
+        per_device_train_batch_size=a.per_device_train_batch_size, steps_per_generation=a.steps_per_generation,
+        num_generations=a.num_generations, num_iterations=a.num_iterations,
+        gradient_accumulation_steps=a.gradient_accumulation_steps, max_steps=iterations * a.steps_per_iteration,
         learning_rate=a.actor_learning_rate, lr_scheduler_type="constant", max_grad_norm=a.max_grad_norm,
         max_completion_length=a.max_completion_length, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
         epsilon=a.cliprange, beta=beta, disable_dropout=True, logging_steps=a.logging_steps,
@@ -145,9 +152,9 @@ def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, override
 
     from bilevel_rlhf.happy_tweet.recipe import make_oracle
 
-    script_args, a, model_args = parse_recipe_args(config, [*objective_args("preference_nll"), *overrides])
+    script_args, a, model_args = parse_recipe_args(config, [*objective_args("preference_nll", config), *overrides])
     t0 = time.time()
-    B = a.per_device_train_batch_size  # prompts per step: one pair each
+    B = a.prompts_per_iteration  # prompts per step: one pair each
     args = OnlineDPOConfig(
         output_dir=str(run_dir), seed=seed, use_cpu=a.use_cpu, bf16=False, report_to="none", save_strategy="no",
         per_device_train_batch_size=B, max_steps=max(1, queries // B), learning_rate=a.actor_learning_rate,
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # the TRL baselines take the preference_nll settings: two completions per prompt
     needed = set(args.objectives) | ({"preference_nll"} if set(args.methods) & set(TRL_METHODS) else set())
-    configs = {obj: parse_recipe_args(args.config, [*objective_args(obj), *overrides])[1] for obj in sorted(needed)}
+    configs = {obj: parse_recipe_args(args.config, [*objective_args(obj, args.config), *overrides])[1] for obj in sorted(needed)}
     cfg = next(iter(configs.values()))
     out = Path(args.output_dir)
     runs: dict[str, str] = {}
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for objective in (args.objectives if method not in TRL_METHODS else [None]):
                 c = configs[objective or "preference_nll"]
-                completions = c.per_device_train_batch_size * c.num_generations * c.world_size  # per actor, iteration
+                completions = c.per_device_train_batch_size * c.steps_per_generation * c.world_size  # per actor, iteration
                 # labelled pairs per iteration: theta's (2i, 2i+1), or each theta completion against the reference's
                 pairs = completions if objective == "win_rate" else completions // 2
                 iterations = max(1, args.queries // pairs)
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                 if method == "rloo":
                     expected = max(1, args.queries // completions) * completions
                 elif method == "online_dpo":
-                    B = cfg.per_device_train_batch_size * cfg.world_size
+                    B = cfg.prompts_per_iteration * cfg.world_size
                     expected = max(1, args.queries // B) * B
                 else:
                     expected = iterations * pairs

@@ -9,7 +9,8 @@ times the completions per actor (what a larger completion count for the penalty 
 (`common_random_numbers`), and for grad_x f alone (`partial_sgd`), and their ratios.
 
     python scripts/measure_variance.py --config recipes/happy_tweet/config.yaml --rollouts 32 \
-        --method single_loop --objective preference_nll --num_generations 2 --penalty_lambda 10
+        --method single_loop --objective preference_nll --num_generations 2 --per_device_train_batch_size 16 \
+        --penalty_lambda 10
 
 Arguments it does not know override the recipe's YAML (the figures of docs/algorithm.md use the line above).
 """
@@ -44,7 +45,7 @@ def gradients(script_args, training_args, model_args, rollouts: int, seed: int) 
                              prompts, processing_class=models["tokenizer"],
                              reward_processing_class=models["reward_tokenizer"])
     reward = [p for p in trainer.model.reward_model.parameters() if p.requires_grad]
-    B = training_args.per_device_train_batch_size
+    B = training_args.prompts_per_iteration
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     out = []
@@ -79,12 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--rollouts must be >= 2, got {args.rollouts}")
     torch.set_num_threads(args.threads)
     results = {}
-    n = make_parser().parse_args_and_config(["--config", args.config, *overrides])[1].num_generations
+    base = make_parser().parse_args_and_config(["--config", args.config, *overrides])[1]
+    n, batch = base.num_generations, base.per_device_train_batch_size
     for name, extra in (("independent", ["--common_random_numbers", "false"]),
                         # more completions per actor instead of coupling: what a separate, larger completion count for
                         # the penalty term buys (here the labelled pairs grow too, which only lowers grad f's share)
                         (f"independent_{4 * n}_generations",
-                         ["--common_random_numbers", "false", "--num_generations", str(4 * n)]),
+                         ["--common_random_numbers", "false", "--num_generations", str(4 * n),
+                          "--per_device_train_batch_size", str(4 * batch)]),  # the same prompts
                         ("coupled", ["--common_random_numbers", "true"]),
                         ("grad_f_alone", ["--method", "partial_sgd"])):
         script_args, training_args, model_args = make_parser().parse_args_and_config(

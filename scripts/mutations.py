@@ -456,16 +456,17 @@ MUTATIONS += _unchecked("cfg", CFG, [CONFIG], "BilevelConfig", [
     ("top_p", "need(0 < self.top_p <= 1,"),
     ("num_generations", "self.num_generations >= 1 and (self.objective == \"win_rate\" or self.num_generations % 2 == 0),"),
     ("num_eval_generations", "need(self.num_eval_generations >= 1,"),
-    ("num_ppo_epochs", "need(self.num_ppo_epochs >= 1,"),
-    ("num_mini_batches", "need(self.num_mini_batches >= 1,"),
+    ("num_iterations", "need(self.num_iterations >= 1,"),
     ("cliprange", "need(self.cliprange > 0,"),
     ("cliprange_value", "need(self.cliprange_value > 0,"),
     ("vf_coef", "need(self.vf_coef >= 0,"),
     ("gamma", "need(0 <= self.gamma <= 1,"),
     ("lam", "need(0 <= self.lam <= 1,"),
-    ("per_device_train_batch_size", "need(self.per_device_train_batch_size >= 1,"),
     ("gradient_accumulation_steps", "need(self.gradient_accumulation_steps >= 1,"),
-    ("batch_split", "self.per_device_train_batch_size % micro == 0,"),
+    ("steps_per_generation",
+     "self.steps_per_generation >= 1 and self.steps_per_generation % self.gradient_accumulation_steps == 0,"),
+    ("per_device_train_batch_size",
+     "self.per_device_train_batch_size >= 1 and self.per_device_train_batch_size % self.num_generations == 0,"),
 ])
 
 MUTATIONS += _unchecked("gwcfg", GW_CFG, [GW_CONFIG], "GridWorldConfig", [

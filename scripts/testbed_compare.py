@@ -37,7 +37,7 @@ def run(method: str, objective: str, seed: int, args: argparse.Namespace) -> dic
     with tempfile.TemporaryDirectory() as out:
         config = BilevelConfig(
             output_dir=out, method=method, objective=objective, objective_weight=args.weight, seed=seed,
-            per_device_train_batch_size=args.prompts, num_generations=2, max_completion_length=3, max_prompt_length=2,
+            per_device_train_batch_size=2 * args.prompts, num_generations=2, max_completion_length=3, max_prompt_length=2,
             tau_init=args.tau, tau_schedule=args.tau_schedule, tau_min=args.tau_min, tau_decay_rate=args.tau_decay_rate,
             tau_horizon=args.tau_horizon, penalty_lambda=args.penalty_lambda,
             penalty_lambda_schedule=args.penalty_lambda_schedule, penalty_lambda_growth=args.penalty_lambda_growth,

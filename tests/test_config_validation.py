@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 37 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 43 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 36 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 42 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-43 + 3 + 4 = 50 validated conditions.
+42 + 3 + 4 = 49 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -75,37 +75,40 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
     ("num_generations", dict(num_generations=3),  # odd pairs nothing with preference_nll; win_rate pairs each one
      [dict(num_generations=2), dict(num_generations=4), dict(num_generations=1, objective="win_rate")]),
     ("num_eval_generations", dict(num_eval_generations=0), [dict(num_eval_generations=1)]),
-    ("num_ppo_epochs", dict(num_ppo_epochs=0), [dict(num_ppo_epochs=1)]),
-    ("num_mini_batches", dict(num_mini_batches=0), [dict(num_mini_batches=1)]),
+    ("num_iterations", dict(num_iterations=0), [dict(num_iterations=1)]),
     ("cliprange", dict(cliprange=0.0), [dict(cliprange=EPS)]),
     ("cliprange_value", dict(cliprange_value=0.0), [dict(cliprange_value=EPS)]),
     ("vf_coef", dict(vf_coef=-EPS), [dict(vf_coef=0.0)]),
     ("gamma", dict(gamma=-EPS), [dict(gamma=0.0), dict(gamma=1.0)]),
     ("lam", dict(lam=-EPS), [dict(lam=0.0), dict(lam=1.0)]),
-    ("per_device_train_batch_size", dict(per_device_train_batch_size=0), [dict(per_device_train_batch_size=1)]),
     ("gradient_accumulation_steps", dict(gradient_accumulation_steps=0), [dict(gradient_accumulation_steps=1)]),
-    # a multiple of num_mini_batches * gradient_accumulation_steps (= 4 here); 4 itself is the boundary
-    ("per_device_train_batch_size",
-     dict(per_device_train_batch_size=6, num_mini_batches=2, gradient_accumulation_steps=2),
-     [dict(per_device_train_batch_size=4, num_mini_batches=2, gradient_accumulation_steps=2),
-      dict(per_device_train_batch_size=8, num_mini_batches=2, gradient_accumulation_steps=2)]),
+    # a positive multiple of gradient_accumulation_steps (= 2 here); 2 itself is the boundary
+    ("steps_per_generation", dict(steps_per_generation=3, gradient_accumulation_steps=2),
+     [dict(steps_per_generation=2, gradient_accumulation_steps=2), dict(steps_per_generation=4, gradient_accumulation_steps=2),
+      dict(gradient_accumulation_steps=2)]),  # None: gradient_accumulation_steps
+    # a positive multiple of num_generations (= 2 here): whole prompts per micro-batch; 2 itself is the boundary
+    ("per_device_train_batch_size", dict(per_device_train_batch_size=3, num_generations=2),
+     [dict(per_device_train_batch_size=2, num_generations=2), dict(per_device_train_batch_size=4, num_generations=2),
+      dict(per_device_train_batch_size=3, num_generations=1, objective="win_rate")]),
 ]
 # the other side of two-sided conditions (the same need(...), another way to fail it)
 OTHER_SIDE: list[tuple[str, dict]] = [
     ("tau_min", dict(tau_min=-EPS)),
     ("top_p", dict(top_p=1.0 + EPS)),
     ("num_generations", dict(num_generations=0, objective="win_rate")),  # < 1
+    ("steps_per_generation", dict(steps_per_generation=0)),  # < 1 (0 is a multiple of everything)
+    ("per_device_train_batch_size", dict(per_device_train_batch_size=0)),  # < 1
     ("gamma", dict(gamma=1.0 + EPS)),
     ("lam", dict(lam=1.0 + EPS)),
 ]
 # the raises of __post_init__ (after TrainingArguments.__post_init__)
 POST_INIT_CASES: list[tuple[str, dict, list[dict]]] = [
-    ("save_steps", dict(save_strategy="steps", save_steps=3, num_mini_batches=2, per_device_train_batch_size=2),
+    ("save_steps", dict(save_strategy="steps", save_steps=3, steps_per_generation=2),
      # a multiple (2 is the boundary), or a ratio of the run (< 1): not checked
-     [dict(save_strategy="steps", save_steps=s, num_mini_batches=2, per_device_train_batch_size=2) for s in (2, 4, 0.5)]),
+     [dict(save_strategy="steps", save_steps=s, steps_per_generation=2) for s in (2, 4, 0.5)]),
     ("optim", dict(optim="adafactor"), [dict(optim="adamw_torch"), dict(optim="adamw_torch_fused")]),
-    ("max_steps", dict(max_steps=3, num_ppo_epochs=2),  # a run ends at an iteration boundary
-     [dict(max_steps=4, num_ppo_epochs=2), dict(max_steps=-1, num_ppo_epochs=2)]),
+    ("max_steps", dict(max_steps=3, num_iterations=2),  # a run ends at an iteration boundary
+     [dict(max_steps=4, num_iterations=2), dict(max_steps=-1, num_iterations=2)]),
 ]
 # the warnings of __post_init__: (message, warning overrides, silent overrides)
 WARN_CASES: list[tuple[str, list[dict], list[dict]]] = [
@@ -228,7 +231,7 @@ def _need_fields_in_source() -> list[str]:
 
 
 def test_every_need_call_has_a_case():
-    """One case per need(...) condition of config.py (43 when written): a new validation without a case fails."""
+    """One case per need(...) condition of config.py (42 when written): a new validation without a case fails."""
     source_fields = _need_fields_in_source()
     assert len(source_fields) == CONFIG_PY.read_text().count("need(") + 2 * 3  # the role loop: 3 calls x 3 roles
     assert Counter(source_fields) == Counter(field for field, *_ in NEED_CASES)
@@ -242,4 +245,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 50  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 49  # see the module docstring

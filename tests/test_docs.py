@@ -96,7 +96,7 @@ def test_logged_metrics_are_the_documented_ones(tmp_path, config):
         f"logged, not documented: {sorted(logged - expected_keys(trainer))}; "
         f"documented, not logged: {sorted(expected_keys(trainer) - logged)}"
     )
-    spi, per_epoch = trainer.args.steps_per_iteration, trainer.args.num_mini_batches
+    spi, per_epoch = trainer.args.steps_per_iteration, trainer.args.steps_per_iteration // trainer.args.num_iterations
     for step, log in enumerate(steps):
         x_step = (step % spi) < per_epoch and trainer.is_reward_iteration(step // spi)
         assert own_keys(log) == expected_keys(trainer, x_step=x_step), step
@@ -118,7 +118,7 @@ def test_custom_objective_example_trains(tmp_path):
     objective = namespace["LossAverseWinRate"](weight=0.1, aversion=1.0)
     tok = make_tokenizer()
     args = BilevelConfig(
-        output_dir=str(tmp_path / "out"), method="single_loop", per_device_train_batch_size=4, num_generations=2,
+        output_dir=str(tmp_path / "out"), method="single_loop", per_device_train_batch_size=8, num_generations=2,
         max_completion_length=4, max_prompt_length=8, max_steps=2, use_cpu=True, report_to="none", disable_tqdm=True,
         actor_learning_rate=1e-3, critic_learning_rate=1e-3, reward_learning_rate=1e-3,
     )

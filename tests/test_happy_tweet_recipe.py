@@ -15,8 +15,8 @@ from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "recipes" / "happy_tweet" / "config.yaml")
-# a handful of steps: 4 prompts x 2 completions per iteration, 2 PPO epochs x 2 mini-batches = 4 steps per iteration
-TINY = ["--per_device_train_batch_size", "4", "--max_completion_length", "6", "--num_eval_prompts", "4",
+# a handful of steps: 2 micro-batches of 2 completions (4 prompts x 1) per iteration, 2 passes = 4 steps per iteration
+TINY = ["--per_device_train_batch_size", "2", "--max_completion_length", "6", "--num_eval_prompts", "4",
         "--save_steps", "4", "--logging_steps", "4", "--max_steps", "8", "--disable_tqdm", "true"]
 
 

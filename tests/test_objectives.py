@@ -67,7 +67,8 @@ def test_an_object_that_is_not_an_objective_is_rejected_before_training(tmp_path
 
 def test_win_rate_takes_one_completion_per_prompt(tmp_path):
     """Each theta completion is compared with one of the reference: one completion per prompt is one labelled pair."""
-    trainer = make_trainer(tmp_path, max_steps=8, objective="win_rate", num_generations=1, common_random_numbers=True)
+    trainer = make_trainer(tmp_path, max_steps=8, objective="win_rate", num_generations=1, common_random_numbers=True,
+                           per_device_train_batch_size=2)
     rollouts = record_rollouts(trainer)
     trainer.train()
     assert trainer.oracle_queries == 2 * 4  # 2 iterations x 4 prompts x 1 pair
@@ -77,4 +78,5 @@ def test_win_rate_takes_one_completion_per_prompt(tmp_path):
 
 def test_a_pairing_objective_needs_an_even_completion_count(tmp_path):
     with pytest.raises(ValueError, match="num_generations must be even for objective 'mean_label'"):
-        make_trainer(tmp_path, objective="win_rate", num_generations=3, objective_instance=MeanLabel())
+        make_trainer(tmp_path, objective="win_rate", num_generations=3, per_device_train_batch_size=6,
+                     objective_instance=MeanLabel())

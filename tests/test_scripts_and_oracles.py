@@ -26,8 +26,8 @@ from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "recipes" / "happy_tweet" / "config.yaml")
-# 4 prompts x 2 completions per iteration; 2 PPO epochs x 2 mini-batches = 4 optimizer steps per iteration
-TINY = ["--per_device_train_batch_size", "4", "--max_completion_length", "6", "--num_eval_prompts", "0",
+# 2 micro-batches of 2 completions (4 prompts x 1) per iteration; 2 passes = 4 optimizer steps per iteration
+TINY = ["--per_device_train_batch_size", "2", "--max_completion_length", "6", "--num_eval_prompts", "0",
         "--save_steps", "4", "--logging_steps", "4", "--max_steps", "8", "--disable_tqdm", "true", "--report_to", "none"]
 
 
@@ -330,11 +330,13 @@ def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
 
     compare = load_script("compare_happy_tweet")
     out = tmp_path / "cmp"
+    # the recipe's YAML with 4 prompts per iteration: the script scales the micro-batch (completions) per objective
+    config = tmp_path / "config.yaml"
+    config.write_text(Path(CONFIG).read_text().replace("per_device_train_batch_size: 8 ", "per_device_train_batch_size: 2 "))
     argv = ["--seeds", "0", "1", "--methods", "single_loop", "rloo", "online_dpo", "--objectives", "preference_nll",
-            "win_rate", "--queries", "8", "--output_dir", str(out),
+            "win_rate", "--queries", "8", "--output_dir", str(out), "--config", str(config),
             "--eval_prompts", "2", "--eval_samples", "2", "--",
-            "--model_name_or_path", tiny_model, "--per_device_train_batch_size", "4", "--max_completion_length", "6",
-            "--num_eval_prompts", "0"]
+            "--model_name_or_path", tiny_model, "--max_completion_length", "6", "--num_eval_prompts", "0"]
     compare.main(argv)
 
     kinds = ("single_loop", "single_loop_win_rate", "rloo", "online_dpo")
@@ -470,7 +472,7 @@ def test_reward_processing_class_retokenizes_prompt_plus_completion(tmp_path, mo
     prompts = ["the cat is", "a dog was", "we love the", "it is very"]
     trainer = BilevelTrainer(
         make_policy(tok), make_reward_model(rtok), happy_oracle(),
-        config(tmp_path, per_device_train_batch_size=4, max_steps=4, num_ppo_epochs=2, logging_steps=2),
+        config(tmp_path, per_device_train_batch_size=4, max_steps=4, num_iterations=2, logging_steps=2),
         Dataset.from_dict({"prompt": prompts * 4}), processing_class=tok, reward_processing_class=rtok,
     )
     assert trainer.model.reward_model.config.pad_token_id == 0  # r_x finds the last token with the reward pad id

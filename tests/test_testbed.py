@@ -215,7 +215,7 @@ def test_the_trainer_runs_on_the_testbed(tmp_path, setup):
     from bilevel_rlhf.config import BilevelConfig
 
     tok, _, problem = setup
-    args = BilevelConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, max_completion_length=3,
+    args = BilevelConfig(output_dir=str(tmp_path), per_device_train_batch_size=32, max_completion_length=3,
                          max_prompt_length=4, method="fixed_tau", tau_init=0.5, penalty_lambda=10.0, num_generations=2,
                          use_cpu=True, report_to="none", seed=0, top_k=0, top_p=1.0, temperature=1.0, max_steps=2)
     reward = T.TableReward()
@@ -241,7 +241,7 @@ def test_the_trainers_x_gradient_is_unbiased_on_the_multi_token_testbed(tmp_path
 
     tok, _, problem = setup
     tau, lam, w, prompts, rollouts = 0.5, 3.0, 0.3, 512, 12
-    args = BilevelConfig(output_dir=str(tmp_path), per_device_train_batch_size=prompts, max_completion_length=3,
+    args = BilevelConfig(output_dir=str(tmp_path), per_device_train_batch_size=2 * prompts, max_completion_length=3,
                          max_prompt_length=4, method=method, objective=objective, objective_weight=w, tau_init=tau,
                          tau_schedule="constant", penalty_lambda=lam, use_cpu=True, report_to="none", seed=0,
                          common_random_numbers=method == "single_loop")

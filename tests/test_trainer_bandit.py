@@ -71,7 +71,7 @@ def oracle() -> ScoreOracle:
 
 def make_trainer(tmp_path, x, lam, prompts, **kw) -> BilevelTrainer:
     settings = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=prompts, max_completion_length=1, max_prompt_length=4,
+        output_dir=str(tmp_path), per_device_train_batch_size=2 * prompts, max_completion_length=1, max_prompt_length=4,
         method="fixed_tau", tau_init=TAU, penalty_lambda=lam, num_generations=2, use_cpu=True, report_to="none",
         seed=0, top_k=0, top_p=1.0, temperature=1.0,
     )

@@ -31,9 +31,9 @@ from bilevel_rlhf.trainer import BilevelTrainer
         (dict(regularization="l2"), "regularization"),
         (dict(num_generations=3), "num_generations"),
         (dict(num_generations=0), "num_generations"),
-        (dict(per_device_train_batch_size=3, num_mini_batches=2), "per_device_train_batch_size"),
-        (dict(per_device_train_batch_size=4, gradient_accumulation_steps=3), "per_device_train_batch_size"),
-        (dict(save_strategy="steps", save_steps=3, num_mini_batches=2, per_device_train_batch_size=4), "save_steps"),
+        (dict(per_device_train_batch_size=3), "per_device_train_batch_size"),  # not a multiple of num_generations
+        (dict(steps_per_generation=3, gradient_accumulation_steps=2), "steps_per_generation"),
+        (dict(save_strategy="steps", save_steps=3, steps_per_generation=2, per_device_train_batch_size=4), "save_steps"),
         (dict(temperature=0.0), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(gamma=1.5), "gamma"),
@@ -81,7 +81,7 @@ def test_dataset_errors_are_raised_before_training(tmp_path):
     with pytest.raises(ValueError, match="train_dataset is empty"):
         _build(tmp_path, Dataset.from_dict({"prompt": []}))
     with pytest.raises(ValueError, match="fewer than one iteration needs"):
-        _build(tmp_path, Dataset.from_dict({"prompt": PROMPTS[:3]}), per_device_train_batch_size=4)
+        _build(tmp_path, Dataset.from_dict({"prompt": PROMPTS[:3]}), per_device_train_batch_size=8)
 
 
 def test_reward_model_with_two_outputs_is_rejected(tmp_path):

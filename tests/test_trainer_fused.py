@@ -13,7 +13,7 @@ from bilevel_rlhf.trainer import BilevelTrainer
 
 PROMPTS = ["the cat is", "a dog was", "we love the", "it is very"]
 # this file's defaults: one iteration of 4 prompts, a schedule that weighs the penalty terms
-CONFIG = dict(per_device_train_batch_size=4, max_completion_length=4, max_prompt_length=8, num_generations=2,
+CONFIG = dict(per_device_train_batch_size=8, max_completion_length=4, max_prompt_length=8, num_generations=2,
               penalty_lambda=2.0, tau_init=0.1)
 
 
@@ -64,9 +64,9 @@ def test_fused_forward_matches_the_plain_path(tmp_path, method, peft, objective)
 
 
 def test_fusing_needs_one_micro_step_per_iteration(tmp_path):
-    assert not make_trainer(tmp_path, True, num_ppo_epochs=2).fuse_rollout_and_update
-    assert not make_trainer(tmp_path, True, num_mini_batches=2).fuse_rollout_and_update
-    assert not make_trainer(tmp_path, True, gradient_accumulation_steps=2).fuse_rollout_and_update
+    assert not make_trainer(tmp_path, True, num_iterations=2).fuse_rollout_and_update
+    assert not make_trainer(tmp_path, True, steps_per_generation=2, per_device_train_batch_size=4).fuse_rollout_and_update
+    assert not make_trainer(tmp_path, True, gradient_accumulation_steps=2, per_device_train_batch_size=4).fuse_rollout_and_update
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -14,15 +14,15 @@ from testing_utils import happy_oracle, make_config, make_policy, make_reward_mo
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from bilevel_rlhf.config import BilevelConfig
-from bilevel_rlhf.modeling import load_roles, load_value_heads
+from bilevel_rlhf.modeling import load_policy, load_roles, load_value_heads
 from bilevel_rlhf.trainer import BilevelTrainer
 
 PROMPTS = ["the cat is", "a dog was", "we love the", "it is very", "the day was", "they hate a", "you and we", "the sun is"]
 
 
-# this file's defaults: 16 prompts per iteration, 2 PPO epochs, learning rates that move a tiny model in 30 steps
+# this file's defaults: 16 prompts x 2 completions per iteration, 2 passes, learning rates that move a tiny model in 30 steps
 CONFIG = dict(
-    per_device_train_batch_size=16, max_steps=4, num_ppo_epochs=2, max_completion_length=4, max_prompt_length=8,
+    per_device_train_batch_size=32, max_steps=4, num_iterations=2, max_completion_length=4, max_prompt_length=8,
     num_generations=2, actor_learning_rate=3e-3, critic_learning_rate=3e-3, reward_learning_rate=1e-3,
     penalty_lambda=1.0, tau_init=0.01, logging_steps=1,
 )
@@ -119,7 +119,7 @@ def test_save_model_round_trip(tmp_path):
     out = str(tmp_path / "final")
     trainer.save_model(out)
     theta = AutoModelForCausalLM.from_pretrained(out)
-    phi = AutoModelForCausalLM.from_pretrained(os.path.join(out, "phi"))
+    phi = load_policy(out, "phi")
     reward = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "reward_model"))
     for loaded, trained in ((theta, trainer.model.policy_theta), (phi, trainer.model.policy_phi),
                             (reward, trainer.model.reward_model)):
@@ -201,7 +201,7 @@ def test_each_epoch_rolls_out_every_prompt_once_in_a_new_order(tmp_path):
 
     tok = make_tokenizer()
     trainer = Recording(make_policy(tok), make_reward_model(tok), happy_oracle(),
-                        config(tmp_path, per_device_train_batch_size=4, max_steps=24, num_mini_batches=2),
+                        config(tmp_path, per_device_train_batch_size=4, max_steps=24, steps_per_generation=2),
                         Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok)
     trainer.train()  # 8 prompts, 4 per iteration, 4 optimizer steps per iteration: 2 iterations per epoch
     epochs = [seen[0] + seen[1], seen[2] + seen[3], seen[4] + seen[5]]
@@ -239,10 +239,20 @@ def test_partial_sgd_has_one_actor_and_no_penalty(tmp_path):
     assert "reward/phi_mean" not in logs and "objective/penalty_gap" not in logs
     # with no phi the reward loss is the BT-NLL alone: equal to the upper loss of the same rollout at step 1
     assert logs["objective/reward_loss"] == pytest.approx(logs["objective/upper_loss"], rel=1e-5)
+    out = str(tmp_path / "final")
+    trainer.save_model(out)
+    assert not os.path.exists(os.path.join(out, "phi"))
+    with pytest.raises(FileNotFoundError, match="holds no phi: it was saved by method='partial_sgd'"):
+        load_policy(out, "phi")
+    theta = load_policy(out)
+    for (n, p), (_, q) in zip(theta.state_dict().items(), trainer.model.policy_theta.state_dict().items()):
+        torch.testing.assert_close(p, q, msg=n)
+    with pytest.raises(FileNotFoundError, match="no saved theta"):
+        load_policy(str(tmp_path / "missing"))
 
 
 def test_nested_loop_updates_x_every_inner_steps_iterations(tmp_path):
-    trainer = make_trainer(tmp_path, method="nested_loop", nested_inner_steps=2, max_steps=2, num_ppo_epochs=1)
+    trainer = make_trainer(tmp_path, method="nested_loop", nested_inner_steps=2, max_steps=2, num_iterations=1)
     x0 = {n: p.detach().clone() for n, p in trainer.model.reward_model.named_parameters()}
     trainer.train()  # iterations 0 and 1: x moves only at iteration 1
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -39,9 +39,9 @@ def char_score(texts: list[str]) -> list[float]:
     return [len(t.replace(" ", "")) / 4.0 for t in texts]
 
 
-# this file's defaults: 2 PPO epochs x 2 mini-batches over 4 prompts; schedules that change with k; gamma != lam
+# this file's defaults: 2 passes x 2 micro-batches of 2 prompts x 2 completions; schedules that change with k; gamma != lam
 CONFIG = dict(
-    per_device_train_batch_size=4, num_generations=2, num_ppo_epochs=2, num_mini_batches=2, max_completion_length=5,
+    per_device_train_batch_size=4, num_generations=2, num_iterations=2, steps_per_generation=2, max_completion_length=5,
     max_prompt_length=8, gamma=GAMMA, lam=GAE_LAMBDA, tau_init=TAU0, tau_schedule="polynomial", tau_decay_rate=TAU_C,
     tau_horizon=TAU_K0, penalty_lambda=LAM0, penalty_lambda_schedule="polynomial", penalty_lambda_growth=LAM_G,
     penalty_lambda_horizon=LAM_K0, actor_learning_rate=1e-3, critic_learning_rate=1e-3, reward_learning_rate=1e-3,
@@ -79,7 +79,7 @@ def micro_steps(trainer: BilevelTrainer, iteration: int, count: int = 1,
     steps = []
     for _ in range(count):
         start = len(loss_inputs)
-        trainer.training_step(trainer.model, [{"prompt": p} for p in PROMPTS[: trainer.args.per_device_train_batch_size]])
+        trainer.training_step(trainer.model, [{"prompt": p} for p in PROMPTS[: trainer.args.prompts_per_iteration]])
         steps.append(loss_inputs[start:])
     return rollouts, steps
 
@@ -169,7 +169,7 @@ def test_ppo_loss_equals_hand_computed_values(tmp_path):
 )
 def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, regularization, whiten_rewards, fused,
                                                               objective):
-    kw = dict(num_ppo_epochs=1, num_mini_batches=1) if fused else {}
+    kw = dict(num_iterations=1, steps_per_generation=1, per_device_train_batch_size=8) if fused else {}
     trainer = make_trainer(tmp_path, method=method, regularization=regularization, whiten_rewards=whiten_rewards,
                            temperature=0.8, objective=objective, objective_weight=0.3, **kw)
     assert trainer.fuse_rollout_and_update == fused
@@ -323,7 +323,7 @@ def test_learning_rates_follow_their_schedules_and_clipping_is_per_role(tmp_path
     base = {"actor": 1e-3, "critic": 2e-3, "reward": 5e-4}  # distinct, so a group given another's rate shows
     decay = {"actor": 0.5, "critic": 1.0, "reward": 2.0}
     for s in rec.steps:
-        k, epoch = divmod(s["step"], spi)[0], (s["step"] % spi) // trainer.args.num_mini_batches
+        k, epoch = divmod(s["step"], spi)[0], (s["step"] % spi) // (trainer.args.steps_per_generation // trainer.args.gradient_accumulation_steps)
         for role in base:
             assert s[role]["lr"] == pytest.approx(base[role] * (1 + k / 1.5) ** (-decay[role]), rel=1e-9), (s, role)
         # x gets a gradient in the first epoch of each iteration only

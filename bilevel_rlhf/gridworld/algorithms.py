@@ -170,17 +170,23 @@ class _Tracker:
 
 
 # ----- methods -----
-def _penalty_method(problem, cfg, rng, method):
-    """single_loop / fixed_tau / nested_loop: the penalty actor-critic, phi on r_x, theta on r_x - u/lambda."""
+def _start(problem, cfg, rng):
+    """A sampled method's start: (sampler, x0, the walkers' first states, a tracker that has logged x0)."""
     sampler = Sampler(problem.mdp, cfg.batch_size)
-    u_cost = problem.designer_cost
     x = initial_x(problem, cfg)
     states = sampler.start(sampler.uniforms(rng)[3])
+    tracker = _Tracker(problem, cfg.eval_every)
+    tracker.log(x, 0)
+    return sampler, x, states, tracker
+
+
+def _penalty_method(problem, cfg, rng, method):
+    """single_loop / fixed_tau / nested_loop: the penalty actor-critic, phi on r_x, theta on r_x - u/lambda."""
+    sampler, x, states, tracker = _start(problem, cfg, rng)
+    u_cost = problem.designer_cost
     phi, theta = ActorCritic(problem.mdp, states), ActorCritic(problem.mdp, states)  # the two actors
     nested = method == "nested_loop"
     inner = cfg.nested_inner_steps if nested else 1
-    tracker = _Tracker(problem, cfg.eval_every)
-    tracker.log(x, 0)
     w_sum, n_w = np.zeros_like(u_cost), 0
     tau = cfg.tau_init
     for t in range(cfg.iterations):
@@ -212,11 +218,8 @@ def _penalty_method(problem, cfg, rng, method):
 
 def _partial_sgd(problem, cfg, rng, method):
     """The usual alternation: one actor on r_x; x follows grad_x f(x, pi) = grad c(x) only."""
-    sampler = Sampler(problem.mdp, cfg.batch_size)
-    x = initial_x(problem, cfg)
-    actor = ActorCritic(problem.mdp, sampler.start(sampler.uniforms(rng)[3]))
-    tracker = _Tracker(problem, cfg.eval_every)
-    tracker.log(x, 0)
+    sampler, x, states, tracker = _start(problem, cfg, rng)
+    actor = ActorCritic(problem.mdp, states)
     tau = cfg.tau_init
     for t in range(cfg.iterations):
         tau = gridworld_tau(cfg, t)
@@ -235,11 +238,8 @@ def _finite_difference(problem, cfg, rng, method):
     """Zeroth-order hypergradient: central differences of a sampled Phi estimate (coordinates for
     'position', Gaussian-smoothing directions for 'cells'); each estimate warm-starts an actor-critic
     from the base actor, runs fd_inner_steps on r_{x +- eps v}, and averages u over the second half."""
-    sampler = Sampler(problem.mdp, cfg.batch_size)
-    x = initial_x(problem, cfg)
-    base = ActorCritic(problem.mdp, sampler.start(sampler.uniforms(rng)[3]))
-    tracker = _Tracker(problem, cfg.eval_every)
-    tracker.log(x, 0)
+    sampler, x, states, tracker = _start(problem, cfg, rng)
+    base = ActorCritic(problem.mdp, states)
     K = cfg.fd_inner_steps
     t, k, tau = 0, 0, cfg.tau_init
     last_logged = 0

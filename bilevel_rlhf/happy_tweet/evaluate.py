@@ -134,15 +134,8 @@ def sample_completions(
 
 
 def evaluate_policy(
-    policy: torch.nn.Module,
-    tokenizer: Any,
-    ref: torch.nn.Module,
-    prompts: list[str],
-    num_samples: int = 4,
-    max_new_tokens: int = 24,
-    batch_size: int = 64,
-    seed: int = 0,
-    num_shown: int = 5,
+    policy: torch.nn.Module, tokenizer: Any, ref: torch.nn.Module, prompts: list[str],
+    num_samples: int = 4, max_new_tokens: int = 24, batch_size: int = 64, seed: int = 0, num_shown: int = 5,
 ) -> dict[str, Any]:
     """Metrics of one policy on `prompts` (see the module docstring); `ref` is the initial policy pi_0."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -193,16 +186,9 @@ def _vader_labels(score_a: np.ndarray, score_b: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def upper_objective_metrics(
-    policy: torch.nn.Module,
-    tokenizer: Any,
-    ref: torch.nn.Module,
-    prompts: list[str],
-    reward_model: torch.nn.Module | None = None,
-    reward_tokenizer: Any = None,
-    num_samples: int = 4,
-    max_new_tokens: int = 24,
-    batch_size: int = 64,
-    seed: int = 0,
+    policy: torch.nn.Module, tokenizer: Any, ref: torch.nn.Module, prompts: list[str],
+    reward_model: torch.nn.Module | None = None, reward_tokenizer: Any = None,
+    num_samples: int = 4, max_new_tokens: int = 24, batch_size: int = 64, seed: int = 0,
 ) -> dict[str, float]:
     """The upper objectives of one policy (module docstring). Pairs of the policy's completions are its samples
     (2i, 2i+1) of one prompt; r_x reads the policy's token ids, or the decoded rows re-tokenized by
@@ -261,16 +247,9 @@ def load_reward_model(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, Any]
 
 # ---------------------------------------------------------------------------------------------------- several runs
 def evaluate_runs(
-    runs: dict[str, str],
-    base_model: str | None = None,
-    include_base: bool = True,
-    num_prompts: int = 64,
-    num_samples: int = 4,
-    max_new_tokens: int = 24,
-    batch_size: int = 64,
-    seed: int = 0,
-    n_prompt_words: int = 4,
-    eval_fraction: float = 0.1,
+    runs: dict[str, str], base_model: str | None = None, include_base: bool = True, num_prompts: int = 64,
+    num_samples: int = 4, max_new_tokens: int = 24, batch_size: int = 64, seed: int = 0,
+    n_prompt_words: int = 4, eval_fraction: float = 0.1,
 ) -> dict[str, Any]:
     """Evaluate every run folder of `runs` (name -> folder) against the initial policy `base_model`.
 
