@@ -4,7 +4,7 @@ The package root exports what a trainer user needs: the config and trainer, the 
 objectives and the preference oracles. Everything else lives in its subpackage or module, one meaning per name:
 
 - `bilevel_rlhf.gridworld`: the tabular GridWorld backend (`GridWorldConfig`, `build_problem`, `run_method`, the
-  exact solvers, its `exact_hypergradient`, ...);
+  exact solvers, `GoalProblem.hypergradient`, ...);
 - `bilevel_rlhf.rl_utils`: `compute_gae`, `masked_whiten`, `bradley_terry_loss`;
 - `bilevel_rlhf.happy_tweet`: the tweet data and the default small GPT-2 (`load_tweets`, `get_default_model`, ...);
 - `bilevel_rlhf.bandit`, `bilevel_rlhf.testbed`: the exact one-token bandit and multi-token testbed;

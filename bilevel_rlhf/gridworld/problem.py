@@ -186,11 +186,6 @@ class GoalProblem:
         return self.placement_grad(x) + lam * self.reward_vjp(x, w_phi - w_theta)
 
 
-def exact_hypergradient(problem: GoalProblem, x: np.ndarray, tau: float) -> np.ndarray:
-    """grad Phi_tau(x) by implicit differentiation (see GoalProblem.hypergradient)."""
-    return problem.hypergradient(x, tau)[1]
-
-
 def position_grid(problem: GoalProblem, step: float) -> np.ndarray:
     """All goal positions on a regular grid of spacing ``step`` covering the board, [N, 2]."""
     n_rows, n_cols = problem.grid.shape
