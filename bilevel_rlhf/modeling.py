@@ -18,10 +18,13 @@ import inspect
 import json
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .adapters import stacked_adapters
 
 VALUE_HEADS_NAME = "value_heads.safetensors"
 CONFIG_NAME = "bilevel_config.json"
@@ -155,13 +158,32 @@ class BilevelModel(nn.Module):
         completion is predicted at position prompt_length - 1 + t, where V(s_t) is read too.
         """
         with self.actor(role) as model:
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                output_hidden_states=with_values,
-                use_cache=False,
+            out = _lm_forward(model, input_ids, attention_mask, with_values)
+        return self._completion_outputs(role, out, input_ids, prompt_length, temperature, with_values, with_entropy)
+
+    def stacked_policy_forward(
+        self, roles: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+        temperature: float, with_values: bool = True, with_entropy: bool = True,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """`policy_forward` of several LoRA actors in one pass of the shared base (`bilevel_rlhf.adapters`): the rows
+        are `len(roles)` equal blocks, block j `roles[j]`'s. No gradients: for the rollout's no-grad passes."""
+        if not self.use_peft:
+            raise ValueError("stacked_policy_forward needs the actors as LoRA adapters of one base (peft_config)")
+        rows = input_ids.shape[0] // len(roles)
+        with torch.no_grad(), stacked_adapters(self.policy_theta, roles, rows) as model:
+            out = _lm_forward(model, input_ids, attention_mask, with_values)
+        results = {}
+        for j, role in enumerate(roles):
+            block = slice(j * rows, (j + 1) * rows)
+            part = SimpleNamespace(logits=out.logits[block],
+                                   hidden_states=[out.hidden_states[-1][block]] if with_values else None)
+            results[role] = self._completion_outputs(
+                role, part, input_ids[block], prompt_length, temperature, with_values, with_entropy
             )
+        return results
+
+    def _completion_outputs(self, role, out, input_ids, prompt_length, temperature, with_values, with_entropy):
+        """Log-probs, entropies and values of the completion tokens from the LM outputs `out` of `role`'s rows."""
         logits = out.logits[:, prompt_length - 1 : -1].float()
         if temperature != 1.0:  # no [N, T, vocab] copy when there is nothing to scale
             logits = logits / temperature
@@ -204,6 +226,17 @@ class BilevelModel(nn.Module):
         if reward is not None:
             out["reward"] = self.reward_forward(reward["input_ids"], reward["attention_mask"])
         return out
+
+
+def _lm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_hidden: bool):
+    """One causal-LM forward pass over left-padded rows (positions skip the padding), without a cache."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=with_hidden,
+        use_cache=False,
+    )
 
 
 def save_value_heads(model: BilevelModel, path: str) -> None:

@@ -26,27 +26,36 @@ class GumbelNoise(LogitsProcessor):
     """Adds Gumbel(0, 1) noise, drawn from a generator seeded with (seed, position), to the log-probabilities.
 
     Args:
-        seed: the shared seed (one per rollout); two calls with the same seed and rows see the same noise.
+        seed: the shared seed (one per rollout); two calls with the same seed and rows see the same noise. A list of
+            seeds splits the batch into as many equal blocks of rows, block j drawing its noise from seed j exactly
+            as a call with that seed alone would (one batch for several actors: `bilevel_rlhf.adapters`).
         prompt_length: the (padded) prompt width, so that the position t counts generated tokens.
     """
 
-    def __init__(self, seed: int, prompt_length: int):
-        self.seed, self.prompt_length = int(seed), int(prompt_length)
+    def __init__(self, seed: int | list[int], prompt_length: int):
+        self.seeds = [int(s) for s in seed] if isinstance(seed, (list, tuple)) else [int(seed)]
+        self.prompt_length = int(prompt_length)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1] - self.prompt_length
-        generator = torch.Generator(device=scores.device).manual_seed((self.seed * _MIX + t) % 2**63)
-        u = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float64)
+        if scores.shape[0] % len(self.seeds):
+            raise ValueError(f"GumbelNoise: {scores.shape[0]} rows do not split into {len(self.seeds)} equal blocks")
+        shape = (scores.shape[0] // len(self.seeds), *scores.shape[1:])
+        noise = []
+        for seed in self.seeds:
+            generator = torch.Generator(device=scores.device).manual_seed((seed * _MIX + t) % 2**63)
+            noise.append(torch.rand(shape, generator=generator, device=scores.device, dtype=torch.float64))
+        u = torch.cat(noise)
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
         # float64: ties between the noisy scores of two tokens are then impossible in practice
         return torch.log_softmax(scores.double(), dim=-1) + gumbel
 
 
 def coupled_sampling_processors(
-    seed: int, prompt_length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    seed: int | list[int], prompt_length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 ) -> LogitsProcessorList:
     """The processors that make greedy decoding sample exactly like `generate(do_sample=True, temperature, top_k,
-    top_p)`: the same warpers in the same order, then the shared Gumbel noise."""
+    top_p)`: the same warpers in the same order, then the shared Gumbel noise (one seed per block of rows)."""
     processors = LogitsProcessorList()
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))

@@ -49,6 +49,7 @@ from transformers import (
 from trl.trainer.utils import disable_dropout_in_model
 
 from .config import PENALTY_METHODS, BilevelConfig
+from .adapters import stacked_adapters, supports_stacked_adapters
 from .modeling import CONFIG_NAME, BilevelModel, load_roles, save_roles
 from .objectives import UpperObjective, get_objective
 from .preference import check_labels
@@ -459,6 +460,33 @@ class BilevelTrainer(Trainer):
                                                tok.pad_token_id, tok.eos_token_id, **sampling)
         return completion
 
+    def _stacks_roles(self, unwrapped: BilevelModel, roles: list[str]) -> bool:
+        """Whether `roles` generate in one batch (`_generate_stacked`): LoRA actors on one base, more than one role,
+        and adapters that `bilevel_rlhf.adapters.stacked_adapters` computes exactly."""
+        adapters = [r for r in roles if r != "ref"]
+        return (unwrapped.use_peft and len(roles) > 1
+                and supports_stacked_adapters(unwrapped.policy_theta, adapters))
+
+    def _generate_stacked(
+        self, roles: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, crn_seed: int | None
+    ) -> dict[str, torch.Tensor]:
+        """Every role's completions from one `generate` call: the prompts repeated once per role, block j through
+        role j's adapter (the reference, last, through the bare base). Each block is sampled by Gumbel-max with the
+        noise `_generate` draws for its seed: theta and phi share `crn_seed` under common random numbers, every other
+        block has a seed of its own. So each role's samples are those of its own `_generate` call with that seed."""
+        a, tok = self.args, self.processing_class
+        seeds = [crn_seed if crn_seed is not None and r != "ref" else int(torch.randint(0, 2**62, ())) for r in roles]
+        processors = coupled_sampling_processors(seeds, prompt_ids.shape[1], a.temperature, a.top_k, a.top_p)
+        peft_model = self.accelerator.unwrap_model(self.model).policy_theta
+        n = prompt_ids.shape[0]
+        with stacked_adapters(peft_model, [r for r in roles if r != "ref"], n):
+            completion, _ = sample_completions(
+                peft_model, prompt_ids.repeat(len(roles), 1), prompt_mask.repeat(len(roles), 1),
+                a.max_completion_length, tok.pad_token_id, tok.eos_token_id, do_sample=False,
+                logits_processor=processors, temperature=None, top_k=None, top_p=None,
+            )
+        return dict(zip(roles, completion.split(n)))
+
     def _completion_mask(self, completion_ids: torch.Tensor) -> torch.Tensor:
         """1 up to and including the first eos (`rl_utils.completion_mask`)."""
         return completion_mask(completion_ids, self.processing_class.eos_token_id)
@@ -558,8 +586,12 @@ class BilevelTrainer(Trainer):
         # common random numbers: theta and phi share one noise seed (row i of both sees the same noise); the
         # reference never does, so that its completions stay independent of theta's in the pairs they form
         seed = int(torch.randint(0, 2**62, ())) if a.common_random_numbers else None
-        completions = {r: self._generate(r, rep_ids, rep_mask, noise_seed=seed if r != "ref" else None)
-                       for r in generators}
+        stacked = self._stacks_roles(unwrapped, generators)
+        if stacked:  # LoRA actors: every role's rows in one batch of the shared base
+            completions = self._generate_stacked(generators, rep_ids, rep_mask, seed)
+        else:
+            completions = {r: self._generate(r, rep_ids, rep_mask, noise_seed=seed if r != "ref" else None)
+                           for r in generators}
         masks = {r: self._completion_mask(c) for r, c in completions.items()}
         T = max(c.shape[1] for c in completions.values())
         for r in generators:  # a common width T, pad after each first eos (as _generate returns them), masked out
@@ -581,16 +613,23 @@ class BilevelTrainer(Trainer):
         labels = torch.as_tensor(labels, dtype=torch.float32, device=prompt_ids.device)
         self.oracle_queries += len(side_a) * self.accelerator.num_processes
 
+        ids = {r: torch.cat([rep_ids, completions[r]], 1) for r in generators}
+        attention = {r: torch.cat([rep_mask, masks[r]], 1) for r in generators}
+        ref_logprobs = {}
+        if a.regularization == "kl":
+            # stacked: the actors' rows in one pass of the reference; otherwise one role at a time, since the
+            # [N, T, vocab] logits are the peak memory of a pass
+            ref_groups = [actors] if stacked else [[r] for r in actors]
+            for group in ref_groups:
+                logprobs = unwrapped.policy_forward(
+                    "ref", torch.cat([ids[r] for r in group]), torch.cat([attention[r] for r in group]), P, a.temperature,
+                    with_values=False, with_entropy=False,
+                )["logprobs"]
+                ref_logprobs.update(zip(group, logprobs.split(len(rep_prompts))))
         roles = {}
         for r in generators:
-            ids, mask = torch.cat([rep_ids, completions[r]], 1), torch.cat([rep_mask, masks[r]], 1)
-            reward_ids, reward_mask = self._reward_inputs(ids, mask)
-            ref_logprobs = None
-            if a.regularization == "kl" and r != "ref":  # one role at a time: [N, T, vocab] logits are the peak
-                ref_logprobs = unwrapped.policy_forward(
-                    "ref", ids, mask, P, a.temperature, with_values=False, with_entropy=False
-                )["logprobs"]
-            roles[r] = Completions(ids, mask, masks[r], reward_ids, reward_mask, ref_logprobs=ref_logprobs)
+            reward_ids, reward_mask = self._reward_inputs(ids[r], attention[r])
+            roles[r] = Completions(ids[r], attention[r], masks[r], reward_ids, reward_mask, ref_logprobs=ref_logprobs.get(r))
         rollout = Rollout(
             iteration=k, tau=tau, penalty_lambda=penalty_lambda, prompt_length=P, labels=labels, reward_step=self.is_reward_iteration(k),
             fused=self.fuse_rollout_and_update, **roles,
@@ -604,10 +643,15 @@ class BilevelTrainer(Trainer):
             )
             rollout = self.with_scores(rollout, dict(zip(generators, scores.split(len(rep_prompts)))))
         if not rollout.fused:
+            if stacked and len(actors) > 1:  # theta's and phi's old log-probs and values in one pass of the base
+                outs = unwrapped.stacked_policy_forward(
+                    tuple(actors), torch.cat([ids[r] for r in actors]), torch.cat([attention[r] for r in actors]), P,
+                    a.temperature,
+                )
+            else:
+                outs = {r: unwrapped.policy_forward(r, ids[r], attention[r], P, a.temperature) for r in actors}
             for r in actors:
-                c = rollout.completions(r)
-                rollout = self.with_advantages(rollout, r, unwrapped.policy_forward(
-                    r, c.input_ids, c.attention_mask, P, a.temperature))
+                rollout = self.with_advantages(rollout, r, outs[r])
         stats = RolloutStats(rep_prompts, texts, completions, truncated,
                              {"time/generation": t_generation, "time/scoring": time.perf_counter() - t0})
         return dataclasses.replace(rollout, stats=stats)

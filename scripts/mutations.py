@@ -48,6 +48,7 @@ GW_ALGORITHMS = "tests/test_gridworld_algorithms.py"
 GW_TAU = GW_ALGORITHMS + "::test_tau_schedules_decay_to_the_floor_and_fixed_tau_stays"
 GW_SAMPLED = "tests/test_gridworld_problem.py::test_sampled_single_loop_estimate_matches_exact_within_sampling_error"
 GW_RECIPE = "tests/test_gridworld_recipe.py"
+STACKED = "tests/test_stacked_adapters.py"
 HT = "tests/test_happy_tweet_recipe.py"
 HT_KL = HT + "::test_sequence_kl_expectation_is_the_exact_kl"
 HT_DISTINCT = HT + "::test_distinct_n"
@@ -61,6 +62,7 @@ SCHEDULES = "bilevel_rlhf/schedules.py"
 PREF = "bilevel_rlhf/preference.py"
 OBJECTIVES = "bilevel_rlhf/objectives.py"
 SAMPLING = "bilevel_rlhf/sampling.py"
+ADAPTERS = "bilevel_rlhf/adapters.py"
 CFG = "bilevel_rlhf/config.py"
 GW_ALG = "bilevel_rlhf/gridworld/algorithms.py"
 GW_CFG = "bilevel_rlhf/gridworld/config.py"
@@ -159,8 +161,28 @@ MUTATIONS: list[Mutation] = [
     M("crn_not_shared", TRAINER,
       'noise_seed=seed if r != "ref" else None', 'noise_seed=seed + (r == "phi") if seed is not None else None',
       ["tests/test_coupled_sampling.py", BANDIT_TRAINER], "theta and phi draw different noise"),
+    M("stacked_crn_not_shared", TRAINER,
+      'crn_seed if crn_seed is not None and r != "ref"', 'crn_seed + (r == "phi") if crn_seed is not None and r != "ref"',
+      [STACKED], "LoRA actors generating in one batch: theta and phi draw different noise"),
+    M("stacked_block_seeds_shared", SAMPLING,
+      "for seed in self.seeds:", "for seed in self.seeds[:1] * len(self.seeds):",
+      [STACKED], "every block of a stacked batch draws the first block's noise (the reference shares theta's)"),
+    M("stacked_scaling_dropped", ADAPTERS,
+      "delta = (low_rank * scaling.to(low_rank.dtype))", "delta = (low_rank * 1.0)",
+      [STACKED], "the stacked LoRA product without the adapters' scaling alpha / r"),
+    M("stacked_base_rows_adapted", ADAPTERS,
+      "return torch.cat([result[: k * rows] + delta, result[k * rows :]])",
+      "return torch.cat([result[: k * rows] + delta, result[k * rows :] + delta[: result.shape[0] - k * rows]])",
+      [STACKED], "the reference's rows of a stacked batch go through an adapter"),
+    M("stacked_forward_blocks_misaligned", MODELING,
+      "block = slice(j * rows, (j + 1) * rows)", "block = slice(0, rows)",
+      [STACKED], "every actor's old log-probs and values are read from theta's block"),
+    M("stacked_ref_logprobs_swapped", TRAINER,
+      "ref_logprobs.update(zip(group, logprobs.split(len(rep_prompts))))",
+      "ref_logprobs.update(zip(group, logprobs.split(len(rep_prompts))[::-1]))",
+      [STACKED], "theta's KL term reads the reference's log-probs of phi's completions"),
     M("gumbel_position_ignored", SAMPLING,
-      "manual_seed((self.seed * _MIX + t) % 2**63)", "manual_seed((self.seed * _MIX) % 2**63)",
+      "manual_seed((seed * _MIX + t) % 2**63)", "manual_seed((seed * _MIX) % 2**63)",
       ["tests/test_coupled_sampling.py"], "every position sees the same noise"),
     M("gumbel_noise_sign", SAMPLING,
       "return torch.log_softmax(scores.double(), dim=-1) + gumbel", "return torch.log_softmax(scores.double(), dim=-1) - gumbel",

@@ -75,8 +75,11 @@ def test_lora_trains_and_saves(tmp_path):
     # loaded from a folder, which adapter_config.json records (so from_pretrained(saved dir) finds it)
     make_policy(tok, tie_word_embeddings=False).save_pretrained(tmp_path / "base")
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    # win_rate with coupled sampling, the recipe's setting: theta, phi and the reference generate in one stacked
+    # batch; theta also gets the oracle's direct signal, so 30 steps raise 'happy' on every seed tried (0-3)
     trainer = make_trainer(tmp_path, tok, peft_config=lora, max_steps=30, logging_steps=10, policy=policy,
-                           actor_learning_rate=1e-2, critic_learning_rate=1e-2)
+                           actor_learning_rate=1e-2, critic_learning_rate=1e-2, objective="win_rate",
+                           num_generations=1, per_device_train_batch_size=16, common_random_numbers=True)
     peft_model = trainer.model.policy_theta
     base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" not in n}
     with trainer.model.actor("theta") as policy:
