@@ -73,6 +73,11 @@ class BenchmarkArguments:
     )
     use_peft: bool = field(default=False, metadata={"help": "LoRA adapters on one frozen base (every method)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use_peft)."})
+    reward_adapter: bool = field(
+        default=False,
+        metadata={"help": "Our methods, with --use_peft: r_x is a third LoRA adapter on the actors' base with a scalar "
+                  "head (one base for every role); the TRL baselines keep their separate reward model."},
+    )
     rloo_beta: float = field(default=0.05, metadata={"help": "RLOO's KL coefficient to the reference (> 0)."})
     rloo_reward: str = field(
         default="reward_model",
@@ -112,6 +117,7 @@ class BenchmarkArguments:
         need(self.steps >= 1, "steps", ">= 1")
         need(self.num_threads >= 1, "num_threads", ">= 1")
         need(self.lora_r >= 1, "lora_r", ">= 1")
+        need(not self.reward_adapter or self.use_peft, "reward_adapter", "False unless use_peft (r_x is an adapter)")
         need(self.rloo_beta > 0, "rloo_beta", "> 0 (the benchmark compares against RLOO with its KL)")
         need(self.rloo_reward in ("reward_model", "vader"), "rloo_reward", "'reward_model' or 'vader'")
         need(all(n >= 4 for n in self.grid_sizes), "grid_sizes", "sizes >= 4")
@@ -263,9 +269,11 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
         tok.pad_token = tok.eos_token
     torch.manual_seed(args.seed)
     policy = AutoModelForCausalLM.from_pretrained(model_path)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=1, pad_token_id=tok.pad_token_id
-    )
+    reward_model = None  # r_x, unless it is an adapter on the actors' base (our methods, --reward_adapter)
+    if method in ("rloo", "online_dpo") or not args.reward_adapter:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, pad_token_id=tok.pad_token_id
+        )
     peft_config = None
     if args.use_peft:
         from peft import LoraConfig
@@ -323,9 +331,10 @@ def _build_trainer(method: str, args: BenchmarkArguments, model_path: str, outpu
             **common, method=method, per_device_train_batch_size=n_rows,
             num_generations=args.num_generations, num_iterations=1, steps_per_generation=1,
             actor_learning_rate=1e-5, critic_learning_rate=1e-4, reward_learning_rate=1e-6,
-            fuse_rollout_and_update=args.fuse,
+            fuse_rollout_and_update=args.fuse, reward_adapter=args.reward_adapter,
         )
         BilevelModel.policy_forward = PartTimerHolder.timer.wrap("forward", BilevelModel.policy_forward)
+        BilevelModel.stacked_policy_forward = PartTimerHolder.timer.wrap("forward", BilevelModel.stacked_policy_forward)
         BilevelModel.reward_forward = PartTimerHolder.timer.wrap("forward", BilevelModel.reward_forward)
         trainer = BilevelTrainer(
             model=policy, reward_model=reward_model, preference_oracle=VaderOracle(seed=args.seed), args=config,
@@ -602,7 +611,8 @@ def markdown_tables(result: dict[str, Any]) -> str:
     if lm:
         a = result["arguments"]
         lines += [
-            f"Model `{os.path.basename(lm['model'].rstrip('/'))}`{' + LoRA r=' + str(a['lora_r']) if a['use_peft'] else ''}; "
+            f"Model `{os.path.basename(lm['model'].rstrip('/'))}`{' + LoRA r=' + str(a['lora_r']) if a['use_peft'] else ''}"
+            f"{' (our methods: r_x a LoRA adapter on the same base)' if a.get('reward_adapter') else ''}; "
             f"{a['num_prompts']} prompts x {a['num_generations']} completions x {a['max_completion_length']} tokens "
             f"per actor; {a['steps']} timed steps after {a['warmup_steps']} warm-up, interleaved; "
             f"torch threads {a['num_threads']}; load average {result['machine']['load_average_start'][0]:.2f} "

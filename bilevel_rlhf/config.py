@@ -157,6 +157,11 @@ class BilevelConfig(TrainingArguments):
             Allow models / tokenizers with custom code.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Disable dropout in the actors and the reward model (so rollout and update log-probs agree).
+        reward_adapter (`bool`, *optional*, defaults to `False`):
+            With a `peft_config`: r_x is a third LoRA adapter ("reward") on the actors' base, with a scalar head on
+            its last real token, instead of a separate `reward_model` (pass `reward_model=None`). One copy of the base
+            then serves every role, and AdamW state exists only for adapters and heads. Prefer a separate reward model
+            for another architecture or tokenizer, or to start from a pretrained reward model.
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -244,6 +249,9 @@ class BilevelConfig(TrainingArguments):
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models with custom code."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in actors and reward model."})
+    reward_adapter: bool = field(
+        default=False, metadata={"help": "With peft_config: r_x is a LoRA adapter on the actors' base plus a scalar head."}
+    )
 
     def __post_init__(self) -> None:
         if self.steps_per_generation is None:

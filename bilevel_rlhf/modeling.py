@@ -29,6 +29,8 @@ from .adapters import stacked_adapters
 VALUE_HEADS_NAME = "value_heads.safetensors"
 CONFIG_NAME = "bilevel_config.json"
 ADAPTER_NAMES = ("phi", "theta")
+REWARD_ADAPTER = "reward"  # r_x's LoRA adapter on the actors' base (BilevelConfig.reward_adapter)
+REWARD_HEAD_NAME = "score.safetensors"
 
 
 class ValueHead(nn.Module):
@@ -43,6 +45,88 @@ class ValueHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # the head runs in fp32 whatever the trunk's dtype, as in TRL's old value head
         return self.summary(hidden_states.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+class AdapterRewardModel(nn.Module):
+    """r_x as a LoRA adapter on the actors' base plus a scalar head: the pattern of the value heads, which sit on the
+    actors' trunks. The score of a row is `score(h)` at its last real token (the rightmost 1 of the attention mask).
+
+    One copy of the base serves every role: the adapter lives in `peft_model` (not a submodule here, so its
+    parameters are counted and wrapped once, with the policy's), and only the adapter and `score` are trained.
+    """
+
+    def __init__(self, peft_model: nn.Module, trained_adapters: tuple[str, ...], adapter_name: str = REWARD_ADAPTER):
+        super().__init__()
+        self._peft = [peft_model]  # a list: no submodule registration
+        self.adapter_name = adapter_name
+        self.trained_adapters = tuple(trained_adapters)  # kept trainable across adapter switches
+        causal_lm = peft_model.get_base_model()
+        self._backbone = [getattr(causal_lm, causal_lm.base_model_prefix)]  # the trunk, without the LM head
+        config = causal_lm.config
+        hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
+        self.score = nn.Linear(hidden, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1) ** 0.5)
+
+    @property
+    def peft_model(self) -> nn.Module:
+        return self._peft[0]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapter's LoRA weights (in `peft_model`)."""
+        tag = f".{self.adapter_name}."
+        return [p for n, p in self.peft_model.named_parameters() if tag in n]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        self.peft_model.set_adapter(self.adapter_name)
+        # set_adapter freezes the other adapters; every adapter keeps training (the switch is only for the forward)
+        self.peft_model.set_requires_grad(list(self.trained_adapters), requires_grad=True)
+        hidden = self._backbone[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(-1)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return SequenceClassifierOutput(logits=self.score(h.to(self.score.weight.dtype)))
+
+    def save_pretrained(self, directory: str) -> None:
+        """The adapter (PEFT's `adapter_config.json` + `adapter_model.safetensors`, loadable onto the base with
+        `PeftModel.from_pretrained`) and the head (`score.safetensors`, key `score.weight`)."""
+        os.makedirs(directory, exist_ok=True)
+        self.peft_model.save_pretrained(directory, selected_adapters=[self.adapter_name])
+        _lift_adapter_folder(directory, self.adapter_name)
+        save_file({"score.weight": self.score.weight.detach().cpu().contiguous()},
+                  os.path.join(directory, REWARD_HEAD_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_saved(cls, base_model: nn.Module, directory: str) -> "AdapterRewardModel":
+        """The reward model a `reward_adapter` run saved in `directory` (its `reward_model/` folder), on
+        `base_model`, the initial policy: a `PeftModel` with the adapter plus the scalar head."""
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(base_model, directory, adapter_name=REWARD_ADAPTER)
+        model = cls(peft_model, (REWARD_ADAPTER,))
+        model._load_head(directory)
+        return model.eval()
+
+    def _load_head(self, directory: str) -> None:
+        self.score.load_state_dict({"weight": _read_safetensors(os.path.join(directory, REWARD_HEAD_NAME))["score.weight"]})
+
+    def load_saved(self, directory: str) -> None:
+        """Load what `save_pretrained` wrote into this adapter and head."""
+        from peft import set_peft_model_state_dict
+
+        state = _read_safetensors(os.path.join(directory, "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.peft_model, state, adapter_name=self.adapter_name)
+        self._load_head(directory)
+
+
+def _lift_adapter_folder(directory: str, adapter_name: str) -> None:
+    """PEFT saves a non-default adapter in `directory/adapter_name/`: move its files up to `directory`."""
+    sub = os.path.join(directory, adapter_name)
+    for name in os.listdir(sub):
+        os.replace(os.path.join(sub, name), os.path.join(directory, name))
+    os.rmdir(sub)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -106,16 +190,23 @@ class BilevelModel(nn.Module):
                 yield peft_model
             # leaving disable_adapter re-activates one adapter and freezes the other; a graph built before (the fused
             # rollout/update forward) needs both trainable at backward, where AccumulateGrad checks requires_grad
-            peft_model.set_requires_grad(list(self.adapter_names), requires_grad=True)
+            peft_model.set_requires_grad(list(self.trained_adapters), requires_grad=True)
             return
         peft_model.set_adapter(role)
-        # set_adapter freezes the inactive adapter; both adapters keep training (the switch is only for the forward)
-        peft_model.set_requires_grad(list(self.adapter_names), requires_grad=True)
+        # set_adapter freezes the inactive adapters; all keep training (the switch is only for the forward)
+        peft_model.set_requires_grad(list(self.trained_adapters), requires_grad=True)
         yield peft_model
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
+        """The actors' adapters."""
         return ADAPTER_NAMES if self.has_phi else ("theta",)
+
+    @property
+    def trained_adapters(self) -> tuple[str, ...]:
+        """Every adapter on the base: the actors', and r_x's when it is one (`AdapterRewardModel`)."""
+        reward = isinstance(self.reward_model, AdapterRewardModel)
+        return self.adapter_names + ((self.reward_model.adapter_name,) if reward else ())
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Called by Trainer when `activation_checkpointing=True`: enable it on every trained model."""
@@ -134,10 +225,15 @@ class BilevelModel(nn.Module):
         critic = [p for p in self.value_theta.parameters()]
         if self.value_phi is not None:
             critic += list(self.value_phi.parameters())
-        actor = [p for p in self.policy_theta.parameters() if p.requires_grad]
+        reward = [p for p in self.reward_model.parameters() if p.requires_grad]
+        shared = set()
+        if isinstance(self.reward_model, AdapterRewardModel):  # r_x's adapter sits in the actors' PEFT model
+            adapter = self.reward_model.adapter_parameters()
+            reward += adapter
+            shared = {id(p) for p in adapter}
+        actor = [p for p in self.policy_theta.parameters() if p.requires_grad and id(p) not in shared]
         if self.policy_phi is not None:
             actor += [p for p in self.policy_phi.parameters() if p.requires_grad]
-        reward = [p for p in self.reward_model.parameters() if p.requires_grad]
         return {"actor": actor, "critic": critic, "reward": reward}
 
     # --- forward passes ---
@@ -298,11 +394,7 @@ def save_roles(model: BilevelModel, output_dir: str) -> None:
     at the top level, phi's in phi/ (the frozen base is not written; adapter_config.json names it)."""
     if model.use_peft:
         model.policy_theta.save_pretrained(output_dir, selected_adapters=list(model.adapter_names))
-        # PEFT puts non-default adapters in subfolders: move theta's to the top level
-        theta_dir = os.path.join(output_dir, "theta")
-        for name in os.listdir(theta_dir):
-            os.replace(os.path.join(theta_dir, name), os.path.join(output_dir, name))
-        os.rmdir(theta_dir)
+        _lift_adapter_folder(output_dir, "theta")  # theta's adapter at the top level
     else:
         model.policy_theta.save_pretrained(output_dir)
         if model.policy_phi is not None:
@@ -352,7 +444,10 @@ def load_roles(model: BilevelModel, directory: str) -> None:
         _load_safetensors_into(model.policy_theta, directory)
         if model.policy_phi is not None:
             _load_safetensors_into(model.policy_phi, os.path.join(directory, "phi"))
-    _load_safetensors_into(model.reward_model, os.path.join(directory, "reward_model"))
+    if isinstance(model.reward_model, AdapterRewardModel):
+        model.reward_model.load_saved(os.path.join(directory, "reward_model"))
+    else:
+        _load_safetensors_into(model.reward_model, os.path.join(directory, "reward_model"))
     heads = load_value_heads(os.path.join(directory, VALUE_HEADS_NAME))
     model.value_theta.load_state_dict(heads["theta"].state_dict())
     if model.value_phi is not None:

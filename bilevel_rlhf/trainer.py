@@ -50,7 +50,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .config import PENALTY_METHODS, BilevelConfig
 from .adapters import stacked_adapters, supports_stacked_adapters
-from .modeling import CONFIG_NAME, BilevelModel, load_roles, save_roles
+from .modeling import CONFIG_NAME, REWARD_ADAPTER, AdapterRewardModel, BilevelModel, load_roles, save_roles
 from .objectives import UpperObjective, get_objective
 from .preference import check_labels
 from .rollout import ACTORS, Completions, LossInputs, Rollout, RolloutStats
@@ -189,7 +189,8 @@ class BilevelTrainer(Trainer):
     Args:
         model: the initial policy (a causal LM or its name/path); theta and phi start from it, and it is the frozen
             reference for `regularization="kl"`.
-        reward_model: the reward model r_x (a sequence classifier with one output, or its name/path).
+        reward_model: the reward model r_x (a sequence classifier with one output, or its name/path); None with
+            `args.reward_adapter`, where r_x is a LoRA adapter on the policy's base.
         preference_oracle: callable `(prompts, completions_a, completions_b) -> labels` in [0, 1] (1: a preferred),
             e.g. `bilevel_rlhf.ScoreOracle`; its optional `score(prompts, completions)` is logged.
         args: a `BilevelConfig`.
@@ -209,7 +210,7 @@ class BilevelTrainer(Trainer):
     def __init__(
         self,
         model: str | torch.nn.Module,
-        reward_model: str | torch.nn.Module,
+        reward_model: str | torch.nn.Module | None,
         preference_oracle: Callable[[list[str], list[str], list[str]], Any],
         args: BilevelConfig,
         train_dataset: Any,
@@ -250,6 +251,16 @@ class BilevelTrainer(Trainer):
         load_kwargs["use_safetensors"] = True
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **load_kwargs)
+        if args.reward_adapter:
+            if peft_config is None:
+                raise ValueError("reward_adapter=True needs peft_config: r_x is a LoRA adapter on the actors' base")
+            if reward_model is not None or reward_processing_class is not None:
+                raise ValueError(
+                    "reward_model and reward_processing_class must be None with reward_adapter=True (r_x is the "
+                    "LoRA adapter 'reward' on the policy's base, with a scalar head, reading the policy's tokens)"
+                )
+        elif reward_model is None:
+            raise ValueError("reward_model is required (or set reward_adapter=True and pass peft_config)")
         if isinstance(reward_model, str):
             reward_model = AutoModelForSequenceClassification.from_pretrained(reward_model, num_labels=1, **load_kwargs)
         num_labels = getattr(getattr(reward_model, "config", None), "num_labels", 1)
@@ -285,21 +296,26 @@ class BilevelTrainer(Trainer):
         use_peft = peft_config is not None
         if args.disable_dropout:
             disable_dropout_in_model(model)
-            disable_dropout_in_model(reward_model)
+            if reward_model is not None:
+                disable_dropout_in_model(reward_model)
         if use_peft:
             from peft import get_peft_model
 
             # one config object per adapter: PEFT writes into the configs it is given
             theta = get_peft_model(model, copy.deepcopy(peft_config), adapter_name="theta")
-            if has_phi:
-                theta.add_adapter("phi", copy.deepcopy(peft_config))
-            theta.set_requires_grad(["phi", "theta"] if has_phi else ["theta"], requires_grad=True)
+            # every role on one base: theta's and phi's adapters, and r_x's with reward_adapter
+            adapters = ["theta"] + (["phi"] if has_phi else []) + ([REWARD_ADAPTER] if args.reward_adapter else [])
+            for name in adapters[1:]:
+                theta.add_adapter(name, copy.deepcopy(peft_config))
+            theta.set_requires_grad(adapters, requires_grad=True)
             phi, ref = None, None
         else:
             ref = copy.deepcopy(model) if needs_ref else None
             phi = copy.deepcopy(model) if has_phi else None
             theta = model
-        torch.manual_seed(args.seed)  # value-head initialization
+        torch.manual_seed(args.seed)  # value-head (and reward-head) initialization
+        if args.reward_adapter:
+            reward_model = AdapterRewardModel(theta, tuple(adapters))
         wrapper = BilevelModel(theta, phi, ref, reward_model, use_peft=use_peft, has_phi=has_phi)
 
         self.preference_oracle = preference_oracle

@@ -49,6 +49,7 @@ GW_TAU = GW_ALGORITHMS + "::test_tau_schedules_decay_to_the_floor_and_fixed_tau_
 GW_SAMPLED = "tests/test_gridworld_problem.py::test_sampled_single_loop_estimate_matches_exact_within_sampling_error"
 GW_RECIPE = "tests/test_gridworld_recipe.py"
 STACKED = "tests/test_stacked_adapters.py"
+REWARD_ADAPTER = "tests/test_reward_adapter.py"
 HT = "tests/test_happy_tweet_recipe.py"
 HT_KL = HT + "::test_sequence_kl_expectation_is_the_exact_kl"
 HT_DISTINCT = HT + "::test_distinct_n"
@@ -181,6 +182,22 @@ MUTATIONS: list[Mutation] = [
       "ref_logprobs.update(zip(group, logprobs.split(len(rep_prompts))))",
       "ref_logprobs.update(zip(group, logprobs.split(len(rep_prompts))[::-1]))",
       [STACKED], "theta's KL term reads the reference's log-probs of phi's completions"),
+    M("reward_adapter_in_actor_group", MODELING,
+      "if p.requires_grad and id(p) not in shared]", "if p.requires_grad]",
+      [REWARD_ADAPTER], "r_x's adapter is also stepped as an actor parameter, at the actors' learning rate"),
+    M("reward_adapter_not_activated", MODELING,
+      "        self.peft_model.set_adapter(self.adapter_name)\n", "",
+      [REWARD_ADAPTER], "r_x reads the base through whichever actor's adapter was active last"),
+    M("reward_adapter_freezes_actors", MODELING,
+      "        self.peft_model.set_requires_grad(list(self.trained_adapters), requires_grad=True)\n", "",
+      [REWARD_ADAPTER], "scoring with r_x freezes the actors' adapters (PEFT's set_adapter)"),
+    M("reward_adapter_score_at_padding", MODELING,
+      "last = (attention_mask.long() * positions).argmax(-1)", "last = attention_mask.long().sum(-1) - 1",
+      [REWARD_ADAPTER], "r_x's score is read at the wrong position of left-padded rows"),
+    M("reward_adapter_head_not_loaded", MODELING,
+      "        set_peft_model_state_dict(self.peft_model, state, adapter_name=self.adapter_name)\n        self._load_head(directory)",
+      "        set_peft_model_state_dict(self.peft_model, state, adapter_name=self.adapter_name)",
+      [REWARD_ADAPTER], "a checkpoint's r_x head is not restored"),
     M("gumbel_position_ignored", SAMPLING,
       "manual_seed((seed * _MIX + t) % 2**63)", "manual_seed((seed * _MIX) % 2**63)",
       ["tests/test_coupled_sampling.py"], "every position sees the same noise"),

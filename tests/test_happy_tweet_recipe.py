@@ -269,6 +269,22 @@ def test_recipe_with_lora_saves_adapters_that_load_and_resume(tiny_model, tmp_pa
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=f"{sub or 'theta'}: {name}")
 
 
+def test_recipe_with_the_reward_adapter_holds_one_base(tiny_model, tmp_path):
+    """`--use_peft --reward_adapter`: r_x is a third adapter on the policy's base; only adapters and the head are
+    saved, and a reward model path is refused."""
+    from bilevel_rlhf.happy_tweet.recipe import run
+
+    args = ["--config", CONFIG, "--model_name_or_path", tiny_model, *TINY, "--use_peft", "true", "--lora_r", "4",
+            "--lora_alpha", "8", "--report_to", "none", "--reward_adapter", "true", "--num_eval_prompts", "0"]
+    out = tmp_path / "shared"
+    summary = run([*args, "--output_dir", str(out)])
+    assert summary["status"] == "completed" and summary["reward_adapter"] and summary["oracle_queries"] == 8
+    assert {p.name for p in (out / "reward_model").iterdir()} >= {"adapter_model.safetensors", "score.safetensors"}
+    assert not list(out.rglob("model.safetensors"))  # no full copy of any model
+    with pytest.raises(ValueError, match="reward_model_name_or_path must be None with reward_adapter=True"):
+        run([*args, "--output_dir", str(tmp_path / "refused"), "--reward_model_name_or_path", tiny_model])
+
+
 def test_recipe_with_the_minilm_oracle(tiny_model, tmp_path):
     """`--oracle minilm`: the head is fitted on first use and cached; the run queries it like any oracle."""
     from bilevel_rlhf.happy_tweet.recipe import run

@@ -149,6 +149,12 @@ def load_models(script_args: HappyTweetArguments, training_args, model_args) -> 
         kwargs["attn_implementation"] = model_args.attn_implementation
     tokenizer = _load("tokenizer", policy_path, trust_remote_code=training_args.trust_remote_code)
     policy = _load("causal_lm", policy_path, **kwargs)
+    if training_args.reward_adapter:  # r_x is a LoRA adapter on the policy's base, built by the trainer
+        if script_args.reward_model_name_or_path is not None:
+            raise ValueError("reward_model_name_or_path must be None with reward_adapter=True (r_x is an adapter on "
+                             "the policy's base)")
+        return {"policy_path": policy_path, "reward_path": None, "policy": policy, "tokenizer": tokenizer,
+                "reward_model": None, "reward_tokenizer": None}
 
     reward_path = policy_path
     if script_args.reward_model_name_or_path is not None:
@@ -334,6 +340,7 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
         "model_name_or_path": models["policy_path"],
         "reward_model_name_or_path": models["reward_path"],
         "use_peft": bool(model_args.use_peft),
+        "reward_adapter": training_args.reward_adapter,
         "torch_threads": torch.get_num_threads(),
         "iterations": trainer.state.global_step // training_args.steps_per_iteration,
         "global_step": trainer.state.global_step,
