@@ -82,6 +82,8 @@ class AdapterRewardModel(nn.Module):
         self.peft_model.set_adapter(self.adapter_name)
         # set_adapter freezes the other adapters; every adapter keeps training (the switch is only for the forward)
         self.peft_model.set_requires_grad(list(self.trained_adapters), requires_grad=True)
+        if position_ids is None:  # left padding must not shift the positions
+            position_ids = position_ids_from_mask(attention_mask)
         hidden = self._backbone[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    use_cache=False).last_hidden_state
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)

@@ -2,7 +2,8 @@
 # The checks that need a GPU (never part of CI), in under 8 minutes on one GPU:
 #   1. the happy-tweet recipe on one GPU with bf16 (accelerate_configs/single_gpu.yaml), 20 iterations;
 #   2. 5 iterations each under DeepSpeed ZeRO-2 and FSDP2 with one process (the paths docs/distributed.md offers);
-#   3. the benchmark against TRL's RLOO with LoRA (scripts/benchmark.py), on $SMOLLM2 when set (a folder from
+#   3. the benchmark against TRL's RLOO and OnlineDPO with LoRA (scripts/benchmark.py), with a separate reward model
+#      and with r_x as a third adapter on the same base, on $SMOLLM2 when set (a folder from
 #      scripts/convert_smollm2.py), else on the embedded tweet GPT-2.
 # Writes JSON under $OUT (default outputs/gpu_check): device.json, checks.jsonl (one line per check: rc, seconds), each
 # run's summary.json, the benchmark's results.json; and each check's log. Needs the project's dependencies with a CUDA
@@ -44,5 +45,7 @@ check recipe_fsdp2 120 accelerate launch --config_file accelerate_configs/fsdp2.
   --max_steps 20 --output_dir "$OUT/recipe_fsdp2"
 MODEL=()
 if [ -n "${SMOLLM2:-}" ]; then MODEL=(--model "$SMOLLM2"); fi
-check benchmark_lora 120 "$PY" scripts/benchmark.py "${MODEL[@]}" --use_peft --gridworld false --steps 5 \
+check benchmark_lora 120 "$PY" scripts/benchmark.py "${MODEL[@]}" --use_peft true --gridworld false --steps 5 \
   --output_dir "$OUT/benchmark_lora"
+check benchmark_lora_reward_adapter 120 "$PY" scripts/benchmark.py "${MODEL[@]}" --use_peft true --reward_adapter true \
+  --gridworld false --steps 5 --output_dir "$OUT/benchmark_lora_reward_adapter"

@@ -49,6 +49,8 @@ GW_TAU = GW_ALGORITHMS + "::test_tau_schedules_decay_to_the_floor_and_fixed_tau_
 GW_SAMPLED = "tests/test_gridworld_problem.py::test_sampled_single_loop_estimate_matches_exact_within_sampling_error"
 GW_RECIPE = "tests/test_gridworld_recipe.py"
 STACKED = "tests/test_stacked_adapters.py"
+TABULAR = "tests/test_tabular.py"
+GW_SOLVERS = "tests/test_gridworld_solvers.py"
 REWARD_ADAPTER = "tests/test_reward_adapter.py"
 HT = "tests/test_happy_tweet_recipe.py"
 HT_KL = HT + "::test_sequence_kl_expectation_is_the_exact_kl"
@@ -68,11 +70,31 @@ CFG = "bilevel_rlhf/config.py"
 GW_ALG = "bilevel_rlhf/gridworld/algorithms.py"
 GW_CFG = "bilevel_rlhf/gridworld/config.py"
 GW_REC = "bilevel_rlhf/gridworld/recipe.py"
+GW_MDP = "bilevel_rlhf/gridworld/mdp.py"
+GW_TABULAR = "bilevel_rlhf/gridworld/tabular.py"
+GW_FOUR_ROOMS = "bilevel_rlhf/gridworld/four_rooms.py"
 EVAL = "bilevel_rlhf/happy_tweet/evaluate.py"
 EVAL_SCRIPT = "scripts/evaluate_happy_tweet.py"
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
+    # ------------------------------------------------------------------------------------------ tabular bilevel API
+    M("terminal_states_continue", GW_MDP,
+      "live = np.ones(P.shape[0]) if self.terminal is None else (~self.terminal).astype(np.float64)",
+      "live = np.ones(P.shape[0])",
+      [TABULAR], "a terminal state keeps its successors: values accrue after the episode ends"),
+    M("gamma_one_reachability_unchecked", GW_MDP,
+      "        if not reach.all():", "        if False:",
+      [TABULAR, GW_SOLVERS], "gamma = 1 is accepted although some state never terminates (infinite values)"),
+    M("leader_cost_gradient_dropped", GW_TABULAR,
+      "g = g + self.leader_cost.vjp(x, i, d[:, None] * pi)", "g = g",
+      [TABULAR], "the hypergradient misses the explicit term E_d[grad_x u_x]"),
+    M("incentive_vjp_pays_in_the_goal", GW_TABULAR,
+      "            g_s = np.where(zero_in[c], 0.0, g_s)\n", "",
+      [TABULAR], "the bounded incentive's VJP counts cells where the context pays nothing"),
+    M("four_rooms_cost_softmax_jacobian", GW_FOUR_ROOMS,
+      "* c_ul * budget * p[-1] * (spare - p)", "* c_ul * budget * (spare - p)",
+      [TABULAR], "the leader's budget cost differentiated without the softmax's p_spare factor"),
     # ------------------------------------------------------------------------------------------ trainer: PPO loss
     M("ppo_policy_clip_min", TRAINER,
       "pg_losses = torch.max(-adv * ratio,", "pg_losses = torch.min(-adv * ratio,",

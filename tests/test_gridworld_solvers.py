@@ -93,10 +93,19 @@ def test_mdp_validation_errors_name_the_field():
     P = np.full((2, 1, 2), 0.5)
     with pytest.raises(ValueError, match="row-stochastic"):
         TabularMDP(P=P * 1.1, rho=np.array([0.5, 0.5]), gamma=0.9)
-    with pytest.raises(ValueError, match="gamma must be in"):
+    with pytest.raises(ValueError, match="gamma = 1 needs terminal states"):
         TabularMDP(P=P, rho=np.array([0.5, 0.5]), gamma=1.0)
     with pytest.raises(ValueError, match="gamma must be in"):
         TabularMDP(P=P, rho=np.array([0.5, 0.5]), gamma=-0.1)
+    with pytest.raises(ValueError, match="gamma must be in"):
+        TabularMDP(P=P, rho=np.array([0.5, 0.5]), gamma=1.5)
+    # gamma = 1 with a terminal state that every state reaches: fine; one that a state cannot reach: refused
+    TabularMDP(P=P, rho=np.array([0.5, 0.5]), gamma=1.0, terminal=np.array([False, True]))
+    stuck = np.stack([np.eye(2)[:, None, :][0], np.eye(2)[:, None, :][1]])  # each state stays where it is
+    with pytest.raises(ValueError, match="every state to reach a terminal state; 1 cannot"):
+        TabularMDP(P=stuck, rho=np.array([0.5, 0.5]), gamma=1.0, terminal=np.array([False, True]))
+    with pytest.raises(ValueError, match="terminal must be a bool mask"):
+        TabularMDP(P=P, rho=np.array([0.5, 0.5]), gamma=0.9, terminal=np.array([0, 1]))
     with pytest.raises(ValueError, match="rho must have shape"):
         TabularMDP(P=P, rho=np.array([1.0]), gamma=0.9)
     with pytest.raises(ValueError, match="P must have shape"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from test_docs import TRAINER_DOC, _python_block
 from test_trainer_math import PROMPTS
 from testing_utils import happy_oracle, make_config, make_policy, make_reward_model, make_tokenizer
 
@@ -134,8 +135,13 @@ def test_save_load_and_resume(tmp_path):
         expected = full.model.reward_forward(enc.input_ids, enc.attention_mask)
         # the documented way back: the initial policy + the saved adapter and head
         loaded = AdapterRewardModel.from_saved(make_policy(tok), str(out / "reward_model"))
-        got = loaded(enc.input_ids, enc.attention_mask, position_ids_from_mask(enc.attention_mask)).logits[:, 0]
+        got = loaded(enc.input_ids, enc.attention_mask).logits[:, 0]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # docs/trainer.md's example of it, as written
+        namespace = {"initial_policy": make_policy(tok), "input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        block = _python_block(TRAINER_DOC.read_text(), "AdapterRewardModel.from_saved")
+        exec(block.replace('"dir/reward_model"', repr(str(out / "reward_model"))), namespace)
+        torch.testing.assert_close(namespace["scores"], expected, atol=1e-5, rtol=1e-5)
         # the checkpoint loader restores every role into a fresh trainer
         fresh = _trainer(tmp_path / "fresh", tok, make_policy(tok))
         load_roles(fresh.model, str(out))

@@ -1,7 +1,9 @@
 """Tabular MDPs: the dataclass, its validation, and grid builders (ASCII layouts).
 
 Conventions: P[s, a, s'] = Pr(s' | s, a) (independent of the upper variable x), rho[s] the start
-distribution, gamma in [0, 1). Grid cells are indexed s = row * n_cols + col.
+distribution, gamma in [0, 1], and an optional terminal mask: in a terminal state the agent acts once (its reward
+and its entropy bonus count) and the episode ends, so nothing accrues after it. Grid cells are indexed
+s = row * n_cols + col.
 """
 
 from dataclasses import dataclass, field
@@ -33,18 +35,24 @@ DEFAULT_LAYOUT = (
 
 @dataclass(frozen=True)
 class TabularMDP:
-    """A finite discounted MDP with a reward-free transition model (the reward comes from x)."""
+    """A finite discounted MDP with a reward-free transition model (the reward comes from x), optionally episodic."""
 
     P: np.ndarray  # [S, A, S] transition probabilities
     rho: np.ndarray  # [S] start distribution
-    gamma: float  # discount factor in [0, 1)
+    gamma: float  # discount factor in [0, 1]; 1 only with terminal states every state reaches
+    terminal: np.ndarray | None = None  # [S] bool: the episode ends after acting here
 
     def __post_init__(self) -> None:
         P = np.asarray(self.P, dtype=np.float64)
         rho = np.asarray(self.rho, dtype=np.float64)
         object.__setattr__(self, "P", P)
         object.__setattr__(self, "rho", rho)
-        validate_mdp(P, rho, self.gamma)
+        if self.terminal is not None:
+            object.__setattr__(self, "terminal", np.asarray(self.terminal))
+        validate_mdp(P, rho, self.gamma, self.terminal)
+        # the transitions that continue the episode: no successor after a terminal state
+        live = np.ones(P.shape[0]) if self.terminal is None else (~self.terminal).astype(np.float64)
+        object.__setattr__(self, "P_continue", P * live[:, None, None])
 
     @property
     def n_states(self) -> int:
@@ -55,8 +63,9 @@ class TabularMDP:
         return self.P.shape[1]
 
 
-def validate_mdp(P: np.ndarray, rho: np.ndarray, gamma: float, atol: float = 1e-10) -> None:
-    """Raise ValueError naming the field and the allowed range if (P, rho, gamma) is not an MDP."""
+def validate_mdp(P: np.ndarray, rho: np.ndarray, gamma: float, terminal: np.ndarray | None = None,
+                 atol: float = 1e-10) -> None:
+    """Raise ValueError naming the field and the allowed range if (P, rho, gamma, terminal) is not an MDP."""
     if P.ndim != 3 or P.shape[0] != P.shape[2] or P.shape[0] < 1 or P.shape[1] < 1:
         raise ValueError(f"P must have shape [S, A, S] with S, A >= 1, got {P.shape}")
     if rho.shape != (P.shape[0],):
@@ -70,8 +79,24 @@ def validate_mdp(P: np.ndarray, rho: np.ndarray, gamma: float, atol: float = 1e-
         )
     if np.any(rho < 0) or abs(rho.sum() - 1.0) > atol:
         raise ValueError(f"rho must be a probability vector (>= 0, sums to 1), sums to {rho.sum():.6g}")
-    if not (np.isfinite(gamma) and 0.0 <= gamma < 1.0):
-        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    if terminal is not None and (terminal.shape != (P.shape[0],) or terminal.dtype != bool):
+        raise ValueError(f"terminal must be a bool mask of shape [S]=[{P.shape[0]}], got {terminal.dtype} {terminal.shape}")
+    if not (np.isfinite(gamma) and 0.0 <= gamma <= 1.0):
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if gamma == 1.0:
+        # undiscounted values are finite only if every state reaches a terminal one (then so does every policy
+        # that gives each action a positive probability, as the soft best responses do)
+        if terminal is None or not terminal.any():
+            raise ValueError("gamma = 1 needs terminal states (an undiscounted return never ends otherwise)")
+        reach = terminal.copy()
+        step = P.max(axis=1) > 0  # [S, S]: some action leads s -> s'
+        while True:
+            more = reach | (step & reach[None, :]).any(axis=1)
+            if (more == reach).all():
+                break
+            reach = more
+        if not reach.all():
+            raise ValueError(f"gamma = 1 needs every state to reach a terminal state; {int((~reach).sum())} cannot")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from .solvers import (
     objective,
     occupancy,
     policy_evaluation,
+    reward_adjoint,
     soft_value_iteration,
     softmax,
 )
@@ -141,28 +142,19 @@ class GoalProblem:
         return self.upper(x, self.lower_policy(x, tau))
 
     def hypergradient(self, x: np.ndarray, tau: float, V0: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-        """(Phi_tau(x), grad Phi_tau(x)) by implicit differentiation of the soft Bellman equation.
-
-        Q = r + gamma P V, V = tau logsumexp(Q/tau): (I - gamma P Pi) dQ = dr; dpi = (1/tau) pi (dQ - pi.dQ);
-        df/dpi(a|s) = d(s) Q^u(s, a). The adjoint g_r = (I - gamma P Pi)^{-T} g_Q is computed with one
-        [S, S] solve: g_r = g_Q + gamma Pi^T z, (I - gamma P_pi^T) z = P^T g_Q (Woodbury on P Pi).
-        """
+        """(Phi_tau(x), grad Phi_tau(x)) by implicit differentiation of the soft Bellman equation: df/dpi(a|s) =
+        d(s) Q^u(s, a), pulled back to the reward by `solvers.reward_adjoint`, then to x by `reward_vjp`."""
         if not tau > 0:
             raise ValueError(f"tau must be > 0 for the hypergradient, got {tau}")
         x = self.check_x(x)
         if x.ndim != 1:
             raise ValueError(f"hypergradient takes a single x of shape [{self.dim}], got {x.shape}")
         mdp, u = self.mdp, self.designer_cost
-        S, A = mdp.n_states, mdp.n_actions
         _, _, pi = soft_value_iteration(mdp, self.reward(x), tau, V0=V0)
         d = occupancy(mdp, pi)
         Qu, _ = policy_evaluation(mdp, pi, u)
         value = float((d * (pi * u).sum(-1)).sum() + self.placement_cost(x))
-        g_pi = d[:, None] * Qu  # df/dpi
-        g_Q = pi * (g_pi - (pi * g_pi).sum(-1, keepdims=True)) / tau  # through pi = softmax(Q/tau)
-        P_pi = np.einsum("sa,sat->st", pi, mdp.P)
-        z = np.linalg.solve(np.eye(S) - mdp.gamma * P_pi.T, np.einsum("sat,sa->t", mdp.P, g_Q))
-        g_r = g_Q + mdp.gamma * pi * z[:, None]
+        g_r = reward_adjoint(mdp, pi, d[:, None] * Qu, tau)  # df/dpi = d(s) Q^u(s, a), pulled back to r
         return value, self.reward_vjp(x, g_r) + self.placement_grad(x)
 
     # ----- penalty (reformulation) quantities, exact -----

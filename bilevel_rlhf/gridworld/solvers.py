@@ -3,7 +3,8 @@
 Conventions (the lead's normalization): Q^pi(s, a) = r(s, a) + gamma * sum_s' P(s'|s,a) V^pi(s'),
 V^pi(s) = sum_a pi(a|s) (Q^pi(s, a) - tau log pi(a|s)) (unnormalized, as in soft RL), and the
 normalized objective J_tau(pi) = (1 - gamma) rho^T V^pi = E_{s~d^pi, a~pi}[r(s,a) - tau log pi(a|s)]
-with the discounted occupancy d^pi = (1 - gamma) (I - gamma P_pi^T)^{-1} rho.
+with the discounted occupancy d^pi = (1 - gamma) (I - gamma P_pi^T)^{-1} rho. In an episodic MDP P stands for
+`mdp.P_continue`: no successor after a terminal state, so nothing accrues after it.
 """
 
 import numpy as np
@@ -20,12 +21,12 @@ HARD_VI_TOL = 1e-11
 def expected_next(mdp: TabularMDP, V: np.ndarray) -> np.ndarray:
     """E[V(s') | s, a] = sum_s' P(s'|s,a) V(s'), shape [..., S, A] for V of shape [..., S]."""
     S, A = mdp.n_states, mdp.n_actions
-    return (V @ mdp.P.reshape(S * A, S).T).reshape(V.shape[:-1] + (S, A))
+    return (V @ mdp.P_continue.reshape(S * A, S).T).reshape(V.shape[:-1] + (S, A))
 
 
 def state_transition(mdp: TabularMDP, pi: np.ndarray) -> np.ndarray:
     """P_pi[s, s'] = sum_a pi(a|s) P(s'|s,a), shape [..., S, S]."""
-    return np.einsum("...sa,sat->...st", pi, mdp.P, optimize=True)
+    return np.einsum("...sa,sat->...st", pi, mdp.P_continue, optimize=True)
 
 
 def entropy_term(pi: np.ndarray) -> np.ndarray:
@@ -42,12 +43,28 @@ def policy_evaluation(mdp: TabularMDP, pi: np.ndarray, r: np.ndarray, tau: float
     return r + mdp.gamma * expected_next(mdp, V), V
 
 
-def occupancy(mdp: TabularMDP, pi: np.ndarray) -> np.ndarray:
-    """Normalized discounted state occupancy d = (1 - gamma) (I - gamma P_pi^T)^{-1} rho, [..., S]."""
+def discounted_visits(mdp: TabularMDP, pi: np.ndarray) -> np.ndarray:
+    """Expected discounted visits sum_t gamma^t Pr(s_t = s) = (I - gamma P_pi^T)^{-1} rho, [..., S]."""
     S = mdp.n_states
     lhs = np.eye(S) - mdp.gamma * np.swapaxes(state_transition(mdp, pi), -1, -2)
-    rhs = np.broadcast_to((1.0 - mdp.gamma) * mdp.rho, lhs.shape[:-1])
+    rhs = np.broadcast_to(mdp.rho, lhs.shape[:-1])
     return np.linalg.solve(lhs, rhs[..., None])[..., 0]
+
+
+def occupancy(mdp: TabularMDP, pi: np.ndarray) -> np.ndarray:
+    """Normalized discounted state occupancy d = (1 - gamma) (I - gamma P_pi^T)^{-1} rho, [..., S]."""
+    return (1.0 - mdp.gamma) * discounted_visits(mdp, pi)
+
+
+def reward_adjoint(mdp: TabularMDP, pi: np.ndarray, g_pi: np.ndarray, tau: float) -> np.ndarray:
+    """g_r = (d pi*_tau / d r)^T g_pi: how a cotangent g_pi [S, A] on the soft-optimal policy pi of reward r
+    pulls back to r. Implicit differentiation of Q = r + gamma P V, V = tau logsumexp(Q / tau), pi = softmax(Q /
+    tau): g_Q = pi (g_pi - pi . g_pi) / tau, then g_r = (I - gamma P Pi)^{-T} g_Q by one [S, S] solve (Woodbury on
+    P Pi): g_r = g_Q + gamma Pi^T z with (I - gamma P_pi^T) z = P^T g_Q."""
+    g_Q = pi * (g_pi - (pi * g_pi).sum(-1, keepdims=True)) / tau
+    P = mdp.P_continue
+    z = np.linalg.solve(np.eye(mdp.n_states) - mdp.gamma * state_transition(mdp, pi).T, np.einsum("sat,sa->t", P, g_Q))
+    return g_Q + mdp.gamma * pi * z[:, None]
 
 
 def objective(mdp: TabularMDP, pi: np.ndarray, r: np.ndarray, tau: float = 0.0) -> np.ndarray:

@@ -1,0 +1,158 @@
+"""The general tabular bilevel API (`bilevel_rlhf.gridworld.tabular`) and HPGD's Four-Rooms instance: episodic
+values, the exact hypergradient against finite differences, the instance against an independent computation, a
+user-defined problem, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bilevel_rlhf.gridworld.four_rooms import FOUR_ROOMS_LAYOUT, four_rooms
+from bilevel_rlhf.gridworld.mdp import TabularMDP
+from bilevel_rlhf.gridworld.solvers import policy_evaluation, soft_value_iteration
+from bilevel_rlhf.gridworld.tabular import Context, Parameterization, TabularBilevelProblem, exact_ascent
+
+
+def _independent_four_rooms_value(w: np.ndarray, tau: float, c_ul: float, sweeps: int = 3000) -> float:
+    """The leader's value of HPGD's instance from the map alone: its own transition table (loops over cells), soft
+    value iteration to convergence, then the leader's policy evaluation by iteration; no solver of the package."""
+    cells = [(r, c) for r, row in enumerate(FOUR_ROOMS_LAYOUT) for c, ch in enumerate(row) if ch == "."]
+    where = {cell: i for i, cell in enumerate(cells)}
+    n, moves = len(cells), [(-1, 0), (0, 1), (1, 0), (0, -1)]
+    P = np.zeros((n, 4, n))
+    for i, (r, c) in enumerate(cells):
+        for a in range(4):
+            for b, (dr, dc) in enumerate(moves):
+                P[i, a, where.get((r + dr, c + dc), i)] += 0.56 if a == b else 0.44 / 3
+    e = np.exp(w - w.max())
+    incentive = -0.2 * (e / e.sum())[:-1]
+    total = 0.0
+    for goal in ((1, 9), (11, 11)):
+        g = where[goal]
+        go_on = 0.99 * (np.arange(n) != g)[:, None]  # nothing after acting in the goal
+        reward = np.where(np.arange(n) == g, 1.0, incentive)[:, None]
+        V = np.zeros(n)
+        for _ in range(sweeps):
+            Q = reward + go_on * (P @ V)
+            V = Q.max(1) + tau * np.log(np.exp((Q - Q.max(1, keepdims=True)) / tau).sum(1))
+        pi = np.exp((Q - Q.max(1, keepdims=True)) / tau)
+        pi /= pi.sum(1, keepdims=True)
+        leader = np.where(np.arange(n) == where[(8, 4)], 1.0, 0.0) - np.where(np.arange(n) == g,
+                                                                             c_ul * np.abs(incentive).sum(), 0.0)
+        U = np.zeros(n)
+        for _ in range(sweeps):
+            U = (pi * (leader[:, None] + go_on * (P @ U))).sum(1)
+        total += 0.5 * U[where[(4, 1)]]
+    return total
+
+
+def test_the_four_rooms_value_equals_an_independent_computation():
+    w = np.random.default_rng(3).normal(0.0, 1.0, size=105)
+    problem = four_rooms(c_ul=3.0)
+    assert problem.dim == 105 and problem.shape == (104, 4)
+    assert problem.value(w, 0.05) == pytest.approx(_independent_four_rooms_value(w, 0.05, 3.0), abs=1e-6)
+
+
+@pytest.mark.parametrize(("tau", "c_ul"), [(0.003, 1.0), (0.05, 5.0)])
+def test_the_exact_hypergradient_matches_central_differences(tau, c_ul):
+    problem = four_rooms(c_ul)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 0.5, size=problem.dim)
+    value, grad = problem.hypergradient(x, tau)
+    assert value == pytest.approx(problem.value(x, tau), abs=1e-12)
+    for _ in range(3):
+        v = rng.normal(size=problem.dim)
+        eps = 1e-6
+        fd = (problem.value(x + eps * v, tau) - problem.value(x - eps * v, tau)) / (2 * eps)
+        assert grad @ v == pytest.approx(fd, rel=1e-4, abs=1e-9)
+
+
+def test_a_terminal_state_pays_once_with_one_entropy_bonus():
+    """The issue's 2-state example: r = 1 at the goal, gamma 0.99, tau 0.003, 4 actions. Episodic: V(goal) = 1 + tau
+    log 4 (one step, one bonus), where a sink collecting the bonus forever would give far more."""
+    A, tau = 4, 0.003
+    P = np.zeros((2, A, 2))
+    P[:, :, 1] = 1.0  # every action leads to the goal
+    mdp = TabularMDP(P, np.array([1.0, 0.0]), 0.99, terminal=np.array([False, True]))
+    r = np.array([[0.0] * A, [1.0] * A])
+    _, V, pi = soft_value_iteration(mdp, r, tau)
+    assert V[1] == pytest.approx(1.0 + tau * np.log(A), abs=1e-10)
+    assert V[0] == pytest.approx(tau * np.log(A) + 0.99 * V[1], abs=1e-10)
+    assert np.allclose(pi, 1.0 / A)
+    # gamma = 1 is allowed once every state reaches a terminal one
+    undiscounted = TabularMDP(P, np.array([1.0, 0.0]), 1.0, terminal=np.array([False, True]))
+    assert policy_evaluation(undiscounted, pi, r, tau)[1][0] == pytest.approx(1.0 + 2 * tau * np.log(A), abs=1e-10)
+
+
+def test_a_user_defined_problem_with_contexts_and_a_leader_cost():
+    """A bandit-like chain the docs describe: the leader pays a per-state bonus x to steer the follower, in two
+    contexts; the gradient is exact and ascent raises the leader's value."""
+    S, A = 3, 2
+    P = np.zeros((S, A, S))
+    P[0, 0, 1] = P[0, 1, 2] = 1.0  # from the start, action 0 goes to state 1, action 1 to state 2
+    P[1, :, 1] = P[2, :, 2] = 1.0
+    terminal = np.array([False, True, True])
+    mdp = TabularMDP(P, np.array([1.0, 0.0, 0.0]), 0.9, terminal=terminal)
+    contexts = [Context(mdp, follower_reward=np.array([[0, 0], [1, 1], [0.5, 0.5]]), leader_reward=np.array(
+        [[0, 0], [0, 0], [1, 1]]), weight=2.0),
+        Context(mdp, follower_reward=np.array([[0, 0], [0.2, 0.2], [0, 0]]), leader_reward=np.array(
+            [[0, 0], [0, 0], [1, 1]]), weight=1.0)]
+    bonus = Parameterization(dim=S, value=lambda x, c: np.repeat(x[:, None], A, axis=1),
+                             vjp=lambda x, c, g: np.asarray(g).sum(-1))
+    spend = Parameterization(dim=S, value=lambda x, c: -0.1 * np.repeat((x ** 2)[:, None], A, axis=1),
+                             vjp=lambda x, c, g: -0.2 * x * np.asarray(g).sum(-1))
+    problem = TabularBilevelProblem(contexts, bonus, spend, check_gradients=True)
+    x = np.array([0.0, 0.1, 0.2])
+    value, grad = problem.hypergradient(x, 0.1)
+    eps = 1e-6
+    for i in range(S):
+        e = np.eye(S)[i] * eps
+        assert grad[i] == pytest.approx((problem.value(x + e, 0.1) - problem.value(x - e, 0.1)) / (2 * eps), rel=1e-5,
+                                        abs=1e-9)
+    out = exact_ascent(problem, x, 0.1, learning_rate=0.5, iterations=50)
+    assert out["value"] > value + 0.1 and out["values"][0] == pytest.approx(value)
+
+
+def _mdp(**kw):
+    P = np.full((2, 1, 2), 0.5)
+    return TabularMDP(P, np.array([1.0, 0.0]), 0.9, **kw)
+
+
+def test_bad_input_names_what_is_wrong():
+    mdp = _mdp()
+    ok = Parameterization(dim=2, value=lambda x, c: np.repeat(x[:, None], 1, axis=1), vjp=lambda x, c, g: g.sum(-1))
+    ctx = Context(mdp, np.zeros((2, 1)), np.zeros((2, 1)))
+    TabularBilevelProblem([ctx], ok, check_gradients=True)  # fine
+    with pytest.raises(ValueError, match="contexts must hold at least one Context"):
+        TabularBilevelProblem([], ok)
+    with pytest.raises(ValueError, match=r"contexts\[0\].weight must be a finite probability weight > 0"):
+        TabularBilevelProblem([Context(mdp, np.zeros((2, 1)), np.zeros((2, 1)), weight=0.0)], ok)
+    with pytest.raises(ValueError, match=r"contexts\[0\].follower_reward must be a finite \[S, A\]"):
+        TabularBilevelProblem([Context(mdp, np.zeros((3, 1)), np.zeros((2, 1)))], ok)
+    bad_value = Parameterization(dim=2, value=lambda x, c: x, vjp=ok.vjp)
+    with pytest.raises(ValueError, match=r"incentive.value\(x, 0\) must have shape \[S, A\]"):
+        TabularBilevelProblem([ctx], bad_value)
+    bad_vjp = Parameterization(dim=2, value=ok.value, vjp=lambda x, c, g: g)
+    with pytest.raises(ValueError, match=r"incentive.vjp\(x, 0, g\) must have shape \[dim\]"):
+        TabularBilevelProblem([ctx], bad_vjp)
+    wrong_vjp = Parameterization(dim=2, value=ok.value, vjp=lambda x, c, g: 2.0 * g.sum(-1))
+    TabularBilevelProblem([ctx], wrong_vjp)  # the finite-difference check is opt-in
+    with pytest.raises(ValueError, match="incentive.vjp disagrees with finite differences in context 0"):
+        TabularBilevelProblem([ctx], wrong_vjp, check_gradients=True)
+    problem = TabularBilevelProblem([ctx], ok)
+    with pytest.raises(ValueError, match=r"x must be a finite vector of shape \[2\]"):
+        problem.value(np.zeros(3), 0.1)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        problem.value(np.zeros(2), 0.0)
+
+
+def test_the_docs_example_runs_as_written(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "gridworld.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "TabularBilevelProblem(" in b]
+    namespace: dict = {}
+    exec(block, namespace)
+    before, after = (float(v) for v in re.findall(r"(-?\d+\.\d+)", capsys.readouterr().out))
+    assert namespace["result"]["value"] == pytest.approx(after, abs=5e-4) and after > before + 0.1
