@@ -9,6 +9,7 @@ s = row * n_cols + col.
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse
 
 # moves of the grid actions, as (d_row, d_col): up, down, left, right, stay
 GRID_MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]])
@@ -37,13 +38,14 @@ DEFAULT_LAYOUT = (
 class TabularMDP:
     """A finite discounted MDP with a reward-free transition model (the reward comes from x), optionally episodic."""
 
-    P: np.ndarray  # [S, A, S] transition probabilities
+    P: np.ndarray  # [S, A, S] transition probabilities, or a scipy.sparse matrix [S * A, S] (row s * A + a)
     rho: np.ndarray  # [S] start distribution
     gamma: float  # discount factor in [0, 1]; 1 only with terminal states every state reaches
     terminal: np.ndarray | None = None  # [S] bool: the episode ends after acting here
 
     def __post_init__(self) -> None:
-        P = np.asarray(self.P, dtype=np.float64)
+        sparse = scipy.sparse.issparse(self.P)
+        P = scipy.sparse.csr_matrix(self.P, dtype=np.float64) if sparse else np.asarray(self.P, dtype=np.float64)
         rho = np.asarray(self.rho, dtype=np.float64)
         object.__setattr__(self, "P", P)
         object.__setattr__(self, "rho", rho)
@@ -51,36 +53,53 @@ class TabularMDP:
             object.__setattr__(self, "terminal", np.asarray(self.terminal))
         validate_mdp(P, rho, self.gamma, self.terminal)
         # the transitions that continue the episode: no successor after a terminal state
-        live = np.ones(P.shape[0]) if self.terminal is None else (~self.terminal).astype(np.float64)
-        object.__setattr__(self, "P_continue", P * live[:, None, None])
+        S, A = self.n_states, self.n_actions
+        live = np.ones(S) if self.terminal is None else (~self.terminal).astype(np.float64)
+        if sparse:
+            P_continue = scipy.sparse.diags(np.repeat(live, A)) @ P
+        else:
+            P_continue = P * live[:, None, None]
+        object.__setattr__(self, "P_continue", P_continue)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether P is a scipy.sparse [S * A, S] matrix (the solvers then use sparse solves, one policy at a time)."""
+        return scipy.sparse.issparse(self.P)
 
     @property
     def n_states(self) -> int:
-        return self.P.shape[0]
+        return self.P.shape[1] if self.sparse else self.P.shape[0]
 
     @property
     def n_actions(self) -> int:
-        return self.P.shape[1]
+        return self.P.shape[0] // self.P.shape[1] if self.sparse else self.P.shape[1]
 
 
 def validate_mdp(P: np.ndarray, rho: np.ndarray, gamma: float, terminal: np.ndarray | None = None,
                  atol: float = 1e-10) -> None:
     """Raise ValueError naming the field and the allowed range if (P, rho, gamma, terminal) is not an MDP."""
-    if P.ndim != 3 or P.shape[0] != P.shape[2] or P.shape[0] < 1 or P.shape[1] < 1:
-        raise ValueError(f"P must have shape [S, A, S] with S, A >= 1, got {P.shape}")
-    if rho.shape != (P.shape[0],):
-        raise ValueError(f"rho must have shape [S]=[{P.shape[0]}], got {rho.shape}")
-    if not (np.all(np.isfinite(P)) and np.all(np.isfinite(rho))):
+    if scipy.sparse.issparse(P):
+        S = P.shape[1]
+        if P.ndim != 2 or S < 1 or P.shape[0] < S or P.shape[0] % S:
+            raise ValueError(f"a sparse P must have shape [S * A, S] with S, A >= 1, got {P.shape}")
+        values, row_sums = P.data, np.asarray(P.sum(axis=1)).ravel()
+    else:
+        if P.ndim != 3 or P.shape[0] != P.shape[2] or P.shape[0] < 1 or P.shape[1] < 1:
+            raise ValueError(f"P must have shape [S, A, S] with S, A >= 1, got {P.shape}")
+        S, values, row_sums = P.shape[0], P, P.sum(-1)
+    if rho.shape != (S,):
+        raise ValueError(f"rho must have shape [S]=[{S}], got {rho.shape}")
+    if not (np.all(np.isfinite(values)) and np.all(np.isfinite(rho))):
         raise ValueError("P and rho must be finite")
-    if np.any(P < 0) or np.max(np.abs(P.sum(-1) - 1.0)) > atol:
+    if np.any(values < 0) or np.max(np.abs(row_sums - 1.0)) > atol:
         raise ValueError(
             "P must be row-stochastic: P[s, a, :] >= 0 and sum_s' P[s, a, s'] = 1 "
-            f"(max row-sum error {np.max(np.abs(P.sum(-1) - 1.0)):.3g}, min entry {P.min():.3g})"
+            f"(max row-sum error {np.max(np.abs(row_sums - 1.0)):.3g}, min entry {values.min():.3g})"
         )
     if np.any(rho < 0) or abs(rho.sum() - 1.0) > atol:
         raise ValueError(f"rho must be a probability vector (>= 0, sums to 1), sums to {rho.sum():.6g}")
-    if terminal is not None and (terminal.shape != (P.shape[0],) or terminal.dtype != bool):
-        raise ValueError(f"terminal must be a bool mask of shape [S]=[{P.shape[0]}], got {terminal.dtype} {terminal.shape}")
+    if terminal is not None and (terminal.shape != (S,) or terminal.dtype != bool):
+        raise ValueError(f"terminal must be a bool mask of shape [S]=[{S}], got {terminal.dtype} {terminal.shape}")
     if not (np.isfinite(gamma) and 0.0 <= gamma <= 1.0):
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     if gamma == 1.0:
@@ -89,9 +108,11 @@ def validate_mdp(P: np.ndarray, rho: np.ndarray, gamma: float, terminal: np.ndar
         if terminal is None or not terminal.any():
             raise ValueError("gamma = 1 needs terminal states (an undiscounted return never ends otherwise)")
         reach = terminal.copy()
-        step = P.max(axis=1) > 0  # [S, S]: some action leads s -> s'
+        # some action leads s -> s': [S * A, S] rows grouped by s
+        step = scipy.sparse.csr_matrix(P.reshape(S * (P.size // (S * S)), S) if not scipy.sparse.issparse(P) else P)
+        step = (scipy.sparse.kron(scipy.sparse.eye(S), np.ones((1, step.shape[0] // S))) @ (step > 0)) > 0
         while True:
-            more = reach | (step & reach[None, :]).any(axis=1)
+            more = reach | np.asarray((step @ reach.astype(np.float64)) > 0).ravel()
             if (more == reach).all():
                 break
             reach = more
@@ -115,13 +136,15 @@ class GridMDP:
         return len(self.layout), len(self.layout[0])
 
 
-def make_grid(layout: tuple[str, ...] | list[str] = DEFAULT_LAYOUT, slip: float = 0.1, gamma: float = 0.9) -> GridMDP:
+def make_grid(layout: tuple[str, ...] | list[str] = DEFAULT_LAYOUT, slip: float = 0.1, gamma: float = 0.9,
+              sparse: bool = False) -> GridMDP:
     """Build a grid world from an ASCII layout.
 
     Actions: up, down, left, right, stay. With probability ``slip`` the executed action is drawn
     uniformly from all 5 actions instead of the chosen one. Moving into a wall or off the grid
     leaves the agent in place. Walls are states that are never entered (absorbing, rho = 0).
-    The start distribution is uniform over the 'S' cells.
+    The start distribution is uniform over the 'S' cells. ``sparse``: P as a scipy.sparse [S * A, S]
+    matrix (at most 5 successors per state), for grids too large for a dense [S, A, S] array.
     """
     layout = tuple(layout)
     if len(layout) == 0 or any(len(row) != len(layout[0]) for row in layout):
@@ -147,11 +170,19 @@ def make_grid(layout: tuple[str, ...] | list[str] = DEFAULT_LAYOUT, slip: float 
     inside = (nr >= 0) & (nr < n_rows) & (nc >= 0) & (nc < n_cols)
     dest = np.where(inside, nr.clip(0, n_rows - 1) * n_cols + nc.clip(0, n_cols - 1), np.arange(S)[:, None])
     dest = np.where(wall[dest] | wall[:, None], np.arange(S)[:, None], dest)  # blocked: stay
-    move = np.zeros((S, A, S))
-    move[np.arange(S)[:, None], np.arange(A)[None, :], dest] = 1.0
-    # executed action = chosen w.p. 1 - slip, uniform over all actions w.p. slip
-    P = (1.0 - slip) * move + slip * move.mean(axis=1, keepdims=True)
-    P[wall] = np.eye(S)[wall][:, None, :]
+    if sparse:
+        # executed action = chosen w.p. 1 - slip, uniform over all actions w.p. slip; a wall stays in place
+        rows = np.repeat(np.arange(S * A), A + 1)
+        cols = np.concatenate([dest[:, :, None], np.repeat(dest[:, None, :], A, axis=1)], axis=2).reshape(-1)
+        vals = np.tile(np.concatenate([[1.0 - slip], np.full(A, slip / A)]), S * A)
+        cols = np.where(np.repeat(wall, A * (A + 1)), np.repeat(np.arange(S), A * (A + 1)), cols)
+        P = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(S * A, S))  # duplicates are summed
+    else:
+        move = np.zeros((S, A, S))
+        move[np.arange(S)[:, None], np.arange(A)[None, :], dest] = 1.0
+        # executed action = chosen w.p. 1 - slip, uniform over all actions w.p. slip
+        P = (1.0 - slip) * move + slip * move.mean(axis=1, keepdims=True)
+        P[wall] = np.eye(S)[wall][:, None, :]
     rho = start / start.sum()
     return GridMDP(
         mdp=TabularMDP(P=P, rho=rho, gamma=gamma),

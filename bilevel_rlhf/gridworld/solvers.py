@@ -8,6 +8,8 @@ with the discounted occupancy d^pi = (1 - gamma) (I - gamma P_pi^T)^{-1} rho. In
 """
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 
 from .mdp import TabularMDP
 
@@ -21,12 +23,34 @@ HARD_VI_TOL = 1e-11
 def expected_next(mdp: TabularMDP, V: np.ndarray) -> np.ndarray:
     """E[V(s') | s, a] = sum_s' P(s'|s,a) V(s'), shape [..., S, A] for V of shape [..., S]."""
     S, A = mdp.n_states, mdp.n_actions
+    if mdp.sparse:
+        return np.asarray(mdp.P_continue @ V.reshape(-1, S).T).T.reshape(V.shape[:-1] + (S, A))
     return (V @ mdp.P_continue.reshape(S * A, S).T).reshape(V.shape[:-1] + (S, A))
 
 
-def state_transition(mdp: TabularMDP, pi: np.ndarray) -> np.ndarray:
-    """P_pi[s, s'] = sum_a pi(a|s) P(s'|s,a), shape [..., S, S]."""
+def state_transition(mdp: TabularMDP, pi: np.ndarray):
+    """P_pi[s, s'] = sum_a pi(a|s) P(s'|s,a), shape [..., S, S] (a sparse [S, S] matrix for a sparse MDP)."""
+    if mdp.sparse:
+        S, A = mdp.n_states, mdp.n_actions
+        _one_policy(mdp, pi)
+        weights = scipy.sparse.csr_matrix((pi.ravel(), np.arange(S * A), np.arange(0, S * A + 1, A)), shape=(S, S * A))
+        return (weights @ mdp.P_continue).tocsc()
     return np.einsum("...sa,sat->...st", pi, mdp.P_continue, optimize=True)
+
+
+def _one_policy(mdp: TabularMDP, pi: np.ndarray) -> None:
+    if pi.shape != (mdp.n_states, mdp.n_actions):
+        raise ValueError(f"a sparse MDP solves one policy [S, A] at a time, got shape {pi.shape} (batch over a loop, "
+                         "or use a dense P)")
+
+
+def _solve_linear(mdp: TabularMDP, P_pi, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """x with (I - gamma P_pi) x = rhs (or its transpose), for dense [..., S, S] or sparse P_pi."""
+    if mdp.sparse:
+        lhs = scipy.sparse.identity(mdp.n_states, format="csc") - mdp.gamma * (P_pi.T if transpose else P_pi)
+        return scipy.sparse.linalg.spsolve(lhs.tocsc(), rhs)
+    lhs = np.eye(mdp.n_states) - mdp.gamma * (np.swapaxes(P_pi, -1, -2) if transpose else P_pi)
+    return np.linalg.solve(lhs, rhs[..., None])[..., 0]
 
 
 def entropy_term(pi: np.ndarray) -> np.ndarray:
@@ -36,19 +60,15 @@ def entropy_term(pi: np.ndarray) -> np.ndarray:
 
 def policy_evaluation(mdp: TabularMDP, pi: np.ndarray, r: np.ndarray, tau: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Exact (Q^pi, V^pi) of the tau-regularized reward by one linear solve per batch element."""
-    S = mdp.n_states
     r_pi = (pi * r).sum(-1) - tau * entropy_term(pi).sum(-1)  # [..., S]
-    lhs = np.eye(S) - mdp.gamma * state_transition(mdp, pi)
-    V = np.linalg.solve(lhs, r_pi[..., None])[..., 0]
+    V = _solve_linear(mdp, state_transition(mdp, pi), r_pi)
     return r + mdp.gamma * expected_next(mdp, V), V
 
 
 def discounted_visits(mdp: TabularMDP, pi: np.ndarray) -> np.ndarray:
     """Expected discounted visits sum_t gamma^t Pr(s_t = s) = (I - gamma P_pi^T)^{-1} rho, [..., S]."""
-    S = mdp.n_states
-    lhs = np.eye(S) - mdp.gamma * np.swapaxes(state_transition(mdp, pi), -1, -2)
-    rhs = np.broadcast_to(mdp.rho, lhs.shape[:-1])
-    return np.linalg.solve(lhs, rhs[..., None])[..., 0]
+    rhs = np.broadcast_to(mdp.rho, pi.shape[:-1])
+    return _solve_linear(mdp, state_transition(mdp, pi), np.array(rhs), transpose=True)
 
 
 def occupancy(mdp: TabularMDP, pi: np.ndarray) -> np.ndarray:
@@ -62,8 +82,11 @@ def reward_adjoint(mdp: TabularMDP, pi: np.ndarray, g_pi: np.ndarray, tau: float
     tau): g_Q = pi (g_pi - pi . g_pi) / tau, then g_r = (I - gamma P Pi)^{-T} g_Q by one [S, S] solve (Woodbury on
     P Pi): g_r = g_Q + gamma Pi^T z with (I - gamma P_pi^T) z = P^T g_Q."""
     g_Q = pi * (g_pi - (pi * g_pi).sum(-1, keepdims=True)) / tau
-    P = mdp.P_continue
-    z = np.linalg.solve(np.eye(mdp.n_states) - mdp.gamma * state_transition(mdp, pi).T, np.einsum("sat,sa->t", P, g_Q))
+    if mdp.sparse:
+        back = np.asarray(mdp.P_continue.T @ g_Q.ravel()).ravel()  # P^T g_Q
+    else:
+        back = np.einsum("sat,sa->t", mdp.P_continue, g_Q)
+    z = _solve_linear(mdp, state_transition(mdp, pi), back, transpose=True)
     return g_Q + mdp.gamma * pi * z[:, None]
 
 
