@@ -80,8 +80,8 @@ M = Mutation
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------------------------------ tabular bilevel API
     M("terminal_states_continue", GW_MDP,
-      "live = np.ones(P.shape[0]) if self.terminal is None else (~self.terminal).astype(np.float64)",
-      "live = np.ones(P.shape[0])",
+      "live = np.ones(S) if self.terminal is None else (~self.terminal).astype(np.float64)",
+      "live = np.ones(S)",
       [TABULAR], "a terminal state keeps its successors: values accrue after the episode ends"),
     M("gamma_one_reachability_unchecked", GW_MDP,
       "        if not reach.all():", "        if False:",
