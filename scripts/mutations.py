@@ -71,6 +71,7 @@ GW_ALG = "bilevel_rlhf/gridworld/algorithms.py"
 GW_CFG = "bilevel_rlhf/gridworld/config.py"
 GW_REC = "bilevel_rlhf/gridworld/recipe.py"
 GW_MDP = "bilevel_rlhf/gridworld/mdp.py"
+GW_SOLVERS_PY = "bilevel_rlhf/gridworld/solvers.py"
 GW_TABULAR = "bilevel_rlhf/gridworld/tabular.py"
 GW_FOUR_ROOMS = "bilevel_rlhf/gridworld/four_rooms.py"
 EVAL = "bilevel_rlhf/happy_tweet/evaluate.py"
@@ -83,6 +84,10 @@ MUTATIONS: list[Mutation] = [
       "live = np.ones(S) if self.terminal is None else (~self.terminal).astype(np.float64)",
       "live = np.ones(S)",
       [TABULAR], "a terminal state keeps its successors: values accrue after the episode ends"),
+    M("sparse_solve_not_transposed", GW_SOLVERS_PY,
+      "lhs = scipy.sparse.identity(mdp.n_states, format=\"csc\") - mdp.gamma * (P_pi.T if transpose else P_pi)",
+      "lhs = scipy.sparse.identity(mdp.n_states, format=\"csc\") - mdp.gamma * P_pi",
+      [TABULAR], "a sparse MDP's visits solve (I - gamma P_pi) instead of its transpose"),
     M("gamma_one_reachability_unchecked", GW_MDP,
       "        if not reach.all():", "        if False:",
       [TABULAR, GW_SOLVERS], "gamma = 1 is accepted although some state never terminates (infinite values)"),
