@@ -90,8 +90,9 @@ class BenchmarkArguments:
                   "with one micro-step per iteration); false measures the plain path (separate passes)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of every worker."})
+    lm: bool = field(default=True, metadata={"help": "Run the language-model part (false: the GridWorld part only)."})
     gridworld: bool = field(default=True, metadata={"help": "Also run the GridWorld part."})
-    grid_sizes: list[int] = field(default_factory=lambda: [10, 20, 40], metadata={"help": "n of the n x n grids."})
+    grid_sizes: list[int] = field(default_factory=lambda: [10, 20, 40, 100], metadata={"help": "n of the n x n grids."})
     grid_iterations: int = field(default=200, metadata={"help": "Timed single-loop iterations per grid size."})
     gridworld_results: str | None = field(
         default="outputs/gridworld/results.json",
@@ -122,6 +123,7 @@ class BenchmarkArguments:
         need(self.rloo_reward in ("reward_model", "vader"), "rloo_reward", "'reward_model' or 'vader'")
         need(all(n >= 4 for n in self.grid_sizes), "grid_sizes", "sizes >= 4")
         need(self.grid_iterations >= 2, "grid_iterations", ">= 2")
+        need(self.lm or self.gridworld, "gridworld", "True when lm is False (nothing to run otherwise)")
 
 
 # ============================================================================================ timing
@@ -531,6 +533,8 @@ def scaled_layout(n: int) -> list[str]:
 def gridworld_speed(sizes: list[int], iterations: int, seed: int = 0) -> dict[int, dict[str, float]]:
     """Sampled single_loop iterations per second on n x n grids (`scaled_layout(n)`). The exact evaluations of Phi
     that the run logs (`GoalProblem.phi`: value iteration, not part of the method) are timed and subtracted."""
+    import numpy as np
+
     from bilevel_rlhf.gridworld import GoalProblem, GridWorldConfig, build_problem, run_method
 
     out = {}
@@ -551,11 +555,19 @@ def gridworld_speed(sizes: list[int], iterations: int, seed: int = 0) -> dict[in
                                   methods=["single_loop"], iterations=iterations, eval_every=10 * iterations,
                                   progress=False)
             problem = build_problem(cfg)
+            x0 = np.asarray(cfg.x0, dtype=np.float64)
+            t0 = time.perf_counter()
+            exact_phi(problem, x0, 0.0)
+            exact = {"exact_phi_s": time.perf_counter() - t0}
+            t0 = time.perf_counter()
+            problem.hypergradient(x0, 0.05)
+            exact["exact_hypergradient_s"] = time.perf_counter() - t0
             phi_seconds[0] = 0.0
             t0 = time.perf_counter()
             run_method(problem, cfg, "single_loop", seed)
             per_it = (time.perf_counter() - t0 - phi_seconds[0]) / iterations
-            out[n] = {"states": int(problem.mdp.n_states), "iterations_per_s": 1.0 / per_it,
+            out[n] = {"states": int(problem.mdp.n_states), "sparse": problem.mdp.sparse, **exact,
+                      "iterations_per_s": 1.0 / per_it,
                       "ms_per_iteration": 1e3 * per_it, "samples_per_iteration": 2 * cfg.batch_size,
                       "exact_phi_seconds_excluded": phi_seconds[0]}
     finally:
@@ -636,9 +648,12 @@ def markdown_tables(result: dict[str, Any]) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     gw = result.get("gridworld")
     if gw:
-        lines += ["", "| grid | states | single_loop iterations / s | ms / iteration |", "|---|---|---|---|"]
+        lines += ["", "| grid | states | P | exact Phi (tau = 0) s | exact hypergradient (tau = 0.05) s | single_loop "
+                  "iterations / s | ms / iteration |", "|---|---|---|---|---|---|---|"]
         for n, s in gw["speed"].items():
-            lines.append(f"| {n}x{n} | {s['states']} | {s['iterations_per_s']:.0f} | {s['ms_per_iteration']:.2f} |")
+            lines.append(f"| {n}x{n} | {s['states']} | {'sparse' if s.get('sparse') else 'dense'} | "
+                         f"{s.get('exact_phi_s', float('nan')):.3f} | {s.get('exact_hypergradient_s', float('nan')):.3f} | "
+                         f"{s['iterations_per_s']:.0f} | {s['ms_per_iteration']:.2f} |")
         s1 = gw["samples_to_1pct"]
         lines += ["", f"Samples to within 1% of the best Phi ({s1['best_phi']:.4f}), default instance; source: "
                   f"{s1['source']}", "", "| method | samples to 1% (median) | seeds reaching | final Phi |",
@@ -656,7 +671,7 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
     torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
     result: dict[str, Any] = {"arguments": asdict(args), "machine": machine_info(args.num_threads)}
-    if args.methods:
+    if args.lm:
         result["lm"] = run_lm_benchmark(args)
     if args.gridworld:
         result["gridworld"] = {

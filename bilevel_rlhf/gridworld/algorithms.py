@@ -347,11 +347,15 @@ def run_method(problem: GoalProblem, cfg: GridWorldConfig, method: str, seed: in
     )
 
 
+SPARSE_ABOVE = 1600  # states: larger grids get a sparse P (a dense [S, 5, S] array of 2,500 states takes 250 MB)
+
+
 def build_problem(cfg: GridWorldConfig) -> GoalProblem:
-    """The GoalProblem instance a config describes."""
+    """The GoalProblem instance a config describes (with a sparse P above SPARSE_ABOVE states)."""
     from .mdp import make_grid
 
-    grid = make_grid(cfg.layout, slip=cfg.slip, gamma=cfg.gamma)
+    states = len(cfg.layout) * len(cfg.layout[0])
+    grid = make_grid(cfg.layout, slip=cfg.slip, gamma=cfg.gamma, sparse=states > SPARSE_ABOVE)
     return GoalProblem(grid, parameterization=cfg.parameterization, reward_scale=cfg.reward_scale,
                        bump_width=cfg.bump_width, hazard_cost=cfg.hazard_cost, target_bonus=cfg.target_bonus,
                        placement_weight=cfg.placement_weight)
