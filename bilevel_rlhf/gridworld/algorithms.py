@@ -347,7 +347,8 @@ def run_method(problem: GoalProblem, cfg: GridWorldConfig, method: str, seed: in
     )
 
 
-SPARSE_ABOVE = 1600  # states: larger grids get a sparse P (a dense [S, 5, S] array of 2,500 states takes 250 MB)
+SPARSE_ABOVE = 900  # states: larger grids get a sparse P (faster from a few hundred states; a dense [S, 5, S] array
+# of 2,500 states takes 250 MB)
 
 
 def build_problem(cfg: GridWorldConfig) -> GoalProblem:
