@@ -480,7 +480,8 @@ class BilevelTrainer(Trainer):
         """Whether `roles` generate in one batch (`_generate_stacked`): LoRA actors on one base, more than one role,
         and adapters that `bilevel_rlhf.adapters.stacked_adapters` computes exactly."""
         adapters = [r for r in roles if r != "ref"]
-        return (unwrapped.use_peft and len(roles) > 1
+        # the stacked weights are read outside the layers' forward, where FSDP may hold only a shard of them
+        return (unwrapped.use_peft and len(roles) > 1 and not self.is_fsdp_enabled
                 and supports_stacked_adapters(unwrapped.policy_theta, adapters))
 
     def _generate_stacked(
