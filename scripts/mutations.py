@@ -71,6 +71,7 @@ GW_ALG = "bilevel_rlhf/gridworld/algorithms.py"
 GW_CFG = "bilevel_rlhf/gridworld/config.py"
 GW_REC = "bilevel_rlhf/gridworld/recipe.py"
 GW_MDP = "bilevel_rlhf/gridworld/mdp.py"
+GW_WALKERS = "bilevel_rlhf/gridworld/walkers.py"
 GW_SOLVERS_PY = "bilevel_rlhf/gridworld/solvers.py"
 GW_TABULAR = "bilevel_rlhf/gridworld/tabular.py"
 GW_FOUR_ROOMS = "bilevel_rlhf/gridworld/four_rooms.py"
@@ -88,6 +89,20 @@ MUTATIONS: list[Mutation] = [
       "lhs = scipy.sparse.identity(mdp.n_states, format=\"csc\") - mdp.gamma * (P_pi.T if transpose else P_pi)",
       "lhs = scipy.sparse.identity(mdp.n_states, format=\"csc\") - mdp.gamma * P_pi",
       [TABULAR], "a sparse MDP's visits solve (I - gamma P_pi) instead of its transpose"),
+    M("walkers_visits_not_renormalized", GW_WALKERS,
+      "return list(counts / ends)", "return list(counts / counts.sum())",
+      [TABULAR], "the walkers' visits taken as d_c itself, not d_c / Z (Z: the mean discounted episode length)"),
+    M("walkers_ignore_termination", GW_WALKERS,
+      "self.end = np.stack([1.0 - m.gamma * (1.0 - (m.terminal if m.terminal is not None else np.zeros(S)))",
+      "self.end = np.stack([1.0 - m.gamma * (1.0 - (np.zeros(S)))",
+      [TABULAR], "walkers play on after acting in a terminal state"),
+    M("penalty_direction_sign", GW_WALKERS,
+      "h += penalty_lambda * problem.incentive.vjp(x, c, w_theta[c] - w_phi[c])",
+      "h += penalty_lambda * problem.incentive.vjp(x, c, w_phi[c] - w_theta[c])",
+      [TABULAR], "the penalty difference with phi and theta swapped"),
+    M("penalized_follower_bonus", GW_WALKERS,
+      '("theta", 1.0 / penalty_lambda)', '("theta", 1.0)',
+      [TABULAR], "theta's reward adds u_x instead of u_x / lambda"),
     M("gamma_one_reachability_unchecked", GW_MDP,
       "        if not reach.all():", "        if False:",
       [TABULAR, GW_SOLVERS], "gamma = 1 is accepted although some state never terminates (infinite values)"),

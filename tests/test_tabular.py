@@ -192,3 +192,69 @@ def test_sparse_transitions_give_the_dense_answers():
                                          "target_bonus", "placement_weight")})
     r_dense, r_sparse = run_method(problem, cfg, "single_loop", 0), run_method(sparse_problem, cfg, "single_loop", 0)
     assert np.allclose(r_dense.x, r_sparse.x, atol=1e-12)
+
+
+def _chain_problem():
+    """Two contexts over a 4-state chain with a terminal end, discounting and a leader cost (a small instance that
+    exercises every term of the penalty direction)."""
+    S, A = 4, 2
+    P = np.zeros((S, A, S))
+    for s in range(S - 1):
+        P[s, 0, s + 1], P[s, 0, s] = 0.8, 0.2  # forward, mostly
+        P[s, 1, max(s - 1, 0)] = 1.0  # back
+    P[S - 1, :, 0] = 1.0  # never taken: the episode ends there (walkers that played on would start over)
+    terminal = np.array([False, False, False, True])
+    mdp = TabularMDP(P, np.array([1.0, 0.0, 0.0, 0.0]), 0.95, terminal=terminal)
+    mdp2 = TabularMDP(P, np.array([0.0, 1.0, 0.0, 0.0]), 0.9, terminal=terminal)
+    goal = np.zeros((S, A))
+    goal[S - 1] = 1.0
+    leader = np.zeros((S, A))
+    leader[1] = 0.5
+    bonus = Parameterization(dim=S, value=lambda x, c: np.repeat(x[:, None], A, axis=1),
+                             vjp=lambda x, c, g: np.asarray(g).sum(-1))
+    spend = Parameterization(dim=S, value=lambda x, c: -0.2 * np.repeat((x ** 2)[:, None], A, axis=1),
+                             vjp=lambda x, c, g: -0.4 * x * np.asarray(g).sum(-1))
+    return TabularBilevelProblem([Context(mdp, goal, leader, 1.0), Context(mdp2, 0.5 * goal, leader, 3.0)], bonus,
+                                 spend)
+
+
+def test_the_penalty_direction_tends_to_the_hypergradient_as_lambda_grows():
+    from bilevel_rlhf.gridworld.walkers import penalty_hypergradient
+
+    for problem, x, tau in ((_chain_problem(), np.array([0.1, 0.3, -0.2, 0.0]), 0.2),
+                            (four_rooms(1.0), np.random.default_rng(0).normal(0.0, 0.5, size=105), 0.05)):
+        exact = problem.hypergradient(x, tau)[1]
+        errors = [np.linalg.norm(penalty_hypergradient(problem, x, tau, lam) - exact) for lam in (10.0, 100.0, 1000.0)]
+        assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-2 * max(1.0, np.linalg.norm(exact)), errors
+
+
+def test_walkers_estimate_the_penalty_direction_without_bias():
+    """With the actors' policies fixed at their soft optima, the walkers' estimate (restarts at termination and with
+    probability 1 - gamma, two contexts of different lengths and weights) matches the exact direction."""
+    from bilevel_rlhf.gridworld.solvers import soft_value_iteration
+    from bilevel_rlhf.gridworld.walkers import EpisodicWalkers, penalty_hypergradient, sampled_penalty_hypergradient
+
+    # an incentive under which both actors reach the terminal state often (the walkers' episodes end there)
+    problem, x, tau, lam = _chain_problem(), np.array([-0.1, 0.0, 0.1, 0.5]), 0.2, 2.0
+    phi = [soft_value_iteration(c.mdp, r, tau)[2] for c, r in zip(problem.contexts, problem.follower_rewards(x))]
+    theta = [soft_value_iteration(c.mdp, r + u / lam, tau)[2] for c, r, u in
+             zip(problem.contexts, problem.follower_rewards(x), problem.leader_rewards(x))]
+    exact = penalty_hypergradient(problem, x, tau, lam)
+    estimates = np.stack([sampled_penalty_hypergradient(problem, x, lam, phi, theta, 1024, 400,
+                                                        np.random.default_rng(seed)) for seed in range(8)])
+    mean, se = estimates.mean(0), estimates.std(0, ddof=1) / np.sqrt(len(estimates))
+    assert np.all(np.abs(mean - exact) <= 4 * se + 1e-3) and np.all(se < 0.02 * np.abs(exact).max()), (mean, exact, se)
+    # the visits follow mu(c, s) = w_c d_c(s) / Z, and their mean episode-end probability is 1 / Z
+    from bilevel_rlhf.gridworld.solvers import discounted_visits
+
+    d = np.stack([w * discounted_visits(ctx.mdp, p) for w, ctx, p in zip(problem.weights, problem.contexts, phi)])
+    Z = d.sum()
+    walkers, rng = EpisodicWalkers(problem, 4096, np.random.default_rng(0)), np.random.default_rng(1)
+    freq, ends = np.zeros_like(d), []
+    for i in range(300):
+        c, s, _ = walkers.step(phi, rng)
+        if i >= 100:  # past the start's transient
+            np.add.at(freq, (c, s), 1.0)
+            ends.append(walkers.end[c, s].mean())
+    np.testing.assert_allclose(freq / freq.sum(), d / Z, atol=3e-3)
+    assert np.mean(ends) == pytest.approx(1.0 / Z, rel=0.01)

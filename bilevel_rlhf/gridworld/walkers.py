@@ -1,0 +1,117 @@
+"""Sampling a `TabularBilevelProblem`: episodic walkers over its contexts, and the penalty method's hypergradient
+estimated from their visits.
+
+Each walker plays one episode at a time: a context c ~ w, a start s ~ rho_c, then actions a ~ pi_c(.|s) and moves
+s' ~ P_c(.|s, a). The episode ends after acting in a terminal state, and also with probability 1 - gamma at every
+step (the discount as a restart). By renewal, the walkers' (c, s, a) then follow mu(c, s, a) = w_c d_c(s) pi_c(a|s) / Z,
+with d_c the discounted visits and Z = sum_c w_c sum_s d_c(s) the mean discounted episode length. Z comes from the
+same visits: each step ends the episode with probability e(s) = 1 - gamma (1 - terminal(s)), and since
+sum_s d_c(s) e(s) = 1 in every context, E_mu[e] = 1 / Z. So sum_c w_c E_{d_c, pi_c}[g] is estimated by
+mean(g) / mean(e) over the visits (a ratio estimator: consistent, biased by O(1 / visits)).
+
+The penalty method's direction for the leader (who maximizes V) is
+
+    h = sum_c w_c E_{d_c^theta, theta}[grad_x u_x] + lambda (E_{d^theta, theta}[grad_x r_x] - E_{d^phi, phi}[grad_x r_x])
+
+with phi the follower's soft best response to r_x and theta the one to r_x + u_x / lambda; h -> grad V as lambda grows
+(`penalty_hypergradient` computes it exactly, `sampled_penalty_hypergradient` from walkers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .solvers import discounted_visits, soft_value_iteration
+from .tabular import TabularBilevelProblem
+
+__all__ = ["EpisodicWalkers", "penalty_hypergradient", "sampled_penalty_hypergradient"]
+
+
+class EpisodicWalkers:
+    """`batch` walkers over the contexts of `problem`, each in its own episode (see the module docstring)."""
+
+    def __init__(self, problem: TabularBilevelProblem, batch: int, rng: np.random.Generator):
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.problem, self.batch = problem, batch
+        S, A = problem.shape
+        mdps = [c.mdp for c in problem.contexts]
+        if any(m.sparse for m in mdps):
+            raise ValueError("EpisodicWalkers needs dense transitions ([S, A, S] arrays)")
+        # successors most likely first, as cumulative probabilities: [C, S, A, K]
+        K = max(int((m.P > 0).sum(-1).max()) for m in mdps)
+        self.succ = np.stack([np.argsort(-m.P, axis=-1, kind="stable")[..., :K] for m in mdps])
+        self.cum_P = np.cumsum(np.stack([np.take_along_axis(m.P, s, -1) for m, s in zip(mdps, self.succ)]), -1)
+        self.cum_rho = np.cumsum(np.stack([m.rho for m in mdps]), -1)  # [C, S]
+        self.cum_w = np.cumsum(problem.weights)
+        # the probability that an episode ends after acting in s: [C, S]
+        self.end = np.stack([1.0 - m.gamma * (1.0 - (m.terminal if m.terminal is not None else np.zeros(S)))
+                             for m in mdps])
+        self.c, self.s = self._restart(rng, batch)
+
+    def _restart(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        c = _inverse_cdf(self.cum_w, 1.0 - rng.random(n))
+        return c, _inverse_cdf(self.cum_rho[c], 1.0 - rng.random(n))
+
+    def step(self, policies: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One action per walker from `policies[c]` ([S, A] per context), then the move or a new episode. Returns the
+        visits (c, s, a) of this step, each [batch]."""
+        pi = np.stack(policies)  # [C, S, A]
+        c, s = self.c, self.s
+        a = _inverse_cdf(np.cumsum(pi[c, s], -1), 1.0 - rng.random(self.batch))
+        nxt = self.succ[c, s, a, _inverse_cdf(self.cum_P[c, s, a], 1.0 - rng.random(self.batch))]
+        ends = rng.random(self.batch) < self.end[c, s]
+        c_new, s_new = self._restart(rng, self.batch)
+        self.c, self.s = np.where(ends, c_new, c), np.where(ends, s_new, nxt)
+        return c, s, a
+
+
+def _inverse_cdf(cum: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Index i with cum[i-1] < u <= cum[i], row-wise."""
+    return np.minimum((cum < u[..., None]).sum(-1), cum.shape[-1] - 1)
+
+
+def _visit_weights(problem: TabularBilevelProblem, walkers: EpisodicWalkers, visits) -> list[np.ndarray]:
+    """Per context, the [S, A] weights W_c with sum_c VJP(W_c) estimating sum_c w_c E_{d_c, pi_c}[grad]: visit counts
+    divided by the visits' summed episode-end probabilities (the ratio estimator of the module docstring)."""
+    S, A = problem.shape
+    counts = np.zeros((len(problem.contexts), S, A))
+    ends = 0.0
+    for c, s, a in visits:
+        np.add.at(counts, (c, s, a), 1.0)
+        ends += walkers.end[c, s].sum()
+    return list(counts / ends)
+
+
+def sampled_penalty_hypergradient(problem: TabularBilevelProblem, x: np.ndarray, penalty_lambda: float,
+                                  phi: list[np.ndarray], theta: list[np.ndarray], batch: int, steps: int,
+                                  rng: np.random.Generator) -> np.ndarray:
+    """h (module docstring) from `steps` steps of `batch` walkers per actor, with the actors' policies fixed
+    (`phi[c]`, `theta[c]`: [S, A] per context)."""
+    runs = {}
+    for name, policies in (("phi", phi), ("theta", theta)):
+        walkers = EpisodicWalkers(problem, batch, rng)
+        visits = [walkers.step(policies, rng) for _ in range(steps)]
+        runs[name] = _visit_weights(problem, walkers, visits)
+    return _penalty_direction(problem, x, penalty_lambda, runs["phi"], runs["theta"])
+
+
+def penalty_hypergradient(problem: TabularBilevelProblem, x: np.ndarray, tau: float, penalty_lambda: float
+                          ) -> np.ndarray:
+    """h with both actors at their exact soft optima (phi on r_x, theta on r_x + u_x / lambda) and exact visits."""
+    weights = {}
+    for name, bonus in (("phi", 0.0), ("theta", 1.0 / penalty_lambda)):
+        weights[name] = []
+        for c, (ctx, r, u) in enumerate(zip(problem.contexts, problem.follower_rewards(x), problem.leader_rewards(x))):
+            pi = soft_value_iteration(ctx.mdp, r + bonus * u, tau)[2]
+            weights[name].append(problem.weights[c] * discounted_visits(ctx.mdp, pi)[:, None] * pi)
+    return _penalty_direction(problem, x, penalty_lambda, weights["phi"], weights["theta"])
+
+
+def _penalty_direction(problem, x, penalty_lambda, w_phi, w_theta) -> np.ndarray:
+    h = np.zeros(problem.dim)
+    for c in range(len(problem.contexts)):
+        h += penalty_lambda * problem.incentive.vjp(x, c, w_theta[c] - w_phi[c])
+        if problem.leader_cost is not None:
+            h += problem.leader_cost.vjp(x, c, w_theta[c])
+    return h
