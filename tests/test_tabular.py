@@ -252,9 +252,20 @@ def test_walkers_estimate_the_penalty_direction_without_bias():
     walkers, rng = EpisodicWalkers(problem, 4096, np.random.default_rng(0)), np.random.default_rng(1)
     freq, ends = np.zeros_like(d), []
     for i in range(300):
-        c, s, _ = walkers.step(phi, rng)
+        c, s, _, _ = walkers.step(phi, rng)
         if i >= 100:  # past the start's transient
             np.add.at(freq, (c, s), 1.0)
             ends.append(walkers.end[c, s].mean())
     np.testing.assert_allclose(freq / freq.sum(), d / Z, atol=3e-3)
     assert np.mean(ends) == pytest.approx(1.0 / Z, rel=0.01)
+
+
+def test_the_sampled_single_loop_climbs_the_exact_value():
+    """From samples only (episodic walkers, tabular actors and critics per context), x climbs the leader's exact
+    value from 2.13 to near the exact ascent's 3.45 on the chain problem."""
+    from bilevel_rlhf.gridworld.walkers import sampled_single_loop
+
+    problem = _chain_problem()
+    out = sampled_single_loop(problem, np.zeros(4), 4000, 64, 0.2, 5.0, 0.5, 0.5, 0.005, seed=0, record_every=250)
+    assert out["values"][0] == pytest.approx(2.133, abs=1e-3) and out["transitions"] == 2 * 64 * 4000
+    assert np.median(out["values"][4:]) > 3.2 and problem.value(out["x"], 0.2) > 3.2

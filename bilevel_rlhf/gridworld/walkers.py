@@ -24,7 +24,7 @@ import numpy as np
 from .solvers import discounted_visits, soft_value_iteration
 from .tabular import TabularBilevelProblem
 
-__all__ = ["EpisodicWalkers", "penalty_hypergradient", "sampled_penalty_hypergradient"]
+__all__ = ["EpisodicWalkers", "penalty_hypergradient", "sampled_penalty_hypergradient", "sampled_single_loop"]
 
 
 class EpisodicWalkers:
@@ -53,17 +53,17 @@ class EpisodicWalkers:
         c = _inverse_cdf(self.cum_w, 1.0 - rng.random(n))
         return c, _inverse_cdf(self.cum_rho[c], 1.0 - rng.random(n))
 
-    def step(self, policies: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(self, policies, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One action per walker from `policies[c]` ([S, A] per context), then the move or a new episode. Returns the
-        visits (c, s, a) of this step, each [batch]."""
-        pi = np.stack(policies)  # [C, S, A]
+        visits (c, s, a) of this step and the successors s' drawn from P_c(.|s, a) (for TD targets), each [batch]."""
+        pi = np.asarray(policies)  # [C, S, A]
         c, s = self.c, self.s
         a = _inverse_cdf(np.cumsum(pi[c, s], -1), 1.0 - rng.random(self.batch))
         nxt = self.succ[c, s, a, _inverse_cdf(self.cum_P[c, s, a], 1.0 - rng.random(self.batch))]
         ends = rng.random(self.batch) < self.end[c, s]
         c_new, s_new = self._restart(rng, self.batch)
         self.c, self.s = np.where(ends, c_new, c), np.where(ends, s_new, nxt)
-        return c, s, a
+        return c, s, a, nxt
 
 
 def _inverse_cdf(cum: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -77,7 +77,7 @@ def _visit_weights(problem: TabularBilevelProblem, walkers: EpisodicWalkers, vis
     S, A = problem.shape
     counts = np.zeros((len(problem.contexts), S, A))
     ends = 0.0
-    for c, s, a in visits:
+    for c, s, a, _ in visits:
         np.add.at(counts, (c, s, a), 1.0)
         ends += walkers.end[c, s].sum()
     return list(counts / ends)
@@ -115,3 +115,73 @@ def _penalty_direction(problem, x, penalty_lambda, w_phi, w_theta) -> np.ndarray
         if problem.leader_cost is not None:
             h += problem.leader_cost.vjp(x, c, w_theta[c])
     return h
+
+
+class _Actors:
+    """Tabular softmax actors and soft expected-SARSA critics, one table per context: phi and theta as [2, C, S, A]."""
+
+    def __init__(self, problem: TabularBilevelProblem):
+        C, (S, A) = len(problem.contexts), problem.shape
+        self.logits = np.zeros((2, C, S, A))
+        self.Q = np.zeros((2, C, S, A))
+        self.gamma = np.array([c.mdp.gamma for c in problem.contexts])  # [C]
+        self.live = np.stack([~c.mdp.terminal if c.mdp.terminal is not None else np.ones(S, dtype=bool)
+                              for c in problem.contexts]).astype(np.float64)  # [C, S]
+
+    def policies(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
+        z = self.logits - self.logits.max(-1, keepdims=True)
+        log_pi = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return np.exp(log_pi), log_pi
+
+    def update(self, k: int, visits, rewards: np.ndarray, tau: float, alpha: float, beta: float) -> None:
+        """Actor k's TD(0) critic step at its visited (c, s, a), then its all-action soft policy-gradient step at the
+        visited states. `rewards`: [C, S, A], the reward actor k maximizes."""
+        pi, log_pi = self.policies(tau)
+        pi, log_pi, Q = pi[k], log_pi[k], self.Q[k]
+        c, s, a, nxt = visits
+        V = (pi * (Q - tau * log_pi)).sum(-1)  # [C, S]
+        td = rewards[c, s, a] + self.gamma[c] * self.live[c, s] * V[c, nxt] - Q[c, s, a]
+        C, S, A = Q.shape
+        idx = (c * S + s) * A + a
+        counts = np.bincount(idx, minlength=C * S * A)
+        Q += beta * (np.bincount(idx, weights=td, minlength=C * S * A) / np.maximum(counts, 1)).reshape(C, S, A)
+        soft_q = Q - tau * log_pi
+        grad = pi * (soft_q - (pi * soft_q).sum(-1, keepdims=True))
+        visited = (np.bincount(c * S + s, minlength=C * S) > 0).reshape(C, S)
+        self.logits[k][visited] += alpha * grad[visited]
+
+
+def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iterations: int, batch: int, tau,
+                        penalty_lambda: float, actor_learning_rate: float, critic_learning_rate: float,
+                        reward_learning_rate: float, seed: int = 0, max_grad_norm: float | None = 1.0,
+                        record_every: int = 100) -> dict:
+    """The penalty actor-critic on a `TabularBilevelProblem`, from samples only: per iteration each actor's `batch`
+    walkers take one step (one transition each), the critics and actors step on those visits, and x ascends the
+    penalty direction estimated from them (global-norm clip, as HPGD's optimizer). `tau` is a float or a function of
+    the iteration. Theta and phi draw their walkers' random numbers from one stream each. Returns the final x, the
+    exact value curve of x (every `record_every` iterations) and the transitions used."""
+    rng_phi, rng_theta = np.random.default_rng(seed), np.random.default_rng(seed + 1_000_003)
+    actors = _Actors(problem)
+    walkers = [EpisodicWalkers(problem, batch, rng_phi), EpisodicWalkers(problem, batch, rng_theta)]
+    x = np.asarray(x0, dtype=np.float64).copy()
+    steps, values = [], []
+    for t in range(iterations):
+        tau_t = tau(t) if callable(tau) else tau
+        if t % record_every == 0:
+            steps.append(t)
+            values.append(problem.value(x, tau_t))
+        pi, _ = actors.policies(tau_t)
+        r = np.stack(problem.follower_rewards(x))
+        u = np.stack(problem.leader_rewards(x))
+        visits = [walkers[0].step(pi[0], rng_phi), walkers[1].step(pi[1], rng_theta)]
+        for k, reward in enumerate((r, r + u / penalty_lambda)):
+            actors.update(k, visits[k], reward, tau_t, actor_learning_rate, critic_learning_rate)
+        h = _penalty_direction(problem, x, penalty_lambda, _visit_weights(problem, walkers[0], [visits[0]]),
+                               _visit_weights(problem, walkers[1], [visits[1]]))
+        norm = float(np.linalg.norm(h))
+        if not (np.isfinite(norm) and np.all(np.isfinite(actors.Q))):
+            raise FloatingPointError(f"sampled_single_loop: a non-finite direction or critic at iteration {t}")
+        if max_grad_norm is not None and norm > max_grad_norm:
+            h = h * (max_grad_norm / norm)
+        x = x + reward_learning_rate * h
+    return {"x": x, "steps": steps, "values": values, "transitions": 2 * batch * iterations}
