@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     # --- language-model trainer ---
     "BilevelConfig": ".config",
     "BilevelTrainer": ".trainer",
+    "AdapterRewardModel": ".modeling",
     "load_policy": ".modeling",
     "load_value_heads": ".modeling",
     "Completions": ".rollout",
