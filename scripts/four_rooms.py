@@ -1,8 +1,11 @@
-"""HPGD's Four-Rooms benchmark: exact hypergradient ascent on every (reg_lambda, c_UL) setting of their Table 1, with
-their optimizer (global-norm clip 1.0, then SGD at a constant learning rate) and their reporting (per run, the mean
-leader value over the last 10% of the iterations; per setting, the best learning rate's mean over seeds).
+"""HPGD's Four-Rooms benchmark: every (reg_lambda, c_UL) setting of their Table 1, with their optimizer (global-norm
+clip 1.0, then SGD at a constant learning rate) and their reporting (per run, the mean leader value over the last 10%
+of the iterations; per setting, the best learning rate's mean over seeds). Methods: `exact` (exact hypergradient
+ascent, 10,000 steps) and `single_loop` (the sampled penalty actor-critic, `walkers.sampled_single_loop`, on a budget
+of --transitions; its follower weight tau decays from --tau_init to reg_lambda).
 
-    python scripts/four_rooms.py                                # 9 settings x 4 learning rates x 1 seed, 10,000 steps
+    python scripts/four_rooms.py                                # exact: 9 settings x 4 learning rates x 1 seed
+    python scripts/four_rooms.py --methods single_loop --seeds 10 --transitions 1e8
     python scripts/four_rooms.py --settings 0.003,1 --learning_rates 0.5 --iterations 2000
 
 Writes `results.json` and `table.md` (ours beside HPGD's published columns) to --output_dir.
@@ -23,32 +26,56 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # 104-state solves: BLAS threads 
 
 from bilevel_rlhf.gridworld.four_rooms import HPGD_TABLE, four_rooms  # noqa: E402
 from bilevel_rlhf.gridworld.tabular import exact_ascent  # noqa: E402
+from bilevel_rlhf.gridworld.walkers import sampled_single_loop  # noqa: E402
 
 
-def run_one(reg_lambda: float, c_ul: float, learning_rate: float, iterations: int, seed: int) -> dict:
+def run_one(method: str, reg_lambda: float, c_ul: float, learning_rate: float, args, seed: int) -> dict:
+    """One run; its values are the leader's value under the reg_lambda best response, recorded 1,000 times."""
     problem = four_rooms(c_ul)
     x0 = np.random.default_rng(seed).normal(0.0, 0.01, size=problem.dim)  # HPGD's initialization
     t0 = time.perf_counter()
-    out = exact_ascent(problem, x0, reg_lambda, learning_rate, iterations)
-    tail = out["values"][-max(1, iterations // 10):]
-    return {"reg_lambda": reg_lambda, "c_ul": c_ul, "learning_rate": learning_rate, "seed": seed,
-            "iterations": iterations, "tail_mean": float(np.mean(tail)), "final": out["value"],
-            "initial": out["values"][0], "seconds": round(time.perf_counter() - t0, 1)}
+    if method == "exact":
+        iterations = args.iterations
+        out = exact_ascent(problem, x0, reg_lambda, learning_rate, iterations, record_every=max(1, iterations // 1000))
+        transitions = 0
+    else:
+        iterations = max(1, int(args.transitions) // (2 * args.batch))
+
+        def tau(t: int) -> float:  # decays from tau_init to the benchmark's reg_lambda
+            return max(reg_lambda, args.tau_init / (1.0 + t / args.tau_horizon))
+
+        out = sampled_single_loop(problem, x0, iterations, args.batch, tau, args.penalty_lambda, args.actor_lr,
+                                  args.critic_lr, learning_rate, seed=seed, record_every=max(1, iterations // 1000),
+                                  value_tau=reg_lambda)
+        transitions = out["transitions"]
+    tail = out["values"][-max(1, len(out["values"]) // 10):]
+    return {"method": method, "reg_lambda": reg_lambda, "c_ul": c_ul, "learning_rate": learning_rate, "seed": seed,
+            "iterations": iterations, "transitions": transitions, "tail_mean": float(np.mean(tail)),
+            "final": problem.value(out["x"], reg_lambda), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| reg_lambda | c_UL | exact (ours) | best lr | HPGD | AMD | Zero-Order |", "|---|---|---|---|---|---|---|"]
+    methods = sorted({r["method"] for r in runs})
+    head = " | ".join(f"{m} (ours) | best lr" for m in methods)
+    lines = [f"| reg_lambda | c_UL | {head} | HPGD | AMD | Zero-Order |", "|---|---|" + "---|---|" * len(methods)
+             + "---|---|---|"]
     for (lam, c), published in HPGD_TABLE.items():
-        cell = [r for r in runs if r["reg_lambda"] == lam and r["c_ul"] == c]
-        if not cell:
+        cells = []
+        for method in methods:
+            by_lr: dict[float, list[float]] = {}
+            for r in runs:
+                if r["method"] == method and r["reg_lambda"] == lam and r["c_ul"] == c:
+                    by_lr.setdefault(r["learning_rate"], []).append(r["tail_mean"])
+            if not by_lr:
+                cells.append("- | -")
+                continue
+            lr, values = max(by_lr.items(), key=lambda kv: np.mean(kv[1]))
+            se = np.std(values) / np.sqrt(len(values))  # HPGD's: the population std over seeds / sqrt(seeds)
+            cells.append(f"{np.mean(values):.3f} ± {se:.3f} | {lr}")
+        if all(cell == "- | -" for cell in cells):
             continue
-        by_lr: dict[float, list[float]] = {}
-        for r in cell:
-            by_lr.setdefault(r["learning_rate"], []).append(r["tail_mean"])
-        lr, values = max(by_lr.items(), key=lambda kv: np.mean(kv[1]))
-        se = np.std(values) / np.sqrt(len(values))
         cols = " | ".join(f"{m:.2f} ± {s:.3f}" for m, s in published.values())
-        lines.append(f"| {lam} | {c:g} | {np.mean(values):.3f} ± {se:.3f} | {lr} | {cols} |")
+        lines.append(f"| {lam} | {c:g} | {' | '.join(cells)} | {cols} |")
     return "\n".join(lines)
 
 
@@ -56,13 +83,24 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=[f"{lam},{c}" for lam, c in HPGD_TABLE],
                    help="reg_lambda,c_UL pairs (default: the 9 of HPGD's Table 1)")
-    p.add_argument("--learning_rates", type=float, nargs="+", default=[0.5, 0.1, 0.05, 0.01])
-    p.add_argument("--iterations", type=int, default=10_000)
-    p.add_argument("--seeds", type=int, default=1, help="initializations per (setting, learning rate)")
+    p.add_argument("--methods", nargs="+", default=["exact"], choices=["exact", "single_loop"])
+    p.add_argument("--learning_rates", type=float, nargs="+", default=[0.5, 0.1, 0.05, 0.01], help="x's step sizes")
+    p.add_argument("--iterations", type=int, default=10_000, help="exact: ascent steps")
+    p.add_argument("--seeds", type=int, default=1, help="initializations (and sampling streams) per (setting, lr)")
+    p.add_argument("--transitions", type=float, default=1e8, help="single_loop: environment transitions, both actors")
+    p.add_argument("--batch", type=int, default=128, help="single_loop: walkers per actor (one transition each per step)")
+    p.add_argument("--penalty_lambda", type=float, default=100.0)
+    p.add_argument("--tau_init", type=float, default=0.05, help="single_loop: the follower weight at step 0")
+    p.add_argument("--tau_horizon", type=float, default=2000.0, help="single_loop: tau_init / (1 + t / horizon)")
+    p.add_argument("--actor_lr", type=float, default=0.5)
+    p.add_argument("--critic_lr", type=float, default=0.5)
     p.add_argument("--output_dir", default="outputs/four_rooms")
     args = p.parse_args(argv)
     if args.iterations < 10:
         p.error(f"--iterations must be >= 10, got {args.iterations}")
+    if args.batch < 1 or args.transitions < 2 * args.batch:
+        p.error(f"--transitions must cover at least one step of 2 x --batch walkers, got {args.transitions:g}, "
+                f"{args.batch}")
     settings = []
     for s in args.settings:
         lam, c = (float(v) for v in s.split(","))
@@ -72,12 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for lam, c in settings:
-        for lr in args.learning_rates:
-            for seed in range(args.seeds):
-                runs.append(run_one(lam, c, lr, args.iterations, seed))
-                print(json.dumps(runs[-1]), flush=True)
-                (out / "results.json").write_text(json.dumps({"arguments": vars(args), "runs": runs}, indent=1))
+    for method in args.methods:
+        for lam, c in settings:
+            for lr in args.learning_rates:
+                for seed in range(args.seeds):
+                    runs.append(run_one(method, lam, c, lr, args, seed))
+                    print(json.dumps(runs[-1]), flush=True)
+                    (out / "results.json").write_text(json.dumps({"arguments": vars(args), "runs": runs}, indent=1))
     (out / "table.md").write_text(table(runs) + "\n")
     print(table(runs))
 

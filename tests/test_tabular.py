@@ -269,3 +269,23 @@ def test_the_sampled_single_loop_climbs_the_exact_value():
     out = sampled_single_loop(problem, np.zeros(4), 4000, 64, 0.2, 5.0, 0.5, 0.5, 0.005, seed=0, record_every=250)
     assert out["values"][0] == pytest.approx(2.133, abs=1e-3) and out["transitions"] == 2 * 64 * 4000
     assert np.median(out["values"][4:]) > 3.2 and problem.value(out["x"], 0.2) > 3.2
+
+
+def test_the_four_rooms_script_runs_both_methods_and_tabulates_them(tmp_path, capsys):
+    import json
+
+    from script_loader import load_script
+
+    script = load_script("four_rooms")
+    script.main(["--methods", "exact", "single_loop", "--settings", "0.003,1", "--learning_rates", "0.5", "0.1",
+                 "--iterations", "20", "--transitions", "25600", "--output_dir", str(tmp_path)])
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["method"], r["learning_rate"]) for r in runs] == [("exact", 0.5), ("exact", 0.1),
+                                                                 ("single_loop", 0.5), ("single_loop", 0.1)]
+    assert runs[2]["transitions"] == 25600 and runs[2]["iterations"] == 100 and runs[0]["transitions"] == 0
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| reg_lambda | c_UL | exact (ours) | best lr | single_loop (ours) | best lr | HPGD")
+    assert len(table) == 3 and table[2].startswith("| 0.003 | 1 | ")
+    with pytest.raises(SystemExit):
+        script.main(["--settings", "0.004,1", "--output_dir", str(tmp_path)])
+    assert "not one of HPGD's (reg_lambda, c_UL) pairs" in capsys.readouterr().err

@@ -154,12 +154,13 @@ class _Actors:
 def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iterations: int, batch: int, tau,
                         penalty_lambda: float, actor_learning_rate: float, critic_learning_rate: float,
                         reward_learning_rate: float, seed: int = 0, max_grad_norm: float | None = 1.0,
-                        record_every: int = 100) -> dict:
+                        record_every: int = 100, value_tau: float | None = None) -> dict:
     """The penalty actor-critic on a `TabularBilevelProblem`, from samples only: per iteration each actor's `batch`
     walkers take one step (one transition each), the critics and actors step on those visits, and x ascends the
     penalty direction estimated from them (global-norm clip, as HPGD's optimizer). `tau` is a float or a function of
     the iteration. Theta and phi draw their walkers' random numbers from one stream each. Returns the final x, the
-    exact value curve of x (every `record_every` iterations) and the transitions used."""
+    exact value curve of x (every `record_every` iterations, under the best response at `value_tau`, by default the
+    current tau) and the transitions used."""
     rng_phi, rng_theta = np.random.default_rng(seed), np.random.default_rng(seed + 1_000_003)
     actors = _Actors(problem)
     walkers = [EpisodicWalkers(problem, batch, rng_phi), EpisodicWalkers(problem, batch, rng_theta)]
@@ -169,7 +170,7 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
         tau_t = tau(t) if callable(tau) else tau
         if t % record_every == 0:
             steps.append(t)
-            values.append(problem.value(x, tau_t))
+            values.append(problem.value(x, tau_t if value_tau is None else value_tau))
         pi, _ = actors.policies(tau_t)
         r = np.stack(problem.follower_rewards(x))
         u = np.stack(problem.leader_rewards(x))
