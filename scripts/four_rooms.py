@@ -1,10 +1,13 @@
 """HPGD's Four-Rooms benchmark: every (reg_lambda, c_UL) setting of their Table 1, with their optimizer (global-norm
 clip 1.0, then SGD at a constant learning rate) and their reporting (per run, the mean leader value over the last 10%
 of the iterations; per setting, the best learning rate's mean over seeds). Methods: `exact` (exact hypergradient
-ascent, 10,000 steps) and `single_loop` (the sampled penalty actor-critic, `walkers.sampled_single_loop`, on a budget
-of --transitions; its follower weight tau decays from --tau_init to reg_lambda).
+ascent, 10,000 steps); `penalty` (HPGD's protocol with the penalty direction: followers at their exact soft best
+responses, the direction estimated from walkers, `walkers.sampled_penalty_ascent`, on a budget of --transitions);
+`single_loop` (the model-free penalty actor-critic, `walkers.sampled_single_loop`, on a budget of --transitions; its
+follower weight tau decays from --tau_init to reg_lambda).
 
     python scripts/four_rooms.py                                # exact: 9 settings x 4 learning rates x 1 seed
+    python scripts/four_rooms.py --methods penalty --learning_rates 0.5 --seeds 3 --transitions 2.048e7
     python scripts/four_rooms.py --methods single_loop --seeds 10 --transitions 1e8
     python scripts/four_rooms.py --settings 0.003,1 --learning_rates 0.5 --iterations 2000
 
@@ -26,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # 104-state solves: BLAS threads 
 
 from bilevel_rlhf.gridworld.four_rooms import HPGD_TABLE, four_rooms  # noqa: E402
 from bilevel_rlhf.gridworld.tabular import exact_ascent  # noqa: E402
-from bilevel_rlhf.gridworld.walkers import sampled_single_loop  # noqa: E402
+from bilevel_rlhf.gridworld.walkers import sampled_penalty_ascent, sampled_single_loop  # noqa: E402
 
 
 def run_one(method: str, reg_lambda: float, c_ul: float, learning_rate: float, args, seed: int) -> dict:
@@ -38,6 +41,11 @@ def run_one(method: str, reg_lambda: float, c_ul: float, learning_rate: float, a
         iterations = args.iterations
         out = exact_ascent(problem, x0, reg_lambda, learning_rate, iterations, record_every=max(1, iterations // 1000))
         transitions = 0
+    elif method == "penalty":
+        iterations = max(1, int(args.transitions) // (2 * args.batch * args.walker_steps))
+        out = sampled_penalty_ascent(problem, x0, reg_lambda, args.penalty_lambda, learning_rate, iterations,
+                                     args.batch, args.walker_steps, seed=seed, record_every=max(1, iterations // 1000))
+        transitions = out["transitions"]
     else:
         iterations = max(1, int(args.transitions) // (2 * args.batch))
 
@@ -83,12 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=[f"{lam},{c}" for lam, c in HPGD_TABLE],
                    help="reg_lambda,c_UL pairs (default: the 9 of HPGD's Table 1)")
-    p.add_argument("--methods", nargs="+", default=["exact"], choices=["exact", "single_loop"])
+    p.add_argument("--methods", nargs="+", default=["exact"], choices=["exact", "penalty", "single_loop"])
     p.add_argument("--learning_rates", type=float, nargs="+", default=[0.5, 0.1, 0.05, 0.01], help="x's step sizes")
     p.add_argument("--iterations", type=int, default=10_000, help="exact: ascent steps")
     p.add_argument("--seeds", type=int, default=1, help="initializations (and sampling streams) per (setting, lr)")
     p.add_argument("--transitions", type=float, default=1e8, help="single_loop: environment transitions, both actors")
-    p.add_argument("--batch", type=int, default=128, help="single_loop: walkers per actor (one transition each per step)")
+    p.add_argument("--batch", type=int, default=128, help="sampled methods: walkers per actor (a transition per step)")
+    p.add_argument("--walker_steps", type=int, default=20, help="penalty: walker steps per direction estimate")
     p.add_argument("--penalty_lambda", type=float, default=100.0)
     p.add_argument("--tau_init", type=float, default=0.05, help="single_loop: the follower weight at step 0")
     p.add_argument("--tau_horizon", type=float, default=2000.0, help="single_loop: tau_init / (1 + t / horizon)")

@@ -277,15 +277,30 @@ def test_the_four_rooms_script_runs_both_methods_and_tabulates_them(tmp_path, ca
     from script_loader import load_script
 
     script = load_script("four_rooms")
-    script.main(["--methods", "exact", "single_loop", "--settings", "0.003,1", "--learning_rates", "0.5", "0.1",
-                 "--iterations", "20", "--transitions", "25600", "--output_dir", str(tmp_path)])
+    script.main(["--methods", "exact", "single_loop", "penalty", "--settings", "0.003,1", "--learning_rates", "0.5",
+                 "0.1", "--iterations", "20", "--transitions", "25600", "--walker_steps", "5", "--output_dir",
+                 str(tmp_path)])
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert [(r["method"], r["learning_rate"]) for r in runs] == [("exact", 0.5), ("exact", 0.1),
-                                                                 ("single_loop", 0.5), ("single_loop", 0.1)]
+    assert [(r["method"], r["learning_rate"]) for r in runs] == [
+        ("exact", 0.5), ("exact", 0.1), ("single_loop", 0.5), ("single_loop", 0.1), ("penalty", 0.5), ("penalty", 0.1)]
     assert runs[2]["transitions"] == 25600 and runs[2]["iterations"] == 100 and runs[0]["transitions"] == 0
+    assert runs[4]["transitions"] == 25600 and runs[4]["iterations"] == 20  # 2 actors x 128 walkers x 5 steps each
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert table[0].startswith("| reg_lambda | c_UL | exact (ours) | best lr | single_loop (ours) | best lr | HPGD")
+    assert table[0].startswith("| reg_lambda | c_UL | exact (ours) | best lr | penalty (ours) | best lr | "
+                               "single_loop (ours) | best lr | HPGD")
     assert len(table) == 3 and table[2].startswith("| 0.003 | 1 | ")
     with pytest.raises(SystemExit):
         script.main(["--settings", "0.004,1", "--output_dir", str(tmp_path)])
     assert "not one of HPGD's (reg_lambda, c_UL) pairs" in capsys.readouterr().err
+
+
+def test_the_sampled_penalty_direction_with_exact_followers_climbs_like_exact_ascent():
+    """HPGD's protocol with the penalty direction: exact soft best responses, the direction from walkers. On the chain
+    problem it ends near the value of exact ascent."""
+    from bilevel_rlhf.gridworld.walkers import sampled_penalty_ascent
+
+    problem = _chain_problem()
+    exact = exact_ascent(problem, np.zeros(4), 0.2, 0.2, 300)["value"]
+    out = sampled_penalty_ascent(problem, np.zeros(4), 0.2, 5.0, 0.05, 300, 64, 10, seed=0, record_every=10)
+    assert out["values"][0] == pytest.approx(2.133, abs=1e-3) and out["transitions"] == 2 * 64 * 10 * 300
+    assert out["value"] > exact - 0.2 and np.median(out["values"][15:]) > exact - 0.2, (out["value"], exact)

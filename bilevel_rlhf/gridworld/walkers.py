@@ -24,7 +24,8 @@ import numpy as np
 from .solvers import discounted_visits, soft_value_iteration
 from .tabular import TabularBilevelProblem
 
-__all__ = ["EpisodicWalkers", "penalty_hypergradient", "sampled_penalty_hypergradient", "sampled_single_loop"]
+__all__ = ["EpisodicWalkers", "penalty_hypergradient", "sampled_penalty_ascent", "sampled_penalty_hypergradient",
+           "sampled_single_loop"]
 
 
 class EpisodicWalkers:
@@ -186,3 +187,33 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
             h = h * (max_grad_norm / norm)
         x = x + reward_learning_rate * h
     return {"x": x, "steps": steps, "values": values, "transitions": 2 * batch * iterations}
+
+
+def sampled_penalty_ascent(problem: TabularBilevelProblem, x0: np.ndarray, tau: float, penalty_lambda: float,
+                           learning_rate: float, iterations: int, batch: int, steps: int, seed: int = 0,
+                           max_grad_norm: float | None = 1.0, record_every: int = 1) -> dict:
+    """HPGD's protocol with the penalty direction: per iteration the followers play their exact soft best responses
+    (phi to r_x, theta to r_x + u_x / lambda: the lower level from the model, as in HPGD's code), and the direction
+    is estimated from `steps` steps of `batch` walkers per actor (`sampled_penalty_hypergradient`); x ascends it with
+    a global-norm clip. Returns the final x, the exact value curve (every `record_every` iterations, before each step)
+    and the transitions used."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x0, dtype=np.float64).copy()
+    steps_recorded, values = [], []
+    for t in range(iterations):
+        rewards, leader = problem.follower_rewards(x), problem.leader_rewards(x)
+        phi = [soft_value_iteration(c.mdp, r, tau)[2] for c, r in zip(problem.contexts, rewards)]
+        theta = [soft_value_iteration(c.mdp, r + u / penalty_lambda, tau)[2]
+                 for c, r, u in zip(problem.contexts, rewards, leader)]
+        if t % record_every == 0:
+            steps_recorded.append(t)
+            values.append(problem.value(x, tau, policies=phi))
+        h = sampled_penalty_hypergradient(problem, x, penalty_lambda, phi, theta, batch, steps, rng)
+        norm = float(np.linalg.norm(h))
+        if not np.isfinite(norm):
+            raise FloatingPointError(f"sampled_penalty_ascent: a non-finite direction at iteration {t}")
+        if max_grad_norm is not None and norm > max_grad_norm:
+            h = h * (max_grad_norm / norm)
+        x = x + learning_rate * h
+    return {"x": x, "value": problem.value(x, tau), "steps": steps_recorded, "values": values,
+            "transitions": 2 * batch * steps * iterations}
