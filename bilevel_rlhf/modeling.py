@@ -55,11 +55,10 @@ class AdapterRewardModel(nn.Module):
     parameters are counted and wrapped once, with the policy's), and only the adapter and `score` are trained.
     """
 
-    def __init__(self, peft_model: nn.Module, trained_adapters: tuple[str, ...], adapter_name: str = REWARD_ADAPTER):
+    def __init__(self, peft_model: nn.Module, adapter_name: str = REWARD_ADAPTER):
         super().__init__()
         self._peft = [peft_model]  # a list: no submodule registration
         self.adapter_name = adapter_name
-        self.trained_adapters = tuple(trained_adapters)  # kept trainable across adapter switches
         causal_lm = peft_model.get_base_model()
         self._backbone = [getattr(causal_lm, causal_lm.base_model_prefix)]  # the trunk, without the LM head
         config = causal_lm.config
@@ -80,8 +79,9 @@ class AdapterRewardModel(nn.Module):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         self.peft_model.set_adapter(self.adapter_name)
-        # set_adapter freezes the other adapters; every adapter keeps training (the switch is only for the forward)
-        self.peft_model.set_requires_grad(list(self.trained_adapters), requires_grad=True)
+        # set_adapter freezes the other adapters; every adapter on the base keeps training (the switch is only for
+        # the forward)
+        self.peft_model.set_requires_grad(list(self.peft_model.peft_config), requires_grad=True)
         if position_ids is None:  # left padding must not shift the positions
             position_ids = position_ids_from_mask(attention_mask)
         hidden = self._backbone[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -107,7 +107,7 @@ class AdapterRewardModel(nn.Module):
         from peft import PeftModel
 
         peft_model = PeftModel.from_pretrained(base_model, directory, adapter_name=REWARD_ADAPTER)
-        model = cls(peft_model, (REWARD_ADAPTER,))
+        model = cls(peft_model)
         model._load_head(directory)
         return model.eval()
 
@@ -206,9 +206,8 @@ class BilevelModel(nn.Module):
 
     @property
     def trained_adapters(self) -> tuple[str, ...]:
-        """Every adapter on the base: the actors', and r_x's when it is one (`AdapterRewardModel`)."""
-        reward = isinstance(self.reward_model, AdapterRewardModel)
-        return self.adapter_names + ((self.reward_model.adapter_name,) if reward else ())
+        """Every adapter on the base (all trained): the actors', and r_x's when it is one (`AdapterRewardModel`)."""
+        return tuple(self.policy_theta.peft_config)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Called by Trainer when `activation_checkpointing=True`: enable it on every trained model."""

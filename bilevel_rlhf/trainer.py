@@ -315,7 +315,7 @@ class BilevelTrainer(Trainer):
             theta = model
         torch.manual_seed(args.seed)  # value-head (and reward-head) initialization
         if args.reward_adapter:
-            reward_model = AdapterRewardModel(theta, tuple(adapters))
+            reward_model = AdapterRewardModel(theta)
         wrapper = BilevelModel(theta, phi, ref, reward_model, use_peft=use_peft, has_phi=has_phi)
 
         self.preference_oracle = preference_oracle
@@ -469,8 +469,7 @@ class BilevelTrainer(Trainer):
         if noise_seed is None:
             sampling = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         else:
-            processors = coupled_sampling_processors(noise_seed, prompt_ids.shape[1], a.temperature, a.top_k, a.top_p)
-            sampling = dict(do_sample=False, logits_processor=processors, temperature=None, top_k=None, top_p=None)
+            sampling = self._gumbel_sampling(noise_seed, prompt_ids.shape[1])
         with unwrapped.actor(role) as policy:
             completion, _ = sample_completions(policy, prompt_ids, prompt_mask, a.max_completion_length,
                                                tok.pad_token_id, tok.eos_token_id, **sampling)
@@ -493,16 +492,22 @@ class BilevelTrainer(Trainer):
         block has a seed of its own. So each role's samples are those of its own `_generate` call with that seed."""
         a, tok = self.args, self.processing_class
         seeds = [crn_seed if crn_seed is not None and r != "ref" else int(torch.randint(0, 2**62, ())) for r in roles]
-        processors = coupled_sampling_processors(seeds, prompt_ids.shape[1], a.temperature, a.top_k, a.top_p)
         peft_model = self.accelerator.unwrap_model(self.model).policy_theta
         n = prompt_ids.shape[0]
         with stacked_adapters(peft_model, [r for r in roles if r != "ref"], n):
             completion, _ = sample_completions(
                 peft_model, prompt_ids.repeat(len(roles), 1), prompt_mask.repeat(len(roles), 1),
-                a.max_completion_length, tok.pad_token_id, tok.eos_token_id, do_sample=False,
-                logits_processor=processors, temperature=None, top_k=None, top_p=None,
+                a.max_completion_length, tok.pad_token_id, tok.eos_token_id,
+                **self._gumbel_sampling(seeds, prompt_ids.shape[1]),
             )
         return dict(zip(roles, completion.split(n)))
+
+    def _gumbel_sampling(self, seed: int | list[int], prompt_length: int) -> dict[str, Any]:
+        """`generate` arguments that sample by Gumbel-max with the noise of `seed` (one per block of rows): greedy
+        decoding of the warped, noised log-probabilities (`bilevel_rlhf.sampling`)."""
+        a = self.args
+        processors = coupled_sampling_processors(seed, prompt_length, a.temperature, a.top_k, a.top_p)
+        return dict(do_sample=False, logits_processor=processors, temperature=None, top_k=None, top_p=None)
 
     def _completion_mask(self, completion_ids: torch.Tensor) -> torch.Tensor:
         """1 up to and including the first eos (`rl_utils.completion_mask`)."""

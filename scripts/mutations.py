@@ -243,7 +243,7 @@ MUTATIONS: list[Mutation] = [
       "        self.peft_model.set_adapter(self.adapter_name)\n", "",
       [REWARD_ADAPTER], "r_x reads the base through whichever actor's adapter was active last"),
     M("reward_adapter_freezes_actors", MODELING,
-      "        self.peft_model.set_requires_grad(list(self.trained_adapters), requires_grad=True)\n", "",
+      "        self.peft_model.set_requires_grad(list(self.peft_model.peft_config), requires_grad=True)\n", "",
       [REWARD_ADAPTER], "scoring with r_x freezes the actors' adapters (PEFT's set_adapter)"),
     M("reward_adapter_score_at_padding", MODELING,
       "last = (attention_mask.long() * positions).argmax(-1)", "last = attention_mask.long().sum(-1) - 1",

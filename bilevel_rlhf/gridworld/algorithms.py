@@ -79,6 +79,28 @@ def inverse_cdf(cum: np.ndarray, u: np.ndarray) -> np.ndarray:
     return np.minimum((cum < u[..., None]).sum(-1), cum.shape[-1] - 1)
 
 
+def successor_table(mdp: TabularMDP) -> tuple[np.ndarray, np.ndarray]:
+    """(succ, cum_P), each [S, A, K]: the K most likely successors of every (s, a), most likely first (ties by
+    index), which hold all the mass (K <= S), and their cumulative probabilities; dense or sparse P."""
+    if mdp.sparse:
+        S, A = mdp.n_states, mdp.n_actions
+        P = mdp.P.tocsr()
+        K = int(np.diff(P.indptr).max())
+        succ = np.zeros((S * A, K), dtype=np.int64)
+        probs = np.zeros((S * A, K))
+        for row in range(S * A):
+            cols, vals = P.indices[P.indptr[row]:P.indptr[row + 1]], P.data[P.indptr[row]:P.indptr[row + 1]]
+            order = np.lexsort((cols, -vals))  # as the dense argsort: by probability, ties by index
+            succ[row, : len(cols)], probs[row, : len(cols)] = cols[order], vals[order]
+            succ[row, len(cols):] = cols[order][-1] if len(cols) else row // A
+        succ, probs = succ.reshape(S, A, K), probs.reshape(S, A, K)
+    else:
+        K = int((mdp.P > 0).sum(-1).max())
+        succ = np.argsort(-mdp.P, axis=-1, kind="stable")[..., :K]
+        probs = np.take_along_axis(mdp.P, succ, -1)
+    return succ, np.cumsum(probs, -1)
+
+
 class Sampler:
     """Draws the random numbers of one walker step and turns them into transitions."""
 
@@ -86,24 +108,7 @@ class Sampler:
         if mdp.terminal is not None:
             raise ValueError("the sampled GridWorld methods do not handle terminal states (episodes never end here)")
         self.mdp, self.B = mdp, batch_size
-        # the K most likely successors of every (s, a), most likely first, hold all the mass (K <= S)
-        if mdp.sparse:
-            S, A = mdp.n_states, mdp.n_actions
-            P = mdp.P.tocsr()
-            K = int(np.diff(P.indptr).max())
-            self.succ = np.zeros((S * A, K), dtype=np.int64)
-            probs = np.zeros((S * A, K))
-            for row in range(S * A):
-                cols, vals = P.indices[P.indptr[row]:P.indptr[row + 1]], P.data[P.indptr[row]:P.indptr[row + 1]]
-                order = np.lexsort((cols, -vals))  # as the dense argsort: by probability, ties by index
-                self.succ[row, : len(cols)], probs[row, : len(cols)] = cols[order], vals[order]
-                self.succ[row, len(cols):] = cols[order][-1] if len(cols) else row // A
-            self.succ, probs = self.succ.reshape(S, A, K), probs.reshape(S, A, K)
-        else:
-            K = int((mdp.P > 0).sum(-1).max())
-            self.succ = np.argsort(-mdp.P, axis=-1, kind="stable")[..., :K]  # [S, A, K]
-            probs = np.take_along_axis(mdp.P, self.succ, -1)
-        self.cum_P = np.cumsum(probs, -1)  # [S, A, K]
+        self.succ, self.cum_P = successor_table(mdp)
         self.cum_rho = np.cumsum(mdp.rho)
 
     def uniforms(self, rng: np.random.Generator) -> np.ndarray:

@@ -198,8 +198,14 @@ def exact_ascent(problem: TabularBilevelProblem, x0: np.ndarray, tau: float, lea
         if t % record_every == 0:
             steps.append(t)
             values.append(value)
-        norm = float(np.linalg.norm(grad))
-        if max_grad_norm is not None and norm > max_grad_norm:
-            grad = grad * (max_grad_norm / norm)
-        x = x + learning_rate * grad
+        x = clipped_ascent_step(x, grad, learning_rate, max_grad_norm)
     return {"x": x, "value": problem.value(x, tau), "steps": steps, "values": values}
+
+
+def clipped_ascent_step(x: np.ndarray, direction: np.ndarray, learning_rate: float, max_grad_norm: float | None
+                        ) -> np.ndarray:
+    """x + lr * direction, the direction first scaled to global norm <= max_grad_norm (HPGD's clip-then-SGD)."""
+    norm = float(np.linalg.norm(direction))
+    if max_grad_norm is not None and norm > max_grad_norm:
+        direction = direction * (max_grad_norm / norm)
+    return x + learning_rate * direction

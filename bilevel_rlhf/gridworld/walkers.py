@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .algorithms import inverse_cdf, successor_table
 from .solvers import discounted_visits, soft_value_iteration
-from .tabular import TabularBilevelProblem
+from .tabular import TabularBilevelProblem, clipped_ascent_step
 
 __all__ = ["EpisodicWalkers", "penalty_hypergradient", "sampled_penalty_ascent", "sampled_penalty_hypergradient",
            "sampled_single_loop"]
@@ -37,12 +38,13 @@ class EpisodicWalkers:
         self.problem, self.batch = problem, batch
         S, A = problem.shape
         mdps = [c.mdp for c in problem.contexts]
-        if any(m.sparse for m in mdps):
-            raise ValueError("EpisodicWalkers needs dense transitions ([S, A, S] arrays)")
-        # successors most likely first, as cumulative probabilities: [C, S, A, K]
-        K = max(int((m.P > 0).sum(-1).max()) for m in mdps)
-        self.succ = np.stack([np.argsort(-m.P, axis=-1, kind="stable")[..., :K] for m in mdps])
-        self.cum_P = np.cumsum(np.stack([np.take_along_axis(m.P, s, -1) for m, s in zip(mdps, self.succ)]), -1)
+        # successors most likely first, as cumulative probabilities, padded to one width K: [C, S, A, K]
+        tables = [successor_table(m) for m in mdps]
+        K = max(succ.shape[-1] for succ, _ in tables)
+        self.succ = np.stack([np.concatenate([succ, np.repeat(succ[..., -1:], K - succ.shape[-1], -1)], -1)
+                              for succ, _ in tables])
+        self.cum_P = np.stack([np.concatenate([cum, np.ones(cum.shape[:-1] + (K - cum.shape[-1],))], -1)
+                               for _, cum in tables])
         self.cum_rho = np.cumsum(np.stack([m.rho for m in mdps]), -1)  # [C, S]
         self.cum_w = np.cumsum(problem.weights)
         # the probability that an episode ends after acting in s: [C, S]
@@ -51,25 +53,20 @@ class EpisodicWalkers:
         self.c, self.s = self._restart(rng, batch)
 
     def _restart(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        c = _inverse_cdf(self.cum_w, 1.0 - rng.random(n))
-        return c, _inverse_cdf(self.cum_rho[c], 1.0 - rng.random(n))
+        c = inverse_cdf(self.cum_w, 1.0 - rng.random(n))
+        return c, inverse_cdf(self.cum_rho[c], 1.0 - rng.random(n))
 
     def step(self, policies, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One action per walker from `policies[c]` ([S, A] per context), then the move or a new episode. Returns the
         visits (c, s, a) of this step and the successors s' drawn from P_c(.|s, a) (for TD targets), each [batch]."""
         pi = np.asarray(policies)  # [C, S, A]
         c, s = self.c, self.s
-        a = _inverse_cdf(np.cumsum(pi[c, s], -1), 1.0 - rng.random(self.batch))
-        nxt = self.succ[c, s, a, _inverse_cdf(self.cum_P[c, s, a], 1.0 - rng.random(self.batch))]
+        a = inverse_cdf(np.cumsum(pi[c, s], -1), 1.0 - rng.random(self.batch))
+        nxt = self.succ[c, s, a, inverse_cdf(self.cum_P[c, s, a], 1.0 - rng.random(self.batch))]
         ends = rng.random(self.batch) < self.end[c, s]
         c_new, s_new = self._restart(rng, self.batch)
         self.c, self.s = np.where(ends, c_new, c), np.where(ends, s_new, nxt)
         return c, s, a, nxt
-
-
-def _inverse_cdf(cum: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Index i with cum[i-1] < u <= cum[i], row-wise."""
-    return np.minimum((cum < u[..., None]).sum(-1), cum.shape[-1] - 1)
 
 
 def _visit_weights(problem: TabularBilevelProblem, walkers: EpisodicWalkers, visits) -> list[np.ndarray]:
@@ -180,12 +177,9 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
             actors.update(k, visits[k], reward, tau_t, actor_learning_rate, critic_learning_rate)
         h = _penalty_direction(problem, x, penalty_lambda, _visit_weights(problem, walkers[0], [visits[0]]),
                                _visit_weights(problem, walkers[1], [visits[1]]))
-        norm = float(np.linalg.norm(h))
-        if not (np.isfinite(norm) and np.all(np.isfinite(actors.Q))):
+        if not (np.all(np.isfinite(h)) and np.all(np.isfinite(actors.Q))):
             raise FloatingPointError(f"sampled_single_loop: a non-finite direction or critic at iteration {t}")
-        if max_grad_norm is not None and norm > max_grad_norm:
-            h = h * (max_grad_norm / norm)
-        x = x + reward_learning_rate * h
+        x = clipped_ascent_step(x, h, reward_learning_rate, max_grad_norm)
     return {"x": x, "steps": steps, "values": values, "transitions": 2 * batch * iterations}
 
 
@@ -209,11 +203,8 @@ def sampled_penalty_ascent(problem: TabularBilevelProblem, x0: np.ndarray, tau: 
             steps_recorded.append(t)
             values.append(problem.value(x, tau, policies=phi))
         h = sampled_penalty_hypergradient(problem, x, penalty_lambda, phi, theta, batch, steps, rng)
-        norm = float(np.linalg.norm(h))
-        if not np.isfinite(norm):
+        if not np.all(np.isfinite(h)):
             raise FloatingPointError(f"sampled_penalty_ascent: a non-finite direction at iteration {t}")
-        if max_grad_norm is not None and norm > max_grad_norm:
-            h = h * (max_grad_norm / norm)
-        x = x + learning_rate * h
+        x = clipped_ascent_step(x, h, learning_rate, max_grad_norm)
     return {"x": x, "value": problem.value(x, tau), "steps": steps_recorded, "values": values,
             "transitions": 2 * batch * steps * iterations}
