@@ -3,8 +3,8 @@ clip 1.0, then SGD at a constant learning rate) and their reporting (per run, th
 of the iterations; per setting, the best learning rate's mean over seeds). Methods: `exact` (exact hypergradient
 ascent, 10,000 steps); `penalty` (HPGD's protocol with the penalty direction: followers at their exact soft best
 responses, the direction estimated from walkers, `walkers.sampled_penalty_ascent`, on a budget of --transitions);
-`single_loop` (the model-free penalty actor-critic, `walkers.sampled_single_loop`, on a budget of --transitions; its
-follower weight tau decays from --tau_init to reg_lambda).
+`single_loop` (the penalty actor-critic from samples only, `walkers.sampled_single_loop`: its followers never see the
+model, their critics evaluate them on the transitions sampled so far; on a budget of --transitions; tau = reg_lambda).
 
     python scripts/four_rooms.py                                # exact: 9 settings x 4 learning rates x 1 seed
     python scripts/four_rooms.py --methods penalty --learning_rates 0.5 --seeds 3 --transitions 2.048e7
@@ -47,14 +47,10 @@ def run_one(method: str, reg_lambda: float, c_ul: float, learning_rate: float, a
                                      args.batch, args.walker_steps, seed=seed, record_every=max(1, iterations // 1000))
         transitions = out["transitions"]
     else:
-        iterations = max(1, int(args.transitions) // (2 * args.batch))
-
-        def tau(t: int) -> float:  # decays from tau_init to the benchmark's reg_lambda
-            return max(reg_lambda, args.tau_init / (1.0 + t / args.tau_horizon))
-
-        out = sampled_single_loop(problem, x0, iterations, args.batch, tau, args.penalty_lambda, args.actor_lr,
-                                  args.critic_lr, learning_rate, seed=seed, record_every=max(1, iterations // 1000),
-                                  value_tau=reg_lambda)
+        iterations = max(1, int(args.transitions) // (2 * args.batch + args.explore))
+        out = sampled_single_loop(problem, x0, iterations, args.batch, reg_lambda, args.penalty_lambda, learning_rate,
+                                  actor_step=args.actor_step, critic_sweeps=args.critic_sweeps, explore=args.explore,
+                                  seed=seed, record_every=max(1, iterations // 1000))
         transitions = out["transitions"]
     tail = out["values"][-max(1, len(out["values"]) // 10):]
     return {"method": method, "reg_lambda": reg_lambda, "c_ul": c_ul, "learning_rate": learning_rate, "seed": seed,
@@ -95,21 +91,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--learning_rates", type=float, nargs="+", default=[0.5, 0.1, 0.05, 0.01], help="x's step sizes")
     p.add_argument("--iterations", type=int, default=10_000, help="exact: ascent steps")
     p.add_argument("--seeds", type=int, default=1, help="initializations (and sampling streams) per (setting, lr)")
-    p.add_argument("--transitions", type=float, default=1e8, help="single_loop: environment transitions, both actors")
+    p.add_argument("--transitions", type=float, default=1e8, help="sampled methods: environment transitions per run")
     p.add_argument("--batch", type=int, default=128, help="sampled methods: walkers per actor (a transition per step)")
     p.add_argument("--walker_steps", type=int, default=20, help="penalty: walker steps per direction estimate")
     p.add_argument("--penalty_lambda", type=float, default=100.0)
-    p.add_argument("--tau_init", type=float, default=0.05, help="single_loop: the follower weight at step 0")
-    p.add_argument("--tau_horizon", type=float, default=2000.0, help="single_loop: tau_init / (1 + t / horizon)")
-    p.add_argument("--actor_lr", type=float, default=0.5)
-    p.add_argument("--critic_lr", type=float, default=0.5)
+    p.add_argument("--explore", type=int, default=32, help="single_loop: exploring starts per iteration (model only)")
+    p.add_argument("--actor_step", type=float, default=0.5, help="single_loop: the actors' natural step, in (0, 1]")
+    p.add_argument("--critic_sweeps", type=int, default=1, help="single_loop: critic backups per iteration")
     p.add_argument("--output_dir", default="outputs/four_rooms")
     args = p.parse_args(argv)
     if args.iterations < 10:
         p.error(f"--iterations must be >= 10, got {args.iterations}")
-    if args.batch < 1 or args.transitions < 2 * args.batch:
-        p.error(f"--transitions must cover at least one step of 2 x --batch walkers, got {args.transitions:g}, "
-                f"{args.batch}")
+    if args.batch < 1 or args.transitions < 2 * args.batch + max(args.explore, 0):
+        p.error(f"--transitions must cover at least one step of 2 x --batch walkers and --explore, got "
+                f"{args.transitions:g}, {args.batch}, {args.explore}")
+    if args.explore < 0 or args.critic_sweeps < 1 or not 0.0 < args.actor_step <= 1.0:
+        p.error(f"--explore must be >= 0, --critic_sweeps >= 1 and --actor_step in (0, 1], got {args.explore}, "
+                f"{args.critic_sweeps}, {args.actor_step}")
     settings = []
     for s in args.settings:
         lam, c = (float(v) for v in s.split(","))

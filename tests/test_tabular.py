@@ -266,7 +266,7 @@ def test_the_sampled_single_loop_climbs_the_exact_value():
     from bilevel_rlhf.gridworld.walkers import sampled_single_loop
 
     problem = _chain_problem()
-    out = sampled_single_loop(problem, np.zeros(4), 4000, 64, 0.2, 5.0, 0.5, 0.5, 0.005, seed=0, record_every=250)
+    out = sampled_single_loop(problem, np.zeros(4), 4000, 64, 0.2, 5.0, 0.005, seed=0, record_every=250)
     assert out["values"][0] == pytest.approx(2.133, abs=1e-3) and out["transitions"] == 2 * 64 * 4000
     assert np.median(out["values"][4:]) > 3.2 and problem.value(out["x"], 0.2) > 3.2
 
@@ -283,7 +283,8 @@ def test_the_four_rooms_script_runs_both_methods_and_tabulates_them(tmp_path, ca
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [(r["method"], r["learning_rate"]) for r in runs] == [
         ("exact", 0.5), ("exact", 0.1), ("single_loop", 0.5), ("single_loop", 0.1), ("penalty", 0.5), ("penalty", 0.1)]
-    assert runs[2]["transitions"] == 25600 and runs[2]["iterations"] == 100 and runs[0]["transitions"] == 0
+    # 2 actors x 128 walkers + 32 exploring starts per iteration
+    assert runs[2]["transitions"] == 88 * 288 and runs[2]["iterations"] == 88 and runs[0]["transitions"] == 0
     assert runs[4]["transitions"] == 25600 and runs[4]["iterations"] == 20  # 2 actors x 128 walkers x 5 steps each
     table = (tmp_path / "table.md").read_text().splitlines()
     assert table[0].startswith("| reg_lambda | c_UL | exact (ours) | best lr | penalty (ours) | best lr | "
@@ -292,6 +293,9 @@ def test_the_four_rooms_script_runs_both_methods_and_tabulates_them(tmp_path, ca
     with pytest.raises(SystemExit):
         script.main(["--settings", "0.004,1", "--output_dir", str(tmp_path)])
     assert "not one of HPGD's (reg_lambda, c_UL) pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--methods", "single_loop", "--actor_step", "1.5", "--output_dir", str(tmp_path)])
+    assert "--actor_step in (0, 1], got 32, 1, 1.5" in capsys.readouterr().err
 
 
 def test_the_sampled_penalty_direction_with_exact_followers_climbs_like_exact_ascent():
@@ -304,3 +308,55 @@ def test_the_sampled_penalty_direction_with_exact_followers_climbs_like_exact_as
     out = sampled_penalty_ascent(problem, np.zeros(4), 0.2, 5.0, 0.05, 300, 64, 10, seed=0, record_every=10)
     assert out["values"][0] == pytest.approx(2.133, abs=1e-3) and out["transitions"] == 2 * 64 * 10 * 300
     assert out["value"] > exact - 0.2 and np.median(out["values"][15:]) > exact - 0.2, (out["value"], exact)
+
+
+def test_the_empirical_model_averages_the_observed_successors_and_keeps_unseen_pairs_in_place():
+    """expected_next(V) at (c, s, a) is the mean of V_c(s') over the transitions seen from (c, s, a) (computed here
+    from the list), V_c(s) where none was seen; with many exploring starts it tends to P_c V_c."""
+    from bilevel_rlhf.gridworld.four_rooms import four_rooms
+    from bilevel_rlhf.gridworld.walkers import EmpiricalModel, EpisodicWalkers
+
+    problem = four_rooms(1)
+    C, (S, A) = len(problem.contexts), problem.shape
+    walkers, rng = EpisodicWalkers(problem, 4, np.random.default_rng(0)), np.random.default_rng(1)
+    model = EmpiricalModel(walkers)
+    V = np.random.default_rng(2).normal(size=(2, C, S))  # two value tables at once, as the two actors'
+    seen: dict[tuple[int, int, int], list[int]] = {}
+    for _ in range(3):
+        c, s, a, nxt = walkers.explore(500, rng)
+        model.add(c, s, a, nxt)
+        for key in zip(c.tolist(), s.tolist(), a.tolist(), nxt.tolist()):
+            seen.setdefault(key[:3], []).append(key[3])
+    expected = model.expected_next(V)
+    assert expected.shape == (2, C, S, A) and 0 < len(seen) < C * S * A
+    for c in range(C):
+        for s in range(S):
+            for a in range(A):
+                want = V[:, c, seen[c, s, a]].mean(-1) if (c, s, a) in seen else V[:, c, s]
+                np.testing.assert_allclose(expected[:, c, s, a], want, rtol=1e-12, atol=1e-12)
+    for _ in range(200):
+        model.add(*walkers.explore(10_000, rng))
+    for c, ctx in enumerate(problem.contexts):
+        exact = (ctx.mdp.P @ V[0, c]).reshape(S, A)
+        error = np.abs(model.expected_next(V)[0, c] - exact)  # about 2,400 moves per pair: standard errors ~0.02
+        assert error.mean() < 0.025 and error.max() < 0.12, (error.mean(), error.max())
+
+
+def test_the_sampled_actors_track_the_soft_best_response_at_small_tau():
+    """At a fixed x on Four-Rooms with tau = 0.003, the sampled follower (critic on the empirical model, natural
+    actor step) reaches the leader value of the exact soft best response within 0.01 in 1,500 iterations."""
+    from bilevel_rlhf.gridworld.four_rooms import four_rooms
+    from bilevel_rlhf.gridworld.walkers import sampled_single_loop
+
+    problem = four_rooms(1)
+    x = np.random.default_rng(0).normal(0.0, 0.01, problem.dim)
+    out = sampled_single_loop(problem, x, 1500, 128, 0.003, 100.0, 0.0, explore=32, record_every=10**9)
+    np.testing.assert_array_equal(out["x"], x)  # a zero step size leaves x where it was
+    assert out["model"].counts.sum() == out["transitions"] == 1500 * (2 * 128 + 32)  # every transition is in the model
+    exact = problem.value(x, 0.003)
+    assert exact == pytest.approx(0.1995, abs=1e-3)
+    assert problem.value(x, 0.003, policies=list(out["phi"])) == pytest.approx(exact, abs=0.01)
+    # theta leans towards the leader: its value is at least phi's
+    assert problem.value(x, 0.003, policies=list(out["theta"])) > exact
+    with pytest.raises(ValueError, match="actor_step must be in"):
+        sampled_single_loop(problem, x, 1, 4, 0.003, 100.0, 0.0, actor_step=0.0)

@@ -25,8 +25,8 @@ from .algorithms import inverse_cdf, successor_table
 from .solvers import discounted_visits, soft_value_iteration
 from .tabular import TabularBilevelProblem, clipped_ascent_step
 
-__all__ = ["EpisodicWalkers", "penalty_hypergradient", "sampled_penalty_ascent", "sampled_penalty_hypergradient",
-           "sampled_single_loop"]
+__all__ = ["EmpiricalModel", "EpisodicWalkers", "penalty_hypergradient", "sampled_penalty_ascent",
+           "sampled_penalty_hypergradient", "sampled_single_loop"]
 
 
 class EpisodicWalkers:
@@ -62,11 +62,22 @@ class EpisodicWalkers:
         pi = np.asarray(policies)  # [C, S, A]
         c, s = self.c, self.s
         a = inverse_cdf(np.cumsum(pi[c, s], -1), 1.0 - rng.random(self.batch))
-        nxt = self.succ[c, s, a, inverse_cdf(self.cum_P[c, s, a], 1.0 - rng.random(self.batch))]
+        nxt = self.move(c, s, a, rng)
         ends = rng.random(self.batch) < self.end[c, s]
         c_new, s_new = self._restart(rng, self.batch)
         self.c, self.s = np.where(ends, c_new, c), np.where(ends, s_new, nxt)
         return c, s, a, nxt
+
+    def move(self, c: np.ndarray, s: np.ndarray, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Successors s' ~ P_c(.|s, a), one per (c, s, a)."""
+        return self.succ[c, s, a, inverse_cdf(self.cum_P[c, s, a], 1.0 - rng.random(len(c)))]
+
+    def explore(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`n` exploring starts: (c, s, a) uniform over every context, state and action, and one move from each (a
+        simulator that can be reset to any state). Returns (c, s, a, s') as `step`; they follow no policy."""
+        C, S, A = self.succ.shape[:3]
+        c, s, a = rng.integers(C, size=n), rng.integers(S, size=n), rng.integers(A, size=n)
+        return c, s, a, self.move(c, s, a, rng)
 
 
 def _visit_weights(problem: TabularBilevelProblem, walkers: EpisodicWalkers, visits) -> list[np.ndarray]:
@@ -115,53 +126,81 @@ def _penalty_direction(problem, x, penalty_lambda, w_phi, w_theta) -> np.ndarray
     return h
 
 
+class EmpiricalModel:
+    """Every transition seen so far, per context: counts N_c(s, a, s'), and P_hat = N / N(s, a). The counts are kept
+    over each (s, a)'s possible successors (the walkers' successor table, a storage layout: only observed moves carry
+    mass). An (s, a) never seen is taken to stay in s."""
+
+    def __init__(self, walkers: EpisodicWalkers):
+        self.succ = walkers.succ  # [C, S, A, K]
+        self.counts = np.zeros(self.succ.shape)
+        self._contexts = np.arange(self.succ.shape[0])[:, None, None, None]
+
+    def add(self, c: np.ndarray, s: np.ndarray, a: np.ndarray, nxt: np.ndarray) -> None:
+        slot = (self.succ[c, s, a] == nxt[:, None]).argmax(-1)
+        np.add.at(self.counts, (c, s, a, slot), 1.0)
+
+    def expected_next(self, V: np.ndarray) -> np.ndarray:
+        """E_{s' ~ P_hat_c(.|s, a)}[V[..., c, s']] for values V [..., C, S]: [..., C, S, A]."""
+        n = self.counts.sum(-1)
+        seen = (V[..., self._contexts, self.succ] * self.counts).sum(-1) / np.maximum(n, 1.0)
+        return np.where(n > 0, seen, V[..., None])
+
+
 class _Actors:
-    """Tabular softmax actors and soft expected-SARSA critics, one table per context: phi and theta as [2, C, S, A]."""
+    """Tabular softmax actors phi and theta (logits [2, C, S, A], one table per context), each with a soft Q-table
+    evaluated on the empirical model.
+
+    Critic: backups Q <- r + gamma E_{P_hat}[V], V(s) = E_pi[Q - tau log pi], none past a terminal state. Tabular
+    LSTD-Q has this fixed point (policy evaluation on the empirical model), so each backup uses every transition seen
+    so far: the reward moves with x, the dynamics do not. Actor: the entropy-regularized natural policy gradient step
+    (Cen et al., 2021) logits <- (1 - a) logits + a Q / tau, at every state; a = 1 is soft policy iteration."""
 
     def __init__(self, problem: TabularBilevelProblem):
         C, (S, A) = len(problem.contexts), problem.shape
         self.logits = np.zeros((2, C, S, A))
         self.Q = np.zeros((2, C, S, A))
-        self.gamma = np.array([c.mdp.gamma for c in problem.contexts])  # [C]
-        self.live = np.stack([~c.mdp.terminal if c.mdp.terminal is not None else np.ones(S, dtype=bool)
-                              for c in problem.contexts]).astype(np.float64)  # [C, S]
+        gamma = np.array([c.mdp.gamma for c in problem.contexts])  # [C]
+        live = np.stack([~c.mdp.terminal if c.mdp.terminal is not None else np.ones(S, dtype=bool)
+                         for c in problem.contexts])  # [C, S]
+        self.bootstrap = (gamma[:, None] * live)[..., None]  # [C, S, 1]
 
-    def policies(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    def policies(self) -> tuple[np.ndarray, np.ndarray]:
         z = self.logits - self.logits.max(-1, keepdims=True)
         log_pi = z - np.log(np.exp(z).sum(-1, keepdims=True))
         return np.exp(log_pi), log_pi
 
-    def update(self, k: int, visits, rewards: np.ndarray, tau: float, alpha: float, beta: float) -> None:
-        """Actor k's TD(0) critic step at its visited (c, s, a), then its all-action soft policy-gradient step at the
-        visited states. `rewards`: [C, S, A], the reward actor k maximizes."""
-        pi, log_pi = self.policies(tau)
-        pi, log_pi, Q = pi[k], log_pi[k], self.Q[k]
-        c, s, a, nxt = visits
-        V = (pi * (Q - tau * log_pi)).sum(-1)  # [C, S]
-        td = rewards[c, s, a] + self.gamma[c] * self.live[c, s] * V[c, nxt] - Q[c, s, a]
-        C, S, A = Q.shape
-        idx = (c * S + s) * A + a
-        counts = np.bincount(idx, minlength=C * S * A)
-        Q += beta * (np.bincount(idx, weights=td, minlength=C * S * A) / np.maximum(counts, 1)).reshape(C, S, A)
-        soft_q = Q - tau * log_pi
-        grad = pi * (soft_q - (pi * soft_q).sum(-1, keepdims=True))
-        visited = (np.bincount(c * S + s, minlength=C * S) > 0).reshape(C, S)
-        self.logits[k][visited] += alpha * grad[visited]
+    def update(self, model: EmpiricalModel, rewards: np.ndarray, tau: float, actor_step: float, sweeps: int) -> None:
+        """`sweeps` critic backups on `model`, then one actor step. `rewards`: [2, C, S, A], what phi and theta
+        maximize."""
+        pi, log_pi = self.policies()
+        for _ in range(sweeps):
+            V = (pi * (self.Q - tau * log_pi)).sum(-1)  # [2, C, S]
+            self.Q = rewards + self.bootstrap * model.expected_next(V)
+        self.logits = (1.0 - actor_step) * self.logits + actor_step * self.Q / tau
 
 
 def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iterations: int, batch: int, tau,
-                        penalty_lambda: float, actor_learning_rate: float, critic_learning_rate: float,
-                        reward_learning_rate: float, seed: int = 0, max_grad_norm: float | None = 1.0,
+                        penalty_lambda: float, reward_learning_rate: float, actor_step: float = 0.5,
+                        critic_sweeps: int = 1, explore: int = 0, seed: int = 0, max_grad_norm: float | None = 1.0,
                         record_every: int = 100, value_tau: float | None = None) -> dict:
-    """The penalty actor-critic on a `TabularBilevelProblem`, from samples only: per iteration each actor's `batch`
-    walkers take one step (one transition each), the critics and actors step on those visits, and x ascends the
-    penalty direction estimated from them (global-norm clip, as HPGD's optimizer). `tau` is a float or a function of
-    the iteration. Theta and phi draw their walkers' random numbers from one stream each. Returns the final x, the
-    exact value curve of x (every `record_every` iterations, under the best response at `value_tau`, by default the
-    current tau) and the transitions used."""
+    """The penalty actor-critic on a `TabularBilevelProblem`, from samples only. Per iteration: each actor's `batch`
+    walkers take one step (one transition each), plus `explore` exploring starts (`EpisodicWalkers.explore`); every
+    transition enters the empirical model; the critics take `critic_sweeps` backups on it and the actors one natural
+    step (`_Actors`); x ascends the penalty direction estimated from this iteration's on-policy visits (global-norm
+    clip, as HPGD's optimizer). `tau` is a float or a function of the iteration. Returns the final x, the actors'
+    final policies (`phi`, `theta`: [C, S, A]), the `EmpiricalModel`, the exact value curve of x (every
+    `record_every` iterations, under the best response at `value_tau`, by default the current tau) and the
+    transitions used."""
+    if not 0.0 < actor_step <= 1.0:
+        raise ValueError(f"actor_step must be in (0, 1], got {actor_step}")
+    if critic_sweeps < 1 or explore < 0:
+        raise ValueError(f"critic_sweeps must be >= 1 and explore >= 0, got {critic_sweeps}, {explore}")
     rng_phi, rng_theta = np.random.default_rng(seed), np.random.default_rng(seed + 1_000_003)
+    rng_explore = np.random.default_rng(seed + 2_000_006)
     actors = _Actors(problem)
     walkers = [EpisodicWalkers(problem, batch, rng_phi), EpisodicWalkers(problem, batch, rng_theta)]
+    model = EmpiricalModel(walkers[0])
     x = np.asarray(x0, dtype=np.float64).copy()
     steps, values = [], []
     for t in range(iterations):
@@ -169,18 +208,21 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
         if t % record_every == 0:
             steps.append(t)
             values.append(problem.value(x, tau_t if value_tau is None else value_tau))
-        pi, _ = actors.policies(tau_t)
+        pi, _ = actors.policies()
         r = np.stack(problem.follower_rewards(x))
         u = np.stack(problem.leader_rewards(x))
         visits = [walkers[0].step(pi[0], rng_phi), walkers[1].step(pi[1], rng_theta)]
-        for k, reward in enumerate((r, r + u / penalty_lambda)):
-            actors.update(k, visits[k], reward, tau_t, actor_learning_rate, critic_learning_rate)
+        for transitions in visits + ([walkers[0].explore(explore, rng_explore)] if explore else []):
+            model.add(*transitions)
+        actors.update(model, np.stack([r, r + u / penalty_lambda]), tau_t, actor_step, critic_sweeps)
         h = _penalty_direction(problem, x, penalty_lambda, _visit_weights(problem, walkers[0], [visits[0]]),
                                _visit_weights(problem, walkers[1], [visits[1]]))
         if not (np.all(np.isfinite(h)) and np.all(np.isfinite(actors.Q))):
             raise FloatingPointError(f"sampled_single_loop: a non-finite direction or critic at iteration {t}")
         x = clipped_ascent_step(x, h, reward_learning_rate, max_grad_norm)
-    return {"x": x, "steps": steps, "values": values, "transitions": 2 * batch * iterations}
+    pi, _ = actors.policies()
+    return {"x": x, "phi": pi[0], "theta": pi[1], "model": model, "steps": steps, "values": values,
+            "transitions": (2 * batch + explore) * iterations}
 
 
 def sampled_penalty_ascent(problem: TabularBilevelProblem, x0: np.ndarray, tau: float, penalty_lambda: float,
