@@ -46,11 +46,11 @@ def soft_optimum(problem, reward, tau):
 
 
 def install_actors(monkeypatch, problem, held=(), tau=None, seed=0):
-    """Replace algorithms.ActorCritic by a recording subclass. The i-th actor created, i < len(held),
-    starts at pi*_tau(held[i]): logits Q*/tau (so pi = softmax(Q*/tau)), critic Q* (its soft TD error
-    is then zero in expectation) and walkers drawn from d^pi with uniforms shared between the held
-    actors (coupled, as the method's own walkers are). Returns (actors in creation order, every step
-    call in chronological order as (actor, dict of the step's arguments and result))."""
+    """Replace algorithms.ActorCritic by a recording subclass. Actor i of the first stack created (phi, theta),
+    i < len(held), starts at pi*_tau(held[i]): logits Q*/tau (so pi = softmax(Q*/tau)), critic Q* (its soft TD error
+    is then zero in expectation) and walkers drawn from d^pi with uniforms shared between the held actors (coupled,
+    as the method's own walkers are). Returns (one entry per actor, in creation order: its stack and its index in
+    it; every actor's step in chronological order as ((stack, index), dict of the step's arguments and result))."""
     actors, calls = [], []
     optima = [soft_optimum(problem, r, tau) for r in held]
     u0 = 1.0 - np.random.default_rng([seed, 12345]).random(1 << 13)
@@ -58,17 +58,20 @@ def install_actors(monkeypatch, problem, held=(), tau=None, seed=0):
     class Recording(ActorCritic):
         def __init__(self, mdp, states):
             super().__init__(mdp, states)
-            k = len(actors)
-            actors.append(self)
-            if k < len(optima):
-                Q, pi = optima[k]
-                assert len(states) <= len(u0)
-                self.logits, self.Q = Q / tau, Q.copy()
-                self.s = inverse_cdf(np.cumsum(occupancy(problem.mdp, pi)), u0[: len(states)])
+            first = not actors
+            actors.extend((self, i) for i in range(len(self.s)))
+            for i, (Q, pi) in enumerate(optima[: len(self.s)] if first else ()):
+                assert self.s.shape[1] <= len(u0)
+                self.logits[i], self.Q[i] = Q / tau, Q.copy()
+                self.s[i] = inverse_cdf(np.cumsum(occupancy(problem.mdp, pi)), u0[: self.s.shape[1]])
 
         def step(self, sampler, reward, tau_t, alpha, beta, u):
+            k = len(self.s)
             w = super().step(sampler, reward, tau_t, alpha, beta, u)
-            calls.append((self, dict(reward=reward.copy(), tau=tau_t, alpha=alpha, beta=beta, u=u.copy(), w=w)))
+            reward, u = np.broadcast_to(reward, self.Q.shape), np.broadcast_to(u, (k,) + np.shape(u)[-2:])
+            for i in range(k):
+                calls.append(((self, i), dict(reward=reward[i].copy(), tau=tau_t, alpha=alpha, beta=beta,
+                                              u=u[i].copy(), w=w[i])))
             return w
 
     monkeypatch.setattr(alg, "ActorCritic", Recording)
@@ -108,9 +111,9 @@ def test_one_single_loop_x_step_is_the_population_penalty_hypergradient(problem,
             result = run_method(problem, cfg, "single_loop", seed)
         assert len(actors) == 2 and len(calls) == 2
         (a_phi, c_phi), (a_theta, c_theta) = calls
-        assert a_phi is actors[0] and a_theta is actors[1]
+        assert a_phi == actors[0] and a_theta == actors[1] and a_phi[0] is a_theta[0]  # one stack: phi, theta
         assert c_phi["alpha"] == c_theta["alpha"] == 0.0 and c_phi["tau"] == c_theta["tau"] == tau
-        np.testing.assert_allclose(a_phi.logits, soft_optimum(problem, r, tau)[0] / tau)  # held
+        np.testing.assert_allclose(a_phi[0].logits[a_phi[1]], soft_optimum(problem, r, tau)[0] / tau)  # held
         assert np.all((result.x > 0) & (result.x < 9))  # no projection: x1 = x0 - zeta h exactly
         h = (x - result.x) / zeta
         # the step is exactly -zeta (grad c + lam (E_phi - E_theta)[grad r]) on this batch's samples
@@ -430,12 +433,12 @@ def test_actor_critic_step_is_soft_expected_sarsa_and_a_soft_policy_gradient(pro
     V_soft(s) = sum_a pi (Q - tau log pi); the actor by alpha * pi * (soft Q - its pi-mean) at the visited state."""
     mdp, tau, alpha, beta = problem.mdp, 0.3, 0.2, 0.5
     rng = np.random.default_rng(5)
-    ac = ActorCritic(mdp, np.array([int(np.argmax(mdp.rho))]))
+    ac = ActorCritic(mdp, np.array([int(np.argmax(mdp.rho))]))  # one actor, one walker
     ac.logits = rng.normal(size=ac.logits.shape)
     ac.Q = rng.normal(size=ac.Q.shape)
-    reward = rng.normal(size=ac.Q.shape)
+    reward = rng.normal(size=ac.Q.shape[1:])
     sampler, u = Sampler(mdp, 1), np.full((4, 1), 0.5)
-    logits, Q, s = ac.logits.copy(), ac.Q.copy(), int(ac.s[0])
+    logits, Q, s = ac.logits[0].copy(), ac.Q[0].copy(), int(ac.s[0, 0])
     log_pi = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     pi = np.exp(log_pi)
     a = int(np.searchsorted(np.cumsum(pi[s]), 0.5))
@@ -444,8 +447,44 @@ def test_actor_critic_step_is_soft_expected_sarsa_and_a_soft_policy_gradient(pro
     ac.step(sampler, reward, tau, alpha, beta, u)
     expected_Q = Q.copy()
     expected_Q[s, a] += beta * (reward[s, a] + mdp.gamma * v_soft[s_next] - Q[s, a])
-    np.testing.assert_allclose(ac.Q, expected_Q, atol=1e-12)
+    np.testing.assert_allclose(ac.Q[0], expected_Q, atol=1e-12)
     soft_q = expected_Q[s] - tau * log_pi[s]
     expected_logits = logits.copy()
     expected_logits[s] += alpha * pi[s] * (soft_q - pi[s] @ soft_q)
-    np.testing.assert_allclose(ac.logits, expected_logits, atol=1e-12)
+    np.testing.assert_allclose(ac.logits[0], expected_logits, atol=1e-12)
+
+
+def test_a_stack_of_actors_steps_exactly_as_each_actor_alone(problem):
+    """phi and theta stepped together (one ActorCritic of two) equal two single actors stepped apart, bit for bit,
+    with their own rewards and uniforms and with shared ones."""
+    mdp, rng = problem.mdp, np.random.default_rng(7)
+    sampler = Sampler(mdp, 16)
+    starts = [sampler.start(sampler.uniforms(rng)[3]) for _ in range(2)]
+    stack, alone = ActorCritic(mdp, np.stack(starts)), [ActorCritic(mdp, s) for s in starts]
+    for t in range(5):
+        rewards = rng.normal(size=(2,) + stack.Q.shape[1:])
+        u = np.stack([sampler.uniforms(rng), sampler.uniforms(rng)]) if t % 2 else sampler.uniforms(rng)
+        w = stack.step(sampler, rewards, 0.3, 0.4, 0.5, u)
+        for i, ac in enumerate(alone):
+            w_i = ac.step(sampler, rewards[i], 0.3, 0.4, 0.5, u[i] if u.ndim == 3 else u)
+            np.testing.assert_array_equal(w[i], w_i[0])
+            for name in ("Q", "logits", "s"):
+                np.testing.assert_array_equal(getattr(stack, name)[i], getattr(ac, name)[0])
+    assert stack.logits.shape == (2, mdp.n_states, mdp.n_actions) and not np.allclose(stack.Q[0], stack.Q[1])
+
+
+def test_inverse_cdf_picks_the_first_index_whose_cumulative_mass_reaches_u():
+    """i with cum[i-1] < u <= cum[i]: by hand, never a zero-mass index (u in (0, 1]), and the one-distribution
+    (binary search) path equal to the row-wise one."""
+    cum = np.cumsum([0.0, 0.25, 0.0, 0.5, 0.25])  # [0, .25, .25, .75, 1]
+    u = np.array([1e-12, 0.25, 0.2500001, 0.75, 0.9, 1.0])
+    np.testing.assert_array_equal(inverse_cdf(cum, u), [1, 1, 3, 3, 4, 4])
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(7), size=50) * (rng.random((50, 7)) > 0.3)
+    p[:, 0] += 1e-3
+    cums = np.cumsum(p / p.sum(-1, keepdims=True), -1)
+    us = 1.0 - rng.random((50, 40))
+    for c, u in zip(cums, us):
+        picks = inverse_cdf(c, u)
+        np.testing.assert_array_equal(picks, inverse_cdf(np.broadcast_to(c, (40, 7)), u))
+        assert np.all(np.diff(c)[picks[picks > 0] - 1] > 0)  # the picked index holds mass

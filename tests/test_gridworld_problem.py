@@ -4,7 +4,8 @@ single-loop (penalty) hypergradient estimator vs the exact hypergradient."""
 import numpy as np
 import pytest
 
-from bilevel_rlhf.gridworld.algorithms import ActorCritic, Sampler
+from bilevel_rlhf.gridworld.algorithms import ActorCritic, Sampler, build_problem
+from bilevel_rlhf.gridworld.config import GridWorldConfig
 from bilevel_rlhf.gridworld.mdp import make_grid
 from bilevel_rlhf.gridworld.problem import GoalProblem, global_search
 from bilevel_rlhf.gridworld.solvers import soft_value_iteration
@@ -99,15 +100,13 @@ def test_sampled_single_loop_estimate_matches_exact_within_sampling_error(grid):
     sampler = Sampler(problem.mdp, 512)
     rng = np.random.default_rng(3)
     states = sampler.start(sampler.uniforms(rng)[3])
-    actors = []
-    for reward in (r, r - problem.designer_cost / lam):
-        ac = ActorCritic(problem.mdp, states)
-        ac.logits = np.log(soft_value_iteration(problem.mdp, reward, tau)[2])
-        actors.append(ac)
+    actors = ActorCritic(problem.mdp, np.stack([states, states]))  # phi, theta
+    for i, reward in enumerate((r, r - problem.designer_cost / lam)):
+        actors.logits[i] = np.log(soft_value_iteration(problem.mdp, reward, tau)[2])
     estimates = []
     for t in range(2100):
         u = sampler.uniforms(rng)
-        w_phi, w_theta = (ac.step(sampler, r, tau, 0.0, 0.0, u) for ac in actors)  # alpha = beta = 0: fixed actors
+        w_phi, w_theta = actors.step(sampler, r, tau, 0.0, 0.0, u)  # alpha = beta = 0: fixed actors
         if t >= 100:  # burn-in: the walkers' law is within gamma^100 of d^pi
             estimates.append(problem.placement_grad(x) + lam * problem.reward_vjp(x, w_phi - w_theta))
     est = np.array(estimates).reshape(40, 50, 2).mean(1)  # batch means (walkers persist across steps)
@@ -136,3 +135,20 @@ def test_problem_input_validation(grid):
         problem.reward(np.zeros(3))
     with pytest.raises(ValueError, match="tau must be >= 0"):
         problem.phi(np.zeros(2), -0.1)
+
+
+def test_the_regularized_optima_script_reports_each_taus_minimizer_and_its_unregularized_phi(capsys):
+    from script_loader import load_script
+
+    from bilevel_rlhf.gridworld.problem import batched_phi, position_grid
+
+    out = load_script("gridworld_regularized_optima").main(["--step", "0.5", "--taus", "0.1", "0.005"])
+    problem = build_problem(GridWorldConfig())
+    xs = position_grid(problem, 0.5)
+    assert len(xs) == 19 * 19 and out["best"] == pytest.approx(batched_phi(problem, xs).min(), abs=1e-12)
+    for row in out["rows"]:
+        phi_tau = batched_phi(problem, xs, row["tau"])
+        assert row["phi_tau"] == pytest.approx(phi_tau.min(), abs=1e-12)  # the minimizer over the grid
+        assert row["phi"] == pytest.approx(float(problem.phi(np.array(row["x"]), 0.0)), abs=1e-12)
+        assert row["phi"] >= out["best"] - 1e-12
+    assert "| 0.1 | (" in capsys.readouterr().out

@@ -75,7 +75,10 @@ def lam_at(cfg: GridWorldConfig, t: int) -> float:
 
 # ----- sampling -----
 def inverse_cdf(cum: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Index i with cum[i-1] < u <= cum[i], row-wise; u in (0, 1] never picks a zero-mass index."""
+    """Index i with cum[i-1] < u <= cum[i], row-wise (one cum for all u when cum is 1-D); u in (0, 1] never picks a
+    zero-mass index."""
+    if cum.ndim == 1:  # one distribution: a binary search per u
+        return np.minimum(np.searchsorted(cum, u, side="left"), len(cum) - 1)
     return np.minimum((cum < u[..., None]).sum(-1), cum.shape[-1] - 1)
 
 
@@ -120,13 +123,15 @@ class Sampler:
 
 
 class ActorCritic:
-    """Tabular softmax actor + soft expected-SARSA critic + its B walkers."""
+    """k tabular softmax actors, each with a soft expected-SARSA critic and B walkers, stepped together: phi and theta
+    share one set of array operations. logits, Q: [k, S, A]; walkers' states s: [k, B] (a [B] start gives k = 1)."""
 
     def __init__(self, mdp: TabularMDP, states: np.ndarray):
         self.mdp = mdp
-        self.logits = np.zeros((mdp.n_states, mdp.n_actions))  # the actor's parameters (phi or theta)
-        self.Q = np.zeros((mdp.n_states, mdp.n_actions))  # the critic
-        self.s = states.copy()
+        self.s = np.atleast_2d(states).copy()
+        shape = (len(self.s), mdp.n_states, mdp.n_actions)
+        self.logits = np.zeros(shape)  # the actors' parameters (phi, theta)
+        self.Q = np.zeros(shape)  # the critics
 
     def copy(self) -> "ActorCritic":
         other = ActorCritic(self.mdp, self.s)
@@ -134,30 +139,36 @@ class ActorCritic:
         return other
 
     def step(self, sampler: Sampler, reward: np.ndarray, tau: float, alpha: float, beta: float, u: np.ndarray) -> np.ndarray:
-        """One batch: TD(0) critic step (beta), actor step (alpha), walkers move.
-        Returns the batch's empirical (s, a) frequencies [S, A] (an unbiased-in-the-limit sample of d^pi pi)."""
+        """One batch per actor: TD(0) critic step (beta), actor step (alpha), walkers move. `reward`: [k, S, A] or
+        one [S, A] for all; `u`: [k, 4, B] or one [4, B] for all (common random numbers). Returns each batch's
+        empirical (s, a) frequencies [k, S, A] (an unbiased-in-the-limit sample of d^pi pi)."""
         mdp = self.mdp
         S, A, gamma = mdp.n_states, mdp.n_actions, mdp.gamma
+        k, B = self.s.shape
+        actor = np.arange(k)[:, None]  # [k, 1]: indexes each actor's own tables
+        reward = np.broadcast_to(reward, self.Q.shape)
+        u = np.broadcast_to(u, (k, 4, B))
         z = self.logits - self.logits.max(-1, keepdims=True)
         log_pi = z - np.log(np.exp(z).sum(-1, keepdims=True))
         pi = np.exp(log_pi)
         s = self.s
-        a = inverse_cdf(np.cumsum(pi[s], -1), u[0])
-        s_next = sampler.succ[s, a, inverse_cdf(sampler.cum_P[s, a], u[1])]
-        # critic: expected-SARSA soft TD(0), TD errors of walkers sharing an (s, a) averaged
+        a = inverse_cdf(np.cumsum(pi[actor, s], -1), u[:, 0])
+        s_next = sampler.succ[s, a, inverse_cdf(sampler.cum_P[s, a], u[:, 1])]
+        # critic: expected-SARSA soft TD(0), TD errors of an actor's walkers sharing an (s, a) averaged
         V = (pi * (self.Q - tau * log_pi)).sum(-1)
-        td = reward[s, a] + gamma * V[s_next] - self.Q[s, a]
-        idx = s * A + a
-        counts = np.bincount(idx, minlength=S * A)
-        self.Q += beta * (np.bincount(idx, weights=td, minlength=S * A) / np.maximum(counts, 1)).reshape(S, A)
+        td = reward[actor, s, a] + gamma * V[actor, s_next] - self.Q[actor, s, a]
+        idx = ((actor * S + s) * A + a).ravel()
+        counts = np.bincount(idx, minlength=k * S * A)
+        self.Q += beta * (np.bincount(idx, weights=td.ravel(), minlength=k * S * A) / np.maximum(counts, 1)).reshape(
+            k, S, A)
         # actor: all-action soft policy gradient at the visited states, with the updated critic
         soft_q = self.Q - tau * log_pi
         grad = pi * (soft_q - (pi * soft_q).sum(-1, keepdims=True))  # pi * soft advantage
-        visited = np.bincount(s, minlength=S) > 0
+        visited = (np.bincount((actor * S + s).ravel(), minlength=k * S) > 0).reshape(k, S)
         self.logits[visited] += alpha * grad[visited]
         # walkers: restart from rho w.p. 1 - gamma, else follow the transition
-        self.s = np.where(u[2] <= 1.0 - gamma, sampler.start(u[3]), s_next)
-        return counts.reshape(S, A) / len(s)
+        self.s = np.where(u[:, 2] <= 1.0 - gamma, sampler.start(u[:, 3]), s_next)
+        return counts.reshape(k, S, A) / B
 
 
 def _check_finite(method: str, t: int, **arrays: np.ndarray) -> None:
@@ -205,7 +216,7 @@ def _penalty_method(problem, cfg, rng, method):
     """single_loop / fixed_tau / nested_loop: the penalty actor-critic, phi on r_x, theta on r_x - u/lambda."""
     sampler, x, states, tracker = _start(problem, cfg, rng)
     u_cost = problem.designer_cost
-    phi, theta = ActorCritic(problem.mdp, states), ActorCritic(problem.mdp, states)  # the two actors
+    actors = ActorCritic(problem.mdp, np.stack([states, states]))  # phi and theta, stepped together
     nested = method == "nested_loop"
     inner = cfg.nested_inner_steps if nested else 1
     w_sum, n_w = np.zeros_like(u_cost), 0
@@ -218,8 +229,8 @@ def _penalty_method(problem, cfg, rng, method):
         r = problem.reward(x)
         u_phi = sampler.uniforms(rng)
         u_theta = u_phi if cfg.common_random_numbers else sampler.uniforms(rng)
-        w_phi = phi.step(sampler, r, tau, alpha, beta, u_phi)
-        w_theta = theta.step(sampler, r - u_cost / lam, tau, alpha, beta, u_theta)
+        w_phi, w_theta = actors.step(sampler, np.stack([r, r - u_cost / lam]), tau, alpha, beta,
+                                     np.stack([u_phi, u_theta]))
         tracker.samples += 2 * cfg.batch_size
         if t % inner >= inner // 2:  # nested_loop: estimate from the second half of the inner loop
             w_sum += w_phi - w_theta
@@ -232,7 +243,7 @@ def _penalty_method(problem, cfg, rng, method):
             x = problem.project(x - zeta * h)
             w_sum[:], n_w = 0.0, 0
             _check_finite(method, t, h=h, x=x)
-        _check_finite(method, t, critic_phi=phi.Q, critic_theta=theta.Q, actor_phi=phi.logits, actor_theta=theta.logits)
+        _check_finite(method, t, critics=actors.Q, actors=actors.logits)
         tracker.log(x, t + 1, force=t + 1 == cfg.iterations)
     return x, tau, tracker
 
@@ -272,7 +283,7 @@ def _finite_difference(problem, cfg, rng, method):
             tau_t = gridworld_tau(cfg, t)
             alpha = poly(cfg.actor_learning_rate, cfg.actor_lr_decay, t, cfg.lr_horizon)
             beta = poly(cfg.critic_learning_rate, cfg.critic_lr_decay, t, cfg.lr_horizon)
-            w = ac.step(sampler, r, tau_t, alpha, beta, sampler.uniforms(stream))
+            w = ac.step(sampler, r, tau_t, alpha, beta, sampler.uniforms(stream))[0]
             if j >= K // 2:
                 f_sum += float((w * problem.designer_cost).sum())
             t += 1
