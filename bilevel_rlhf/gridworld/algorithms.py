@@ -146,8 +146,10 @@ class ActorCritic:
         S, A, gamma = mdp.n_states, mdp.n_actions, mdp.gamma
         k, B = self.s.shape
         actor = np.arange(k)[:, None]  # [k, 1]: indexes each actor's own tables
-        reward = np.broadcast_to(reward, self.Q.shape)
-        u = np.broadcast_to(u, (k, 4, B))
+        if reward.shape != self.Q.shape:  # one reward for every actor
+            reward = np.broadcast_to(reward, self.Q.shape)
+        if u.ndim == 2:  # one set of uniforms for every actor
+            u = np.broadcast_to(u, (k, 4, B))
         z = self.logits - self.logits.max(-1, keepdims=True)
         log_pi = z - np.log(np.exp(z).sum(-1, keepdims=True))
         pi = np.exp(log_pi)
@@ -172,6 +174,8 @@ class ActorCritic:
 
 
 def _check_finite(method: str, t: int, **arrays: np.ndarray) -> None:
+    if np.isfinite(sum(float(np.sum(value)) for value in arrays.values())):
+        return  # a sum of finite arrays is finite (barring an overflow, which the loop below then names anyway)
     for name, value in arrays.items():
         if not np.all(np.isfinite(value)):
             raise FloatingPointError(f"{method}: {name} became non-finite at iteration {t}")
