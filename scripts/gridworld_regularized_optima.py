@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     phi = batched_phi(problem, xs, 0.0)
     best = float(phi.min())
     within = phi <= best + 0.01 * abs(best)
-    print(f"{len(xs)} positions (step {args.step}); best Phi {best:.4f} at {xs[np.argmin(phi)].tolist()}; "
+    r, c = xs[np.argmin(phi)]
+    print(f"{len(xs)} positions (step {args.step}); best Phi {best:.4f} at ({r:.2f}, {c:.2f}); "
           f"{int(within.sum())} within 1% of it")
     print("| tau | argmin Phi_tau | Phi_tau there | Phi there | gap to best | within 1% |")
     print("|---|---|---|---|---|---|")
