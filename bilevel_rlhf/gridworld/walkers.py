@@ -170,10 +170,10 @@ class _Actors:
         log_pi = z - np.log(np.exp(z).sum(-1, keepdims=True))
         return np.exp(log_pi), log_pi
 
-    def update(self, model: EmpiricalModel, rewards: np.ndarray, tau: float, actor_step: float, sweeps: int) -> None:
+    def update(self, model: EmpiricalModel, rewards: np.ndarray, tau: float, actor_step: float, sweeps: int,
+               pi: np.ndarray, log_pi: np.ndarray) -> None:
         """`sweeps` critic backups on `model`, then one actor step. `rewards`: [2, C, S, A], what phi and theta
-        maximize."""
-        pi, log_pi = self.policies()
+        maximize; `pi`, `log_pi`: `policies()` of the current logits."""
         for _ in range(sweeps):
             V = (pi * (self.Q - tau * log_pi)).sum(-1)  # [2, C, S]
             self.Q = rewards + self.bootstrap * model.expected_next(V)
@@ -208,13 +208,13 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
         if t % record_every == 0:
             steps.append(t)
             values.append(problem.value(x, tau_t if value_tau is None else value_tau))
-        pi, _ = actors.policies()
+        pi, log_pi = actors.policies()
         r = np.stack(problem.follower_rewards(x))
         u = np.stack(problem.leader_rewards(x))
         visits = [walkers[0].step(pi[0], rng_phi), walkers[1].step(pi[1], rng_theta)]
         for transitions in visits + ([walkers[0].explore(explore, rng_explore)] if explore else []):
             model.add(*transitions)
-        actors.update(model, np.stack([r, r + u / penalty_lambda]), tau_t, actor_step, critic_sweeps)
+        actors.update(model, np.stack([r, r + u / penalty_lambda]), tau_t, actor_step, critic_sweeps, pi, log_pi)
         h = _penalty_direction(problem, x, penalty_lambda, _visit_weights(problem, walkers[0], [visits[0]]),
                                _visit_weights(problem, walkers[1], [visits[1]]))
         if not (np.all(np.isfinite(h)) and np.all(np.isfinite(actors.Q))):
