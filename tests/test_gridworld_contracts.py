@@ -473,12 +473,78 @@ def test_a_stack_of_actors_steps_exactly_as_each_actor_alone(problem):
     assert stack.logits.shape == (2, mdp.n_states, mdp.n_actions) and not np.allclose(stack.Q[0], stack.Q[1])
 
 
+def array_form_step(ac, sampler, reward, tau, alpha, beta, u):
+    """ActorCritic.step written with whole-array numpy operations (the compiled step's reference)."""
+    S, A, gamma = ac.mdp.n_states, ac.mdp.n_actions, ac.mdp.gamma
+    k, B = ac.s.shape
+    actor = np.arange(k)[:, None]
+    reward, u = np.broadcast_to(reward, ac.Q.shape), np.broadcast_to(u, (k, 4, B))
+    z = ac.logits - ac.logits.max(-1, keepdims=True)
+    log_pi = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    pi = np.exp(log_pi)
+    s = ac.s
+    a = inverse_cdf(np.cumsum(pi[actor, s], -1), u[:, 0])
+    s_next = sampler.succ[s, a, inverse_cdf(sampler.cum_P[s, a], u[:, 1])]
+    V = (pi * (ac.Q - tau * log_pi)).sum(-1)
+    td = reward[actor, s, a] + gamma * V[actor, s_next] - ac.Q[actor, s, a]
+    idx = ((actor * S + s) * A + a).ravel()
+    counts = np.bincount(idx, minlength=k * S * A)
+    ac.Q += beta * (np.bincount(idx, weights=td.ravel(), minlength=k * S * A) / np.maximum(counts, 1)).reshape(k, S, A)
+    soft_q = ac.Q - tau * log_pi
+    grad = pi * (soft_q - (pi * soft_q).sum(-1, keepdims=True))
+    visited = (np.bincount((actor * S + s).ravel(), minlength=k * S) > 0).reshape(k, S)
+    ac.logits[visited] += alpha * grad[visited]
+    ac.s = np.where(u[:, 2] <= 1.0 - gamma, sampler.start(u[:, 3]), s_next)
+    return counts.reshape(k, S, A) / B
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_compiled_step_equals_the_array_form_step(problem, shared):
+    """Same uniforms, same draws: walkers and visit counts equal exactly, tables to rounding, over 60 steps of a
+    stack of two actors (rewards and uniforms shared by both, or each its own), from random tables."""
+    mdp, rng = problem.mdp, np.random.default_rng(11)
+    sampler = Sampler(mdp, 64)
+    compiled = ActorCritic(mdp, np.stack([sampler.start(sampler.uniforms(rng)[3]) for _ in range(2)]))
+    compiled.logits, compiled.Q = 3.0 * rng.normal(size=compiled.Q.shape), rng.normal(size=compiled.Q.shape)
+    reference = compiled.copy()
+    for t in range(60):
+        reward = rng.normal(size=compiled.Q.shape[-2:] if shared else compiled.Q.shape)
+        u = sampler.uniforms(rng) if shared else np.stack([sampler.uniforms(rng), sampler.uniforms(rng)])
+        w = compiled.step(sampler, reward, 0.3, 0.4, 0.5, u)
+        np.testing.assert_array_equal(w, array_form_step(reference, sampler, reward, 0.3, 0.4, 0.5, u))
+        np.testing.assert_array_equal(compiled.s, reference.s)
+        np.testing.assert_allclose(compiled.Q, reference.Q, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(compiled.logits, reference.logits, rtol=0, atol=1e-12)
+        assert compiled.finite
+    assert len(np.unique(compiled.s)) > 10 and not np.allclose(compiled.Q[0], compiled.Q[1])
+
+
+def test_the_step_checks_shapes_and_flags_non_finite_tables(problem):
+    mdp = problem.mdp
+    sampler, ac = Sampler(mdp, 8), ActorCritic(mdp, np.zeros((2, 8), dtype=np.int64))
+    S, A = mdp.n_states, mdp.n_actions
+    with pytest.raises(ValueError, match=r"reward must be"):
+        ac.step(sampler, np.zeros((3, S, A)), 0.1, 0.1, 0.1, np.full((4, 8), 0.5))
+    with pytest.raises(ValueError, match=r"and u \[4, 8\]"):
+        ac.step(sampler, np.zeros((S, A)), 0.1, 0.1, 0.1, np.full((4, 7), 0.5))
+    ac.step(sampler, np.zeros((S, A)), 0.1, 0.1, 0.1, np.full((4, 8), 0.5))
+    assert ac.finite
+    ac.check_finite("m", 0)  # passes
+    reward = np.zeros((2, S, A))
+    reward[1] = np.nan
+    ac.step(sampler, reward, 0.1, 0.1, 0.1, np.full((4, 8), 0.5))
+    assert not ac.finite and np.isfinite(ac.Q[0]).all()
+    with pytest.raises(FloatingPointError, match="m: critics became non-finite at iteration 7"):
+        ac.check_finite("m", 7)
+
+
 def test_inverse_cdf_picks_the_first_index_whose_cumulative_mass_reaches_u():
     """i with cum[i-1] < u <= cum[i]: by hand, never a zero-mass index (u in (0, 1]), and the one-distribution
     (binary search) path equal to the row-wise one."""
     cum = np.cumsum([0.0, 0.25, 0.0, 0.5, 0.25])  # [0, .25, .25, .75, 1]
     u = np.array([1e-12, 0.25, 0.2500001, 0.75, 0.9, 1.0])
     np.testing.assert_array_equal(inverse_cdf(cum, u), [1, 1, 3, 3, 4, 4])
+    assert [alg._first_reaching(cum, v) for v in u] == [1, 1, 3, 3, 4, 4]
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(7), size=50) * (rng.random((50, 7)) > 0.3)
     p[:, 0] += 1e-3
@@ -487,4 +553,5 @@ def test_inverse_cdf_picks_the_first_index_whose_cumulative_mass_reaches_u():
     for c, u in zip(cums, us):
         picks = inverse_cdf(c, u)
         np.testing.assert_array_equal(picks, inverse_cdf(np.broadcast_to(c, (40, 7)), u))
+        np.testing.assert_array_equal(picks, [alg._first_reaching(c, v) for v in u])  # the compiled step's
         assert np.all(np.diff(c)[picks[picks > 0] - 1] > 0)  # the picked index holds mass

@@ -22,11 +22,16 @@ Choices beyond the reconstructed algorithm (docs/algorithm.md), all documented h
   numbers), each from a copy of the warm base actor-critic, and counts all of those transitions.
 - exact / exact_decay are deterministic and use the model (samples = 0).
 Schedules are indexed by the walker step t, so every sampled method runs on the same budget.
+The walker step (`_walker_step`) is compiled with numba: explicit loops over walkers and states, which at these table
+sizes run several times faster than the same step as whole-array numpy operations (the tests keep that form as its
+reference).
 """
 
+import math
 import time
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from .. import schedules
@@ -99,7 +104,7 @@ def successor_table(mdp: TabularMDP) -> tuple[np.ndarray, np.ndarray]:
         succ, probs = succ.reshape(S, A, K), probs.reshape(S, A, K)
     else:
         K = int((mdp.P > 0).sum(-1).max())
-        succ = np.argsort(-mdp.P, axis=-1, kind="stable")[..., :K]
+        succ = np.ascontiguousarray(np.argsort(-mdp.P, axis=-1, kind="stable")[..., :K])
         probs = np.take_along_axis(mdp.P, succ, -1)
     return succ, np.cumsum(probs, -1)
 
@@ -124,14 +129,15 @@ class Sampler:
 
 class ActorCritic:
     """k tabular softmax actors, each with a soft expected-SARSA critic and B walkers, stepped together: phi and theta
-    share one set of array operations. logits, Q: [k, S, A]; walkers' states s: [k, B] (a [B] start gives k = 1)."""
+    share one compiled step. logits, Q: [k, S, A]; walkers' states s: [k, B] (a [B] start gives k = 1)."""
 
     def __init__(self, mdp: TabularMDP, states: np.ndarray):
         self.mdp = mdp
-        self.s = np.atleast_2d(states).copy()
+        self.s = np.atleast_2d(states).astype(np.int64)
         shape = (len(self.s), mdp.n_states, mdp.n_actions)
         self.logits = np.zeros(shape)  # the actors' parameters (phi, theta)
         self.Q = np.zeros(shape)  # the critics
+        self.finite = True  # whether the last step left every critic and actor entry finite
 
     def copy(self) -> "ActorCritic":
         other = ActorCritic(self.mdp, self.s)
@@ -142,39 +148,89 @@ class ActorCritic:
         """One batch per actor: TD(0) critic step (beta), actor step (alpha), walkers move. `reward`: [k, S, A] or
         one [S, A] for all; `u`: [k, 4, B] or one [4, B] for all (common random numbers). Returns each batch's
         empirical (s, a) frequencies [k, S, A] (an unbiased-in-the-limit sample of d^pi pi)."""
-        mdp = self.mdp
-        S, A, gamma = mdp.n_states, mdp.n_actions, mdp.gamma
-        k, B = self.s.shape
-        actor = np.arange(k)[:, None]  # [k, 1]: indexes each actor's own tables
-        if reward.shape != self.Q.shape:  # one reward for every actor
-            reward = np.broadcast_to(reward, self.Q.shape)
-        if u.ndim == 2:  # one set of uniforms for every actor
-            u = np.broadcast_to(u, (k, 4, B))
-        z = self.logits - self.logits.max(-1, keepdims=True)
-        log_pi = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        pi = np.exp(log_pi)
-        s = self.s
-        a = inverse_cdf(np.cumsum(pi[actor, s], -1), u[:, 0])
-        s_next = sampler.succ[s, a, inverse_cdf(sampler.cum_P[s, a], u[:, 1])]
-        # critic: expected-SARSA soft TD(0), TD errors of an actor's walkers sharing an (s, a) averaged
-        V = (pi * (self.Q - tau * log_pi)).sum(-1)
-        td = reward[actor, s, a] + gamma * V[actor, s_next] - self.Q[actor, s, a]
-        idx = ((actor * S + s) * A + a).ravel()
-        counts = np.bincount(idx, minlength=k * S * A)
-        self.Q += beta * (np.bincount(idx, weights=td.ravel(), minlength=k * S * A) / np.maximum(counts, 1)).reshape(
-            k, S, A)
-        # actor: all-action soft policy gradient at the visited states, with the updated critic
-        soft_q = self.Q - tau * log_pi
-        grad = pi * (soft_q - (pi * soft_q).sum(-1, keepdims=True))  # pi * soft advantage
-        visited = (np.bincount((actor * S + s).ravel(), minlength=k * S) > 0).reshape(k, S)
-        self.logits[visited] += alpha * grad[visited]
-        # walkers: restart from rho w.p. 1 - gamma, else follow the transition
-        self.s = np.where(u[:, 2] <= 1.0 - gamma, sampler.start(u[:, 3]), s_next)
-        return counts.reshape(k, S, A) / B
+        (k, B), S, A = self.s.shape, self.mdp.n_states, self.mdp.n_actions
+        # writable C arrays, whatever the caller passes (broadcast views are read-only): one compiled signature
+        reward, u = np.require(reward, np.float64, "CW"), np.require(u, np.float64, "CW")
+        if reward.shape not in ((S, A), (k, S, A)) or u.shape not in ((4, B), (k, 4, B)):
+            raise ValueError(f"reward must be [{S}, {A}] or [{k}, {S}, {A}] and u [4, {B}] or [{k}, 4, {B}], got "
+                             f"{reward.shape} and {u.shape}")
+        # one reward / one set of uniforms for all actors travels as a stack of one (no copies)
+        counts, self.finite = _walker_step(self.logits, self.Q, self.s, reward.reshape(-1, S, A), u.reshape(-1, 4, B),
+                                           sampler.succ, sampler.cum_P, sampler.cum_rho, float(tau), float(alpha),
+                                           float(beta), self.mdp.gamma)
+        return counts / B
+
+    def check_finite(self, method: str, t: int) -> None:
+        """Raise FloatingPointError, naming the critics or the actors, if the last step left a non-finite entry."""
+        if not self.finite:
+            _check_finite(method, t, critics=self.Q, actors=self.logits)
+
+
+@numba.njit(cache=True)
+def _first_reaching(cum: np.ndarray, u: float) -> int:
+    """inverse_cdf for one u: the first index i with cum[i] >= u, or the last index."""
+    i = 0
+    while i < len(cum) - 1 and cum[i] < u:
+        i += 1
+    return i
+
+
+@numba.njit(cache=True)
+def _walker_step(logits, Q, s, reward, u, succ, cum_P, cum_rho, tau, alpha, beta, gamma):
+    """ActorCritic.step, compiled (scalar loops: numpy's per-call cost dominated these small tables). Updates logits,
+    Q and s in place; returns (visit counts [k, S, A], whether the updated entries are finite). Every walker reads
+    the tables as they were before the step (TD errors of walkers sharing an (s, a) are averaged); then the critic
+    moves, then the actor at the visited states with the updated critic."""
+    k, S, A = logits.shape
+    B = s.shape[1]
+    # the policies and their soft values V(s) = sum_a pi (Q - tau log pi), before the step
+    log_pi, pi, V = np.empty((k, S, A)), np.empty((k, S, A)), np.zeros((k, S))
+    for i in range(k):
+        for x in range(S):
+            m = logits[i, x].max()
+            z = 0.0
+            for a in range(A):
+                z += np.exp(logits[i, x, a] - m)
+            log_z = np.log(z)
+            for a in range(A):
+                log_pi[i, x, a] = logits[i, x, a] - m - log_z
+                pi[i, x, a] = np.exp(log_pi[i, x, a])
+                V[i, x] += pi[i, x, a] * (Q[i, x, a] - tau * log_pi[i, x, a])
+    # walkers: a ~ pi(.|s), s' ~ P(.|s, a), soft TD(0) error r + gamma V(s') - Q(s, a); restart from rho w.p. 1 - gamma
+    counts, td_sum = np.zeros((k, S, A)), np.zeros((k, S, A))
+    cum_pi = np.empty(A)
+    for i in range(k):
+        ir, iu = min(i, len(reward) - 1), min(i, len(u) - 1)  # a stack of one serves every actor
+        for b in range(B):
+            x = s[i, b]
+            c = 0.0
+            for a in range(A):
+                c += pi[i, x, a]
+                cum_pi[a] = c
+            a = _first_reaching(cum_pi, u[iu, 0, b])
+            y = succ[x, a, _first_reaching(cum_P[x, a], u[iu, 1, b])]
+            td_sum[i, x, a] += reward[ir, x, a] + gamma * V[i, y] - Q[i, x, a]
+            counts[i, x, a] += 1.0
+            s[i, b] = _first_reaching(cum_rho, u[iu, 3, b]) if u[iu, 2, b] <= 1.0 - gamma else y
+    # critic: the averaged TD step; actor: the all-action soft policy gradient pi * (soft Q - its pi-mean)
+    finite = True
+    for i in range(k):
+        for x in range(S):
+            if counts[i, x].sum() == 0:  # not visited in this batch
+                continue
+            mean = 0.0
+            for a in range(A):
+                if counts[i, x, a] > 0:
+                    Q[i, x, a] += beta * (td_sum[i, x, a] / counts[i, x, a])
+                mean += pi[i, x, a] * (Q[i, x, a] - tau * log_pi[i, x, a])
+            for a in range(A):
+                logits[i, x, a] += alpha * pi[i, x, a] * (Q[i, x, a] - tau * log_pi[i, x, a] - mean)
+                finite = finite and np.isfinite(Q[i, x, a]) and np.isfinite(logits[i, x, a])
+    return counts, finite
 
 
 def _check_finite(method: str, t: int, **arrays: np.ndarray) -> None:
-    if np.isfinite(sum(float(np.sum(value)) for value in arrays.values())):
+    if math.isfinite(sum(value.sum() for value in arrays.values())):
         return  # a sum of finite arrays is finite (barring an overflow, which the loop below then names anyway)
     for name, value in arrays.items():
         if not np.all(np.isfinite(value)):
@@ -232,9 +288,8 @@ def _penalty_method(problem, cfg, rng, method):
         lam = lam_at(cfg, t)  # penalty coefficient lambda_t
         r = problem.reward(x)
         u_phi = sampler.uniforms(rng)
-        u_theta = u_phi if cfg.common_random_numbers else sampler.uniforms(rng)
-        w_phi, w_theta = actors.step(sampler, np.stack([r, r - u_cost / lam]), tau, alpha, beta,
-                                     np.stack([u_phi, u_theta]))
+        u = u_phi if cfg.common_random_numbers else np.stack([u_phi, sampler.uniforms(rng)])  # theta's
+        w_phi, w_theta = actors.step(sampler, np.stack([r, r - u_cost / lam]), tau, alpha, beta, u)
         tracker.samples += 2 * cfg.batch_size
         if t % inner >= inner // 2:  # nested_loop: estimate from the second half of the inner loop
             w_sum += w_phi - w_theta
@@ -247,7 +302,7 @@ def _penalty_method(problem, cfg, rng, method):
             x = problem.project(x - zeta * h)
             w_sum[:], n_w = 0.0, 0
             _check_finite(method, t, h=h, x=x)
-        _check_finite(method, t, critics=actors.Q, actors=actors.logits)
+        actors.check_finite(method, t)
         tracker.log(x, t + 1, force=t + 1 == cfg.iterations)
     return x, tau, tracker
 
@@ -265,7 +320,8 @@ def _partial_sgd(problem, cfg, rng, method):
         tracker.samples += cfg.batch_size
         h = problem.placement_grad(x)  # the data's gradient ignores how pi*(x) moves with x
         x = problem.project(x - poly(cfg.reward_learning_rate, cfg.reward_lr_decay, t, cfg.lr_horizon) * h)
-        _check_finite(method, t, h=h, x=x, critic=actor.Q, actor=actor.logits)
+        _check_finite(method, t, h=h, x=x)
+        actor.check_finite(method, t)
         tracker.log(x, t + 1, force=t + 1 == cfg.iterations)
     return x, tau, tracker
 
@@ -311,7 +367,8 @@ def _finite_difference(problem, cfg, rng, method):
         zeta = poly(cfg.fd_learning_rate, cfg.reward_lr_decay, k, cfg.lr_horizon / ((1 + 2 * len(directions)) * K))
         x = problem.project(x - zeta * g)
         k += 1
-        _check_finite(method, t, h=g, x=x, critic=base.Q, actor=base.logits)
+        _check_finite(method, t, h=g, x=x)
+        base.check_finite(method, t)
         if t - last_logged >= cfg.eval_every:
             tracker.log(x, t, force=True)
             last_logged = t

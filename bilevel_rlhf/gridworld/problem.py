@@ -58,6 +58,7 @@ class GoalProblem:
         u = self.hazard_cost * g.hazard - self.target_bonus * g.target
         self.designer_cost = np.repeat(u[:, None].astype(np.float64), self.mdp.n_actions, axis=1)
         self.center = g.coords[g.target].mean(0)
+        self._box = np.array(g.shape, dtype=np.float64) - 1.0  # the board's far corner (project)
 
     @property
     def mdp(self):
@@ -78,7 +79,7 @@ class GoalProblem:
         """Projection onto the feasible set: the board box [0, n_rows-1] x [0, n_cols-1] for
         'position' (off the board the bump fades and every gradient vanishes), identity for 'cells'."""
         if self.parameterization == "position":
-            return np.clip(x, 0.0, np.array(self.grid.shape, dtype=np.float64) - 1.0)
+            return np.clip(x, 0.0, self._box)
         return x
 
     # ----- reward r_x and its vector-Jacobian product -----
