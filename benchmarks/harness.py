@@ -94,6 +94,7 @@ class BenchmarkArguments:
     gridworld: bool = field(default=True, metadata={"help": "Also run the GridWorld part."})
     grid_sizes: list[int] = field(default_factory=lambda: [10, 20, 40, 100], metadata={"help": "n of the n x n grids."})
     grid_iterations: int = field(default=2000, metadata={"help": "Timed single-loop iterations per grid size."})
+    grid_repeats: int = field(default=5, metadata={"help": "Timed runs per grid size; the median is reported."})
     gridworld_results: str | None = field(
         default="outputs/gridworld/results.json",
         metadata={"help": "The GridWorld recipe's results.json to read samples-to-1-percent from; computed (seed 0) when "
@@ -123,6 +124,7 @@ class BenchmarkArguments:
         need(self.rloo_reward in ("reward_model", "vader"), "rloo_reward", "'reward_model' or 'vader'")
         need(all(n >= 4 for n in self.grid_sizes), "grid_sizes", "sizes >= 4")
         need(self.grid_iterations >= 2, "grid_iterations", ">= 2")
+        need(self.grid_repeats >= 1, "grid_repeats", ">= 1")
         need(self.lm or self.gridworld, "gridworld", "True when lm is False (nothing to run otherwise)")
 
 
@@ -530,9 +532,10 @@ def scaled_layout(n: int) -> list[str]:
     return ["".join(r) for r in rows]
 
 
-def gridworld_speed(sizes: list[int], iterations: int, seed: int = 0) -> dict[int, dict[str, float]]:
+def gridworld_speed(sizes: list[int], iterations: int, seed: int = 0, repeats: int = 1) -> dict[int, dict[str, Any]]:
     """Sampled single_loop iterations per second on n x n grids (`scaled_layout(n)`). The exact evaluations of Phi
-    that the run logs (`GoalProblem.phi`: value iteration, not part of the method) are timed and subtracted."""
+    that the run logs (`GoalProblem.phi`: value iteration, not part of the method) are timed and subtracted. The
+    median of `repeats` timed runs is reported, after an untimed first call (see below)."""
     import numpy as np
 
     from bilevel_rlhf.gridworld import GoalProblem, GridWorldConfig, build_problem, run_method
@@ -564,15 +567,19 @@ def gridworld_speed(sizes: list[int], iterations: int, seed: int = 0) -> dict[in
             exact["exact_hypergradient_s"] = time.perf_counter() - t0
             # the first call of the compiled walker step in a process loads it from numba's on-disk cache (or
             # compiles it, once per installation): a fixed cost, reported apart from the per-iteration speed
-            t0 = time.perf_counter()
-            run_method(problem, replace(cfg, iterations=2), "single_loop", seed)
-            exact["first_call_s"] = time.perf_counter() - t0
             phi_seconds[0] = 0.0
             t0 = time.perf_counter()
-            run_method(problem, cfg, "single_loop", seed)
-            per_it = (time.perf_counter() - t0 - phi_seconds[0]) / iterations
+            run_method(problem, replace(cfg, iterations=2), "single_loop", seed)
+            exact["first_call_s"] = time.perf_counter() - t0 - phi_seconds[0]
+            runs = []  # seconds per iteration of each repeat (the same seed: the same work)
+            for _ in range(repeats):
+                phi_seconds[0] = 0.0
+                t0 = time.perf_counter()
+                run_method(problem, cfg, "single_loop", seed)
+                runs.append((time.perf_counter() - t0 - phi_seconds[0]) / iterations)
+            per_it = statistics.median(runs)
             out[n] = {"states": int(problem.mdp.n_states), "sparse": problem.mdp.sparse, **exact,
-                      "iterations_per_s": 1.0 / per_it,
+                      "iterations_per_s": 1.0 / per_it, "iterations_per_s_repeats": [1.0 / r for r in runs],
                       "ms_per_iteration": 1e3 * per_it, "samples_per_iteration": 2 * cfg.batch_size,
                       "exact_phi_seconds_excluded": phi_seconds[0]}
     finally:
@@ -681,7 +688,7 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
         result["lm"] = run_lm_benchmark(args)
     if args.gridworld:
         result["gridworld"] = {
-            "speed": gridworld_speed(args.grid_sizes, args.grid_iterations, args.seed),
+            "speed": gridworld_speed(args.grid_sizes, args.grid_iterations, args.seed, args.grid_repeats),
             "samples_to_1pct": gridworld_samples_to_1pct(args.gridworld_results, args.seed),
         }
     result["machine"]["load_average_end"] = os.getloadavg()

@@ -96,7 +96,8 @@ def test_scaled_layout_10_is_the_default_instance():
     "kwargs, name",
     [({"methods": ["ppo"]}, "methods"), ({"num_generations": 3}, "num_generations"), ({"steps": 0}, "steps"),
      ({"rloo_beta": 0.0}, "rloo_beta"), ({"num_threads": 0}, "num_threads"), ({"rloo_reward": "x"}, "rloo_reward"),
-     ({"grid_sizes": [2]}, "grid_sizes"), ({"methods": ["rloo", "rloo"]}, "methods")],
+     ({"grid_sizes": [2]}, "grid_sizes"), ({"methods": ["rloo", "rloo"]}, "methods"),
+     ({"grid_repeats": 0}, "grid_repeats")],
 )
 def test_bad_arguments_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -104,9 +105,10 @@ def test_bad_arguments_name_the_field(kwargs, name):
 
 
 def test_gridworld_speed_and_samples_to_1pct(tmp_path):
-    speed = gridworld_speed([5, 8], iterations=4)
+    speed = gridworld_speed([5, 8], iterations=4, repeats=3)
     assert set(speed) == {5, 8}
-    assert speed[8]["states"] == 64 and speed[8]["iterations_per_s"] > 0
+    assert speed[8]["states"] == 64 and speed[8]["iterations_per_s"] > 0 and speed[8]["first_call_s"] > 0
+    assert speed[8]["iterations_per_s"] == sorted(speed[8]["iterations_per_s_repeats"])[1]  # the median of 3
     computed = gridworld_samples_to_1pct(None, overrides={"iterations": 20, "eval_every": 10,
                                                           "methods": ["single_loop", "partial_sgd"]})
     assert set(computed["summary"]) == {"single_loop", "partial_sgd"}

@@ -92,16 +92,17 @@ def successor_table(mdp: TabularMDP) -> tuple[np.ndarray, np.ndarray]:
     index), which hold all the mass (K <= S), and their cumulative probabilities; dense or sparse P."""
     if mdp.sparse:
         S, A = mdp.n_states, mdp.n_actions
-        P = mdp.P.tocsr()
-        K = int(np.diff(P.indptr).max())
-        succ = np.zeros((S * A, K), dtype=np.int64)
+        P = mdp.P.tocsr()  # row s * A + a
+        n = np.diff(P.indptr)
+        K = int(n.max())
+        rows = np.repeat(np.arange(S * A), n)
+        order = np.lexsort((P.indices, -P.data, rows))  # within a row as the dense argsort: by probability, ties by index
+        slot = np.arange(len(order)) - P.indptr[rows]
+        last = np.where(n > 0, P.indices[order][np.maximum(P.indptr[1:] - 1, 0)], np.arange(S * A) // A)
+        succ = np.repeat(last[:, None], K, axis=1)  # slots past a row's successors repeat its last one (mass 0)
         probs = np.zeros((S * A, K))
-        for row in range(S * A):
-            cols, vals = P.indices[P.indptr[row]:P.indptr[row + 1]], P.data[P.indptr[row]:P.indptr[row + 1]]
-            order = np.lexsort((cols, -vals))  # as the dense argsort: by probability, ties by index
-            succ[row, : len(cols)], probs[row, : len(cols)] = cols[order], vals[order]
-            succ[row, len(cols):] = cols[order][-1] if len(cols) else row // A
-        succ, probs = succ.reshape(S, A, K), probs.reshape(S, A, K)
+        succ[rows, slot], probs[rows, slot] = P.indices[order], P.data[order]
+        succ, probs = succ.astype(np.int64).reshape(S, A, K), probs.reshape(S, A, K)
     else:
         K = int((mdp.P > 0).sum(-1).max())
         succ = np.ascontiguousarray(np.argsort(-mdp.P, axis=-1, kind="stable")[..., :K])
@@ -148,9 +149,8 @@ class ActorCritic:
         """One batch per actor: TD(0) critic step (beta), actor step (alpha), walkers move. `reward`: [k, S, A] or
         one [S, A] for all; `u`: [k, 4, B] or one [4, B] for all (common random numbers). Returns each batch's
         empirical (s, a) frequencies [k, S, A] (an unbiased-in-the-limit sample of d^pi pi)."""
-        (k, B), S, A = self.s.shape, self.mdp.n_states, self.mdp.n_actions
-        # writable C arrays, whatever the caller passes (broadcast views are read-only): one compiled signature
-        reward, u = np.require(reward, np.float64, "CW"), np.require(u, np.float64, "CW")
+        (k, S, A), B = self.Q.shape, self.s.shape[1]
+        reward, u = _writable_c(reward), _writable_c(u)
         if reward.shape not in ((S, A), (k, S, A)) or u.shape not in ((4, B), (k, 4, B)):
             raise ValueError(f"reward must be [{S}, {A}] or [{k}, {S}, {A}] and u [4, {B}] or [{k}, 4, {B}], got "
                              f"{reward.shape} and {u.shape}")
@@ -166,6 +166,14 @@ class ActorCritic:
             _check_finite(method, t, critics=self.Q, actors=self.logits)
 
 
+def _writable_c(a) -> np.ndarray:
+    """a as a writable C-contiguous float64 array, copied only if it is not one (broadcast views are read-only):
+    the compiled step then has one signature."""
+    if type(a) is np.ndarray and a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=np.float64, order="C")
+
+
 @numba.njit(cache=True)
 def _first_reaching(cum: np.ndarray, u: float) -> int:
     """inverse_cdf for one u: the first index i with cum[i] >= u, or the last index."""
@@ -176,6 +184,25 @@ def _first_reaching(cum: np.ndarray, u: float) -> int:
 
 
 @numba.njit(cache=True)
+def _policy_row(logits, Q, tau, i, x, log_pi, pi, V, ready):
+    """log pi(.|x), pi(.|x) and the soft value V(x) = sum_a pi (Q - tau log pi) of actor i, from the tables as they
+    were before the step; computed once, on first use (a step touches at most 2 B states per actor)."""
+    if ready[i, x]:
+        return
+    m = logits[i, x].max()
+    z = 0.0
+    for a in range(logits.shape[2]):
+        z += np.exp(logits[i, x, a] - m)
+    log_z = np.log(z)
+    V[i, x] = 0.0
+    for a in range(logits.shape[2]):
+        log_pi[i, x, a] = logits[i, x, a] - m - log_z
+        pi[i, x, a] = np.exp(log_pi[i, x, a])
+        V[i, x] += pi[i, x, a] * (Q[i, x, a] - tau * log_pi[i, x, a])
+    ready[i, x] = True
+
+
+@numba.njit(cache=True)
 def _walker_step(logits, Q, s, reward, u, succ, cum_P, cum_rho, tau, alpha, beta, gamma):
     """ActorCritic.step, compiled (scalar loops: numpy's per-call cost dominated these small tables). Updates logits,
     Q and s in place; returns (visit counts [k, S, A], whether the updated entries are finite). Every walker reads
@@ -183,41 +210,37 @@ def _walker_step(logits, Q, s, reward, u, succ, cum_P, cum_rho, tau, alpha, beta
     moves, then the actor at the visited states with the updated critic."""
     k, S, A = logits.shape
     B = s.shape[1]
-    # the policies and their soft values V(s) = sum_a pi (Q - tau log pi), before the step
-    log_pi, pi, V = np.empty((k, S, A)), np.empty((k, S, A)), np.zeros((k, S))
-    for i in range(k):
-        for x in range(S):
-            m = logits[i, x].max()
-            z = 0.0
-            for a in range(A):
-                z += np.exp(logits[i, x, a] - m)
-            log_z = np.log(z)
-            for a in range(A):
-                log_pi[i, x, a] = logits[i, x, a] - m - log_z
-                pi[i, x, a] = np.exp(log_pi[i, x, a])
-                V[i, x] += pi[i, x, a] * (Q[i, x, a] - tau * log_pi[i, x, a])
-    # walkers: a ~ pi(.|s), s' ~ P(.|s, a), soft TD(0) error r + gamma V(s') - Q(s, a); restart from rho w.p. 1 - gamma
+    log_pi, pi, V, ready = np.empty((k, S, A)), np.empty((k, S, A)), np.empty((k, S)), np.zeros((k, S), np.bool_)
     counts, td_sum = np.zeros((k, S, A)), np.zeros((k, S, A))
+    seen = np.zeros((k, S), np.bool_)
+    visited = np.empty((k, B), np.int64)  # the distinct states each actor's walkers start from, n_visited[i] of them
+    n_visited = np.zeros(k, np.int64)
     cum_pi = np.empty(A)
+    # walkers: a ~ pi(.|s), s' ~ P(.|s, a), soft TD(0) error r + gamma V(s') - Q(s, a); restart from rho w.p. 1 - gamma
     for i in range(k):
         ir, iu = min(i, len(reward) - 1), min(i, len(u) - 1)  # a stack of one serves every actor
         for b in range(B):
             x = s[i, b]
+            _policy_row(logits, Q, tau, i, x, log_pi, pi, V, ready)
+            if not seen[i, x]:  # x's first walker in this step
+                seen[i, x] = True
+                visited[i, n_visited[i]] = x
+                n_visited[i] += 1
             c = 0.0
             for a in range(A):
                 c += pi[i, x, a]
                 cum_pi[a] = c
             a = _first_reaching(cum_pi, u[iu, 0, b])
             y = succ[x, a, _first_reaching(cum_P[x, a], u[iu, 1, b])]
+            _policy_row(logits, Q, tau, i, y, log_pi, pi, V, ready)
             td_sum[i, x, a] += reward[ir, x, a] + gamma * V[i, y] - Q[i, x, a]
             counts[i, x, a] += 1.0
             s[i, b] = _first_reaching(cum_rho, u[iu, 3, b]) if u[iu, 2, b] <= 1.0 - gamma else y
     # critic: the averaged TD step; actor: the all-action soft policy gradient pi * (soft Q - its pi-mean)
     finite = True
     for i in range(k):
-        for x in range(S):
-            if counts[i, x].sum() == 0:  # not visited in this batch
-                continue
+        for j in range(n_visited[i]):
+            x = visited[i, j]
             mean = 0.0
             for a in range(A):
                 if counts[i, x, a] > 0:
