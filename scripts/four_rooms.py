@@ -51,6 +51,7 @@ def run_one(method: str, reg_lambda: float, c_ul: float, learning_rate: float, a
         iterations = max(1, int(args.transitions) // (2 * args.batch + args.explore))
         out = sampled_single_loop(problem, x0, iterations, args.batch, reg_lambda, args.penalty_lambda, learning_rate,
                                   actor_step=args.actor_step, critic_sweeps=args.critic_sweeps, explore=args.explore,
+                                  common_random_numbers=args.common_random_numbers,
                                   seed=seed, record_every=max(1, iterations // 200))
         transitions = out["transitions"]
     tail = out["values"][-max(1, len(out["values"]) // 10):]
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--explore", type=int, default=32, help="single_loop: exploring starts per iteration (model only)")
     p.add_argument("--actor_step", type=float, default=0.5, help="single_loop: the actors' natural step, in (0, 1]")
     p.add_argument("--critic_sweeps", type=int, default=1, help="single_loop: critic backups per iteration")
+    p.add_argument("--common_random_numbers", action=argparse.BooleanOptionalAction, default=False,
+                   help="single_loop: theta's walkers draw phi's uniforms (coupled samples)")
     p.add_argument("--output_dir", default="outputs/four_rooms")
     args = p.parse_args(argv)
     if args.iterations < 10:

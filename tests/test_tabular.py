@@ -271,6 +271,25 @@ def test_the_sampled_single_loop_climbs_the_exact_value():
     assert np.median(out["values"][4:]) > 3.2 and problem.value(out["x"], 0.2) > 3.2
 
 
+@pytest.mark.parametrize("crn", [True, False])
+def test_identical_actors_cancel_exactly_only_with_common_random_numbers_in_the_sampled_single_loop(crn):
+    """No leader reward and no leader cost: theta's reward equals phi's, so the two actors stay identical. With common
+    random numbers their walkers then visit the same (c, s, a) and the direction is exactly zero (x stays at x0);
+    with independent walkers it is noise and x moves."""
+    from bilevel_rlhf.gridworld.walkers import sampled_single_loop
+
+    chain = _chain_problem()
+    problem = TabularBilevelProblem([Context(c.mdp, c.follower_reward, np.zeros_like(c.leader_reward), c.weight)
+                                     for c in chain.contexts], chain.incentive)
+    x0 = np.array([0.1, -0.2, 0.3, 0.0])
+    out = sampled_single_loop(problem, x0, 50, 16, 0.2, 5.0, 0.1, seed=3, common_random_numbers=crn)
+    np.testing.assert_array_equal(out["phi"], out["theta"])
+    if crn:
+        np.testing.assert_array_equal(out["x"], x0)
+    else:
+        assert np.abs(out["x"] - x0).max() > 1e-3
+
+
 def test_the_four_rooms_script_runs_both_methods_and_tabulates_them(tmp_path, capsys):
     import json
 

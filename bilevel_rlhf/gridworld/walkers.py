@@ -183,12 +183,16 @@ class _Actors:
 def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iterations: int, batch: int, tau,
                         penalty_lambda: float, reward_learning_rate: float, actor_step: float = 0.5,
                         critic_sweeps: int = 1, explore: int = 0, seed: int = 0, max_grad_norm: float | None = 1.0,
-                        record_every: int = 100, value_tau: float | None = None) -> dict:
+                        record_every: int = 100, value_tau: float | None = None,
+                        common_random_numbers: bool = False) -> dict:
     """The penalty actor-critic on a `TabularBilevelProblem`, from samples only. Per iteration: each actor's `batch`
     walkers take one step (one transition each), plus `explore` exploring starts (`EpisodicWalkers.explore`); every
     transition enters the empirical model; the critics take `critic_sweeps` backups on it and the actors one natural
     step (`_Actors`); x ascends the penalty direction estimated from this iteration's on-policy visits (global-norm
-    clip, as HPGD's optimizer). `tau` is a float or a function of the iteration. Returns the final x, the actors'
+    clip, as HPGD's optimizer). With `common_random_numbers`, theta's walkers draw the same uniforms as phi's: while
+    the two policies agree their visits coincide, so the lambda-weighted difference of the two has far less variance
+    (each set of walkers is still an on-policy sample of its own actor). `tau` is a float or a function of the
+    iteration. Returns the final x, the actors'
     final policies (`phi`, `theta`: [C, S, A]), the `EmpiricalModel`, the exact value curve of x (every
     `record_every` iterations, under the best response at `value_tau`, by default the current tau) and the
     transitions used."""
@@ -196,7 +200,9 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
         raise ValueError(f"actor_step must be in (0, 1], got {actor_step}")
     if critic_sweeps < 1 or explore < 0:
         raise ValueError(f"critic_sweeps must be >= 1 and explore >= 0, got {critic_sweeps}, {explore}")
-    rng_phi, rng_theta = np.random.default_rng(seed), np.random.default_rng(seed + 1_000_003)
+    # common random numbers: the same stream for both (a walker step draws a fixed number of uniforms)
+    rng_phi = np.random.default_rng(seed)
+    rng_theta = np.random.default_rng(seed if common_random_numbers else seed + 1_000_003)
     rng_explore = np.random.default_rng(seed + 2_000_006)
     actors = _Actors(problem)
     walkers = [EpisodicWalkers(problem, batch, rng_phi), EpisodicWalkers(problem, batch, rng_theta)]
