@@ -184,7 +184,7 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
                         penalty_lambda: float, reward_learning_rate: float, actor_step: float = 0.5,
                         critic_sweeps: int = 1, explore: int = 0, seed: int = 0, max_grad_norm: float | None = 1.0,
                         record_every: int = 100, value_tau: float | None = None,
-                        common_random_numbers: bool = False) -> dict:
+                        common_random_numbers: bool = True) -> dict:
     """The penalty actor-critic on a `TabularBilevelProblem`, from samples only. Per iteration: each actor's `batch`
     walkers take one step (one transition each), plus `explore` exploring starts (`EpisodicWalkers.explore`); every
     transition enters the empirical model; the critics take `critic_sweeps` backups on it and the actors one natural
