@@ -45,7 +45,8 @@ def run_one(method: str, reg_lambda: float, c_ul: float, learning_rate: float, a
     elif method == "penalty":
         iterations = max(1, int(args.transitions) // (2 * args.batch * args.walker_steps))
         out = sampled_penalty_ascent(problem, x0, reg_lambda, args.penalty_lambda, learning_rate, iterations,
-                                     args.batch, args.walker_steps, seed=seed, record_every=max(1, iterations // 1000))
+                                     args.batch, args.walker_steps, seed=seed, record_every=max(1, iterations // 1000),
+                                     common_random_numbers=args.penalty_common_random_numbers)
         transitions = out["transitions"]
     else:
         iterations = max(1, int(args.transitions) // (2 * args.batch + args.explore))
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--explore", type=int, default=32, help="single_loop: exploring starts per iteration (model only)")
     p.add_argument("--actor_step", type=float, default=0.5, help="single_loop: the actors' natural step, in (0, 1]")
     p.add_argument("--critic_sweeps", type=int, default=1, help="single_loop: critic backups per iteration")
+    p.add_argument("--penalty_common_random_numbers", action=argparse.BooleanOptionalAction, default=False,
+                   help="penalty: theta's walkers draw phi's uniforms (coupled samples)")
     p.add_argument("--common_random_numbers", action=argparse.BooleanOptionalAction, default=True,
                    help="single_loop: theta's walkers draw phi's uniforms (coupled samples); "
                         "--no-common_random_numbers: independent walkers")

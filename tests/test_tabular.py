@@ -274,6 +274,20 @@ def test_the_sampled_single_loop_climbs_the_exact_value(crn, floor):
     assert np.median(out["values"][4:]) > floor and problem.value(out["x"], 0.2) > floor
 
 
+@pytest.mark.parametrize("crn", [True, False])
+def test_the_sampled_penalty_direction_of_equal_actors_is_zero_only_when_coupled(crn):
+    """theta = phi and no leader cost: coupled walkers visit the same (c, s, a), so the estimated direction is exactly
+    zero; independent walkers leave noise."""
+    from bilevel_rlhf.gridworld.walkers import sampled_penalty_hypergradient
+
+    chain = _chain_problem()
+    problem = TabularBilevelProblem(chain.contexts, chain.incentive)
+    x = np.array([0.1, -0.2, 0.3, 0.0])
+    pi = [soft_value_iteration(c.mdp, r, 0.2)[2] for c, r in zip(problem.contexts, problem.follower_rewards(x))]
+    h = sampled_penalty_hypergradient(problem, x, 5.0, pi, pi, 16, 20, np.random.default_rng(0), crn)
+    assert (np.abs(h).max() == 0.0) == crn
+
+
 def test_coupled_walkers_cut_the_direction_variance_without_bias():
     """Followers at their exact soft optima on the chain problem: the walkers' per-iteration direction has more than
     twofold less variance when theta's walkers draw phi's uniforms, and its mean stays at the exact direction."""

@@ -94,11 +94,14 @@ def _visit_weights(problem: TabularBilevelProblem, walkers: EpisodicWalkers, vis
 
 def sampled_penalty_hypergradient(problem: TabularBilevelProblem, x: np.ndarray, penalty_lambda: float,
                                   phi: list[np.ndarray], theta: list[np.ndarray], batch: int, steps: int,
-                                  rng: np.random.Generator) -> np.ndarray:
+                                  rng: np.random.Generator, common_random_numbers: bool = False) -> np.ndarray:
     """h (module docstring) from `steps` steps of `batch` walkers per actor, with the actors' policies fixed
-    (`phi[c]`, `theta[c]`: [S, A] per context)."""
+    (`phi[c]`, `theta[c]`: [S, A] per context); with `common_random_numbers` both actors' walkers draw one stream."""
+    seed = int(rng.integers(2**63)) if common_random_numbers else None
     runs = {}
     for name, policies in (("phi", phi), ("theta", theta)):
+        if common_random_numbers:
+            rng = np.random.default_rng(seed)
         walkers = EpisodicWalkers(problem, batch, rng)
         visits = [walkers.step(policies, rng) for _ in range(steps)]
         runs[name] = _visit_weights(problem, walkers, visits)
@@ -233,7 +236,8 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
 
 def sampled_penalty_ascent(problem: TabularBilevelProblem, x0: np.ndarray, tau: float, penalty_lambda: float,
                            learning_rate: float, iterations: int, batch: int, steps: int, seed: int = 0,
-                           max_grad_norm: float | None = 1.0, record_every: int = 1) -> dict:
+                           max_grad_norm: float | None = 1.0, record_every: int = 1,
+                           common_random_numbers: bool = False) -> dict:
     """HPGD's protocol with the penalty direction: per iteration the followers play their exact soft best responses
     (phi to r_x, theta to r_x + u_x / lambda: the lower level from the model, as in HPGD's code), and the direction
     is estimated from `steps` steps of `batch` walkers per actor (`sampled_penalty_hypergradient`); x ascends it with
@@ -250,7 +254,8 @@ def sampled_penalty_ascent(problem: TabularBilevelProblem, x0: np.ndarray, tau: 
         if t % record_every == 0:
             steps_recorded.append(t)
             values.append(problem.value(x, tau, policies=phi))
-        h = sampled_penalty_hypergradient(problem, x, penalty_lambda, phi, theta, batch, steps, rng)
+        h = sampled_penalty_hypergradient(problem, x, penalty_lambda, phi, theta, batch, steps, rng,
+                                          common_random_numbers)
         if not np.all(np.isfinite(h)):
             raise FloatingPointError(f"sampled_penalty_ascent: a non-finite direction at iteration {t}")
         x = clipped_ascent_step(x, h, learning_rate, max_grad_norm)
