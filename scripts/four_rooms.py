@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--explore", type=int, default=32, help="single_loop: exploring starts per iteration (model only)")
     p.add_argument("--actor_step", type=float, default=0.5, help="single_loop: the actors' natural step, in (0, 1]")
     p.add_argument("--critic_sweeps", type=int, default=1, help="single_loop: critic backups per iteration")
-    p.add_argument("--penalty_common_random_numbers", action=argparse.BooleanOptionalAction, default=False,
-                   help="penalty: theta's walkers draw phi's uniforms (coupled samples)")
+    p.add_argument("--penalty_common_random_numbers", action=argparse.BooleanOptionalAction, default=True,
+                   help="penalty: theta's walkers draw phi's uniforms (coupled samples); "
+                        "--no-penalty_common_random_numbers: independent walkers")
     p.add_argument("--common_random_numbers", action=argparse.BooleanOptionalAction, default=True,
                    help="single_loop: theta's walkers draw phi's uniforms (coupled samples); "
                         "--no-common_random_numbers: independent walkers")

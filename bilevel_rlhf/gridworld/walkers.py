@@ -94,7 +94,7 @@ def _visit_weights(problem: TabularBilevelProblem, walkers: EpisodicWalkers, vis
 
 def sampled_penalty_hypergradient(problem: TabularBilevelProblem, x: np.ndarray, penalty_lambda: float,
                                   phi: list[np.ndarray], theta: list[np.ndarray], batch: int, steps: int,
-                                  rng: np.random.Generator, common_random_numbers: bool = False) -> np.ndarray:
+                                  rng: np.random.Generator, common_random_numbers: bool = True) -> np.ndarray:
     """h (module docstring) from `steps` steps of `batch` walkers per actor, with the actors' policies fixed
     (`phi[c]`, `theta[c]`: [S, A] per context); with `common_random_numbers` both actors' walkers draw one stream."""
     seed = int(rng.integers(2**63)) if common_random_numbers else None
@@ -237,7 +237,7 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
 def sampled_penalty_ascent(problem: TabularBilevelProblem, x0: np.ndarray, tau: float, penalty_lambda: float,
                            learning_rate: float, iterations: int, batch: int, steps: int, seed: int = 0,
                            max_grad_norm: float | None = 1.0, record_every: int = 1,
-                           common_random_numbers: bool = False) -> dict:
+                           common_random_numbers: bool = True) -> dict:
     """HPGD's protocol with the penalty direction: per iteration the followers play their exact soft best responses
     (phi to r_x, theta to r_x + u_x / lambda: the lower level from the model, as in HPGD's code), and the direction
     is estimated from `steps` steps of `batch` walkers per actor (`sampled_penalty_hypergradient`); x ascends it with
