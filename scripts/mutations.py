@@ -128,7 +128,7 @@ MUTATIONS: list[Mutation] = [
       "theta = [soft_value_iteration(c.mdp, r, tau)[2]",
       [TABULAR], "HPGD-protocol ascent with theta = phi: the direction loses the follower's response"),
     M("gw_penalty_crn_ignored", GW_WALKERS,
-      "            rng = np.random.default_rng(seed)\n", "            pass\n",
+      "stream = np.random.default_rng(seed) if common_random_numbers else rng", "stream = rng",
       [TABULAR + "::test_the_sampled_penalty_direction_of_equal_actors_is_zero_only_when_coupled"],
       "the HPGD-protocol direction's common_random_numbers=True is ignored"),
     M("gw_walkers_crn_ignored", GW_WALKERS,

@@ -100,10 +100,9 @@ def sampled_penalty_hypergradient(problem: TabularBilevelProblem, x: np.ndarray,
     seed = int(rng.integers(2**63)) if common_random_numbers else None
     runs = {}
     for name, policies in (("phi", phi), ("theta", theta)):
-        if common_random_numbers:
-            rng = np.random.default_rng(seed)
-        walkers = EpisodicWalkers(problem, batch, rng)
-        visits = [walkers.step(policies, rng) for _ in range(steps)]
+        stream = np.random.default_rng(seed) if common_random_numbers else rng
+        walkers = EpisodicWalkers(problem, batch, stream)
+        visits = [walkers.step(policies, stream) for _ in range(steps)]
         runs[name] = _visit_weights(problem, walkers, visits)
     return _penalty_direction(problem, x, penalty_lambda, runs["phi"], runs["theta"])
 
@@ -195,10 +194,9 @@ def sampled_single_loop(problem: TabularBilevelProblem, x0: np.ndarray, iteratio
     clip, as HPGD's optimizer). With `common_random_numbers`, theta's walkers draw the same uniforms as phi's: while
     the two policies agree their visits coincide, so the lambda-weighted difference of the two has far less variance
     (each set of walkers is still an on-policy sample of its own actor). `tau` is a float or a function of the
-    iteration. Returns the final x, the actors'
-    final policies (`phi`, `theta`: [C, S, A]), the `EmpiricalModel`, the exact value curve of x (every
-    `record_every` iterations, under the best response at `value_tau`, by default the current tau) and the
-    transitions used."""
+    iteration. Returns the final x, the actors' final policies (`phi`, `theta`: [C, S, A]), the `EmpiricalModel`, the
+    exact value curve of x (every `record_every` iterations, under the best response at `value_tau`, by default the
+    current tau) and the transitions used."""
     if not 0.0 < actor_step <= 1.0:
         raise ValueError(f"actor_step must be in (0, 1], got {actor_step}")
     if critic_sweeps < 1 or explore < 0:
