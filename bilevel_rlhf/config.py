@@ -10,8 +10,10 @@ from transformers import TrainingArguments
 
 from .validation import field_checker, warn_unless_time_scales
 
-METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance")
+METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance", "penalized_covariance")
 PENALTY_METHODS = ("single_loop", "fixed_tau", "nested_loop")  # two actors, theta penalized by lambda
+COVARIANCE_METHODS = ("covariance", "penalized_covariance")  # one actor; x steps along the covariance form
+PENALIZED_THETA_METHODS = PENALTY_METHODS + ("penalized_covariance",)  # theta's reward is r_x - g / lambda
 OBJECTIVES = ("preference_nll", "win_rate")
 REGULARIZATIONS = ("kl", "entropy")
 TAU_SCHEDULES = ("constant", "polynomial", "exponential")
@@ -47,7 +49,10 @@ class BilevelConfig(TrainingArguments):
             alone, no phi, no penalty term), `"nested_loop"` (`nested_inner_steps` lower-level iterations per
             reward-model step), `"covariance"` (the penalty's lambda -> infinity limit: one actor theta on r_x, and
             x's gradient grad_x f + (1/tau_k) Cov(grad_x r_x(y), g(y)) over theta's completions; exact where the
-            regularized lower level is a Boltzmann tilt of the reference, as in KL-regularized LM fine-tuning).
+            regularized lower level is a Boltzmann tilt of the reference, as in KL-regularized LM fine-tuning),
+            `"penalized_covariance"` (one actor theta, penalized as in the penalty methods: its reward is
+            r_x(y) - g(y) / lambda_k, so it also learns from the oracle's verdicts directly; x steps along the
+            covariance form over theta's completions).
         nested_inner_steps (`int`, *optional*, defaults to `4`):
             Lower-level (actor/critic) iterations per reward-model step for `method="nested_loop"`.
         objective (`str`, *optional*, defaults to `"preference_nll"`):
@@ -62,6 +67,17 @@ class BilevelConfig(TrainingArguments):
             theta and phi sample their completions with shared Gumbel noise (`bilevel_rlhf.sampling`): each actor's
             distribution is unchanged, and identical actors give identical completions, so the penalty term's
             sampling noise vanishes as they agree.
+        tracking_tolerance (`float`, *optional*, defaults to `0.0`):
+            Two-actor methods: a rollout whose penalty gap J_tau(x, phi) - J_tau(x, theta) is below
+            `-tracking_tolerance` counts as one where phi has lost track (`bilevel_rlhf.guards`).
+        tracking_patience (`int`, *optional*, defaults to `3`):
+            After this many such rollouts in a row the trainer warns (`TrackingWarning`) and, with `phi_resync`,
+            repairs phi.
+        phi_resync (`bool`, *optional*, defaults to `False`):
+            Repair lost tracking by copying theta's weights, value head and optimizer moments into phi.
+        collapse_entropy_fraction (`float`, *optional*, defaults to `0.1`):
+            An actor whose mean token entropy falls below this fraction of its first rollout's is reported as
+            collapsed (`CollapseWarning`); 0 turns the check off.
 
         > Lower-level regularization (tau)
 
@@ -185,6 +201,16 @@ class BilevelConfig(TrainingArguments):
     )
     common_random_numbers: bool = field(
         default=False, metadata={"help": "theta and phi sample with shared Gumbel noise (coupled sampling)."}
+    )
+    tracking_tolerance: float = field(
+        default=0.0, metadata={"help": "Penalty gap below -tolerance counts as lost tracking, >= 0."}
+    )
+    tracking_patience: int = field(
+        default=3, metadata={"help": "Rollouts in a row with lost tracking before a warning (and a resync), >= 1."}
+    )
+    phi_resync: bool = field(default=False, metadata={"help": "Copy theta into phi when phi has lost track."})
+    collapse_entropy_fraction: float = field(
+        default=0.1, metadata={"help": "Entropy floor, as a fraction of the first rollout's, in [0, 1)."}
     )
 
     # --- regularization (tau) ---
@@ -313,7 +339,11 @@ class BilevelConfig(TrainingArguments):
         need(self.nested_inner_steps >= 1, "nested_inner_steps", ">= 1")
         need(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}")
         need(self.objective_weight >= 0, "objective_weight", ">= 0")
-        need(self.method != "covariance" or self.tau_init > 0, "tau_init", "> 0 for method='covariance' (it divides by tau)")
+        need(self.method not in COVARIANCE_METHODS or self.tau_init > 0, "tau_init",
+             f"> 0 for method={self.method!r} (it divides by tau)")
+        need(self.tracking_tolerance >= 0, "tracking_tolerance", ">= 0")
+        need(self.tracking_patience >= 1, "tracking_patience", ">= 1")
+        need(0 <= self.collapse_entropy_fraction < 1, "collapse_entropy_fraction", "in [0, 1)")
         need(self.regularization in REGULARIZATIONS, "regularization", f"one of {REGULARIZATIONS}")
         need(self.tau_init >= 0, "tau_init", ">= 0")
         need(0 <= self.tau_min <= self.tau_init, "tau_min", f"in [0, tau_init={self.tau_init}]")

@@ -48,8 +48,9 @@ from transformers import (
 )
 from trl.trainer.utils import disable_dropout_in_model
 
-from .config import PENALTY_METHODS, BilevelConfig
 from .adapters import stacked_adapters, supports_stacked_adapters
+from .config import COVARIANCE_METHODS, PENALIZED_THETA_METHODS, PENALTY_METHODS, BilevelConfig
+from .guards import GuardRecord, TrackingGuard
 from .modeling import CONFIG_NAME, REWARD_ADAPTER, AdapterRewardModel, BilevelModel, load_roles, save_roles
 from .objectives import UpperObjective, get_objective
 from .preference import check_labels
@@ -105,8 +106,9 @@ def reward_model_loss(
     """Loss of the reward model x; its gradient is the hypergradient estimate h_k. With f's x-part F = `objective`'s
     `x_loss(pair_loss, labels)`:
         penalty methods (single_loop, fixed_tau, nested_loop):  F + lambda_k * (mean r_x(phi) - mean r_x(theta));
-        covariance:   F + (1/tau_k) * sum_i (g_i - mean g) r_x(y_i) / (N - 1), y_i theta's completions, g detached:
-                      the lambda -> infinity limit of the penalty, (1/tau) Cov(grad_x r_x, g), unbiased;
+        covariance, penalized_covariance:
+                      F + (1/tau_k) * sum_i (g_i - mean g) r_x(y_i) / (N - 1), y_i theta's completions, g detached:
+                      the lambda -> infinity limit of the penalty, (1/tau) Cov(grad_x r_x, g);
         partial_sgd:  F alone.
     It is a theta term plus a phi term, so the phi term (``r_phi``) and the theta term (``pair_loss``, ``r_theta``)
     may each be None: the trainer runs r_x on each actor's completions in turn.
@@ -116,7 +118,7 @@ def reward_model_loss(
         loss = objective.x_loss(pair_loss, labels)
         if method in PENALTY_METHODS:
             loss = loss - lambda_k * r_theta.mean()
-        elif method == "covariance":
+        elif method in COVARIANCE_METHODS:
             loss = loss + ((g - g.mean()) * r_theta).sum() / (max(len(g) - 1, 1) * tau_k)
     if r_phi is not None:
         loss = loss + lambda_k * r_phi.mean()
@@ -322,6 +324,8 @@ class BilevelTrainer(Trainer):
         self.objective = objective
         self.reward_processing_class = reward_processing_class
         self.oracle_queries = 0  # global count of labelled pairs
+        self.guard = TrackingGuard(args.tracking_tolerance, args.tracking_patience, args.phi_resync,
+                                   args.collapse_entropy_fraction)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_metrics: dict[str, torch.Tensor] = {}  # this micro-step's loss statistics, gathered once at its end
         self._rollout_metrics: dict[str, float] = {}
@@ -551,7 +555,8 @@ class BilevelTrainer(Trainer):
 
     def with_scores(self, rollout: Rollout, scores: dict[str, torch.Tensor]) -> Rollout:
         """Stage 2: `rollout` with r_x's scores (role -> [N], no graph) and the terminal rewards: r_x for phi and for
-        the one-actor methods' theta; r_x - g / lambda_k for the penalized theta, which maximizes J_tau - f / lambda,
+        theta under partial_sgd and covariance; r_x - g / lambda_k for the penalized theta (the penalty methods and
+        penalized_covariance), which maximizes J_tau - f / lambda,
         with g = df/dpi of each of its completions from the objective. Given theta's scores, also the pairs' losses."""
         k, new = rollout.iteration, {}
         for role, s in scores.items():
@@ -570,7 +575,8 @@ class BilevelTrainer(Trainer):
             )
         _check_finite(f"objective {self.objective.name!r} completion values", g, k)
         g = g.detach()
-        terminal = theta.score - g / rollout.penalty_lambda if rollout.phi is not None else theta.score
+        penalized = self.args.method in PENALIZED_THETA_METHODS
+        terminal = theta.score - g / rollout.penalty_lambda if penalized else theta.score
         theta = dataclasses.replace(theta, g=g, terminal=terminal)
         return dataclasses.replace(rollout, theta=theta, pair_loss=pair_loss)
 
@@ -595,6 +601,7 @@ class BilevelTrainer(Trainer):
         k = self.state.global_step // a.steps_per_iteration
         tau, penalty_lambda = self.schedule(k)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        self.guard.before_rollout(unwrapped, self.optimizer)  # a resync the last rollout asked for
         actors = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
         # the reference also generates when the objective compares theta's completions with its own
         generators = actors + (["ref"] if self.objective.against_reference else [])
@@ -699,9 +706,10 @@ class BilevelTrainer(Trainer):
         if self.objective.against_reference:
             m["objective/win_rate"] = labels.mean()
             m["reward/ref_mean"] = rollout.ref.score.mean()
+        if self.args.method in PENALIZED_THETA_METHODS:
+            m["objective/lambda"] = rollout.penalty_lambda
         if rollout.phi is not None:
             phi = rollout.phi
-            m["objective/lambda"] = rollout.penalty_lambda
             m["reward/phi_mean"] = phi.score.mean()
             j_phi = phi.score - tau * phi.seq_penalty
             j_theta = theta.score - tau * theta.seq_penalty
@@ -723,6 +731,7 @@ class BilevelTrainer(Trainer):
         self._rollout_metrics = self._gather_mean(m)
         self._rollout_metrics["completions/truncated_prompts"] *= self.accelerator.num_processes  # a count: sum
         self._rollout_metrics["oracle/queries"] = float(self.oracle_queries)
+        self._rollout_metrics.update(self.guard.check(self._rollout_metrics, rollout.iteration))
 
     def _gather_mean(self, metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
         names = sorted(metrics)
@@ -982,6 +991,7 @@ class BilevelTrainer(Trainer):
             "lambda": penalty_lambda,
             "oracle_queries": self.oracle_queries,
             "oracle_state": state_fn() if callable(state_fn) else None,
+            "guard": self.guard.record.state_dict(),
         }
         os.makedirs(output_dir, exist_ok=True)  # every process writes its own oracle RNG state
         with open(os.path.join(output_dir, STATE_NAME.format(rank=self.accelerator.process_index)), "w") as fh:
@@ -1009,6 +1019,7 @@ class BilevelTrainer(Trainer):
         except (OSError, ValueError) as err:
             raise corrupt(f"cannot read {path} ({type(err).__name__}: {err})") from err
         self.oracle_queries = int(state["oracle_queries"])
+        self.guard.record = GuardRecord.from_state_dict(state.get("guard"))
         load_fn = getattr(self.preference_oracle, "load_state_dict", None)
         if state["oracle_state"] is not None and callable(load_fn):
             load_fn(state["oracle_state"])

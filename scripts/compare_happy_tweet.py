@@ -35,7 +35,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-BILEVEL_METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance")
+BILEVEL_METHODS = ("single_loop", "fixed_tau", "partial_sgd", "nested_loop", "covariance", "penalized_covariance")
 OBJECTIVES = ("preference_nll", "win_rate")
 METHODS = BILEVEL_METHODS + ("rloo", "online_dpo")
 TRL_METHODS = ("rloo", "online_dpo")

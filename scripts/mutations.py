@@ -215,7 +215,7 @@ MUTATIONS: list[Mutation] = [
       "return self.weight * pair_loss.mean()", "return pair_loss.mean()",
       [MATH, BANDIT_TRAINER], "win_rate's x-loss ignores the weight w"),
     M("partial_sgd_terminal_penalized", TRAINER,
-      'g / rollout.penalty_lambda if rollout.phi is not None else theta.score',
+      'g / rollout.penalty_lambda if penalized else theta.score',
       'g / rollout.penalty_lambda',
       [MATH, LM_PSGD], "partial_sgd's theta also gets the -g / lambda term"),
     M("pair_loss_swapped", TRAINER,

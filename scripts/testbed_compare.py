@@ -8,6 +8,15 @@ after each run (an interrupted sweep keeps what it finished).
 
     python scripts/testbed_compare.py --methods single_loop partial_sgd covariance --objectives preference_nll \
         --seeds 0 1 2 3 4 --iterations 300 --out outputs/testbed_compare.json
+
+With ``--panel N`` the methods run instead on N instances drawn from ``--panel_seed`` (`bilevel_rlhf.panel`: the
+reference's peakedness, the score table, tau, the vocabulary and length, the objective vary; one setting for all),
+and the summary reports per method the fraction of runs that end below `partial_sgd`'s run on the same instance and
+seed, the mean gap to the best known Phi_tau, the failures (collapsed actors, lost tracking) and the time. A method
+may carry config overrides: ``single_loop@phi_resync=true``. ``--resume`` skips the runs already in ``--out``.
+
+    python scripts/testbed_compare.py --panel 24 --seeds 0 1 2 --iterations 150 \
+        --methods partial_sgd covariance single_loop penalized_covariance --out outputs/panel.json
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from datasets import Dataset
 from transformers import PrinterCallback
 
 from bilevel_rlhf import BilevelConfig, BilevelTrainer
-from bilevel_rlhf import testbed
+from bilevel_rlhf import panel, testbed
 
 
 def run(method: str, objective: str, seed: int, args: argparse.Namespace) -> dict:
@@ -101,9 +110,14 @@ def main() -> None:
     p.add_argument("--problem_seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="outputs/testbed_compare.json")
+    p.add_argument("--panel", type=int, default=0, help="run on this many instances drawn by --panel_seed")
+    p.add_argument("--panel_seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="--panel: skip the runs already in --out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.panel:
+        return main_panel(args)
     problem = testbed.MultiTokenProblem.from_policy(testbed.make_policy(seed=args.problem_seed), seed=args.problem_seed)
     reference = {}
     eval_tau = args.eval_tau if args.eval_tau is not None else args.tau
@@ -128,6 +142,174 @@ def main() -> None:
         for method in args.methods:
             vals = [r["phi_tau"] for r in records if r["method"] == method and r["objective"] == objective]
             print(f"  {objective:15s} {method:12s} {np.mean(vals):.4f} +- {np.std(vals):.4f}  ({len(vals)} seeds)")
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """"name@field=value,field=value" -> (name, overrides); values are JSON (true, 0.1, "x") or plain strings."""
+    name, _, rest = spec.partition("@")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--methods: {spec!r}: expected name@field=value[,field=value...], got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
+def entropy(p: np.ndarray) -> float:
+    return float(-(p[p > 0] * np.log(p[p > 0])).sum())
+
+
+def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: argparse.Namespace) -> dict:
+    """One run of `method` (with overrides) on a panel instance: the exact Phi_tau of the learned x, and the actors'
+    exact entropies and KLs to their targets at the end; the trainer's guard record."""
+    name, overrides = parse_method(method)
+    policy, problem = panel.build_instance(spec)
+    torch.manual_seed(seed)
+    C, L = spec.num_content, spec.max_length
+    reward = testbed.TableReward(num_content=C, max_length=L)
+    obj = dict(objective=spec.objective, weight=args.weight)
+    with tempfile.TemporaryDirectory() as out:
+        settings = dict(
+            output_dir=out, method=name, objective=spec.objective, objective_weight=args.weight, seed=seed,
+            per_device_train_batch_size=2 * args.prompts, num_generations=2, max_completion_length=L,
+            max_prompt_length=2, tau_init=spec.tau, tau_schedule="constant", penalty_lambda=args.penalty_lambda,
+            actor_learning_rate=args.actor_lr, critic_learning_rate=args.critic_lr, reward_learning_rate=args.reward_lr,
+            max_steps=args.iterations, common_random_numbers=args.crn and name not in ("covariance", "partial_sgd",
+                                                                                     "penalized_covariance"),
+            use_cpu=True, report_to="none", disable_tqdm=True, logging_steps=10**9, save_strategy="no",
+            vf_coef=0.1, gamma=1.0, lam=0.95,
+        )
+        settings.update(overrides)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = BilevelConfig(**settings)
+            trainer = BilevelTrainer(policy, reward, problem.oracle(), config,
+                                     Dataset.from_dict({"prompt": [testbed.PROMPT] * args.prompts}),
+                                     processing_class=testbed.make_tokenizer(C))
+            trainer.remove_callback(PrinterCallback)
+            t0 = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - t0
+    x = reward.x.detach().double().numpy()
+    x = x - x.mean()
+    pi_star = problem.soft_optimal_policy(x, spec.tau)
+    record = {"instance": spec.index, "method": method, "seed": seed, "iterations": args.iterations,
+              "queries": trainer.oracle_queries, "seconds": round(seconds, 1),
+              "phi_tau": problem.phi_tau(x, spec.tau, **obj), "guard": trainer.guard.record.state_dict(),
+              "warnings": sorted({type(w.message).__name__ for w in caught
+                                  if type(w.message).__name__ in ("TrackingWarning", "CollapseWarning")})}
+    targets = {"theta": pi_star}
+    if name in ("single_loop", "fixed_tau", "nested_loop", "penalized_covariance"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            targets["theta"] = problem.penalized_policy(x, args.penalty_lambda, spec.tau, **obj)
+    if trainer.model.policy_phi is not None:
+        targets["phi"] = pi_star
+    collapsed = []
+    for role, target in targets.items():
+        dist = problem.policy_distribution(getattr(trainer.model, f"policy_{role}"))
+        h, h_target, kl = entropy(dist), entropy(target), problem.kl(dist, target)
+        record[f"{role}_entropy"], record[f"{role}_target_entropy"], record[f"{role}_kl_to_target"] = h, h_target, kl
+        if h < 0.25 * h_target and kl > 0.5:  # onto a few completions its target does not concentrate on
+            collapsed.append(role)
+    record["collapsed"] = collapsed
+    return record
+
+
+def instance_reference(spec: panel.InstanceSpec, weight: float) -> dict:
+    """Exact Phi_tau at x = 0, at partial_sgd's fixed point and at the bilevel optimum (a local one: Newton from
+    two starts; the best known value is the smaller of it and the fixed point's)."""
+    _, problem = panel.build_instance(spec)
+    obj = dict(objective=spec.objective, weight=weight)
+    n = len(problem.scores)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed_point = problem.phi_tau(problem.partial_sgd_fixed_point(spec.tau, **obj), spec.tau, **obj)
+        optimum = problem.phi_tau(problem.exact_optimum(spec.tau, **obj), spec.tau, **obj)
+    return {**spec.as_dict(), "phi_tau_at_x0": problem.phi_tau(np.zeros(n), spec.tau, **obj),
+            "phi_tau_at_partial_sgd_fixed_point": fixed_point, "phi_tau_at_optimum": optimum,
+            "phi_tau_best": min(optimum, fixed_point),
+            "ref_entropy": panel.entropy(problem.log_pi_ref)}
+
+
+def summarize_panel(references: list[dict], records: list[dict], methods: list[str]) -> list[dict]:
+    """Per method: wins against partial_sgd's run on the same instance and seed, the gap to the best known Phi_tau,
+    the failures and the time."""
+    ref = {r["index"]: r for r in references}
+    psgd = {(r["instance"], r["seed"]): r["phi_tau"] for r in records if r["method"] == "partial_sgd"}
+    rows = []
+    for method in methods:
+        runs = [r for r in records if r["method"] == method]
+        if not runs:
+            continue
+        paired = [r for r in runs if (r["instance"], r["seed"]) in psgd]
+        below = [r["phi_tau"] < psgd[r["instance"], r["seed"]] for r in paired]
+        # a tie: within 2% of what the instance allows to gain (Phi_tau at x = 0 minus the best known)
+        tol = {i: 0.02 * max(ref[i]["phi_tau_at_x0"] - ref[i]["phi_tau_best"], 1e-12) for i in ref}
+        not_worse = [r["phi_tau"] <= psgd[r["instance"], r["seed"]] + tol[r["instance"]] for r in paired]
+        gaps = [r["phi_tau"] - ref[r["instance"]]["phi_tau_best"] for r in runs]
+        closed = [(ref[r["instance"]]["phi_tau_at_x0"] - r["phi_tau"])
+                  / max(ref[r["instance"]]["phi_tau_at_x0"] - ref[r["instance"]]["phi_tau_best"], 1e-12) for r in runs]
+        rows.append({
+            "method": method, "runs": len(runs),
+            "below_partial_sgd": float(np.mean(below)) if below else float("nan"),
+            "not_worse_than_partial_sgd": float(np.mean(not_worse)) if not_worse else float("nan"),
+            "mean_gap_to_best": float(np.mean(gaps)), "median_fraction_of_gain": float(np.median(closed)),
+            "collapsed_runs": sum(bool(r["collapsed"]) for r in runs),
+            "lost_tracking_runs": sum(r["guard"]["longest_streak"] >= 10 for r in runs),
+            "phi_resyncs": sum(r["guard"]["phi_resyncs"] for r in runs),
+            "mean_seconds": float(np.mean([r["seconds"] for r in runs])),
+        })
+    return rows
+
+
+def print_panel_table(rows: list[dict], iterations: int, n_instances: int, seeds: list[int]) -> None:
+    print(f"\npanel: {n_instances} instances x {len(seeds)} seeds, {iterations} iterations per run")
+    print("| method | runs | below partial_sgd | within 2% of partial_sgd or below | mean gap to best Phi_tau "
+          "| median fraction of the gain | collapsed runs | lost-tracking runs (>= 10 in a row) | phi resyncs | s/run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['runs']} | {r['below_partial_sgd']:.2f} | {r['not_worse_than_partial_sgd']:.2f} "
+              f"| {r['mean_gap_to_best']:.4f} | {r['median_fraction_of_gain']:.2f} | {r['collapsed_runs']} "
+              f"| {r['lost_tracking_runs']} | {r['phi_resyncs']} | {r['mean_seconds']:.1f} |")
+
+
+def main_panel(args: argparse.Namespace) -> None:
+    specs = panel.draw_panel(args.panel, args.panel_seed)
+    state = {"references": [], "runs": []}
+    if args.resume and os.path.isfile(args.out):
+        with open(args.out) as fh:
+            state = json.load(fh)
+    done = {(r["instance"], r["method"], r["seed"]) for r in state["runs"]}
+    have_ref = {r["index"] for r in state["references"]}
+
+    def save() -> None:
+        with open(args.out + ".tmp", "w") as fh:
+            json.dump({"settings": vars(args), **state}, fh, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+    for spec in specs:
+        if spec.index not in have_ref:
+            state["references"].append(instance_reference(spec, args.weight))
+            save()
+        ref = next(r for r in state["references"] if r["index"] == spec.index)
+        print(f"{spec.name}: Phi_tau at x0 {ref['phi_tau_at_x0']:.4f}, partial_sgd fixed point "
+              f"{ref['phi_tau_at_partial_sgd_fixed_point']:.4f}, best {ref['phi_tau_best']:.4f}", flush=True)
+        for seed in args.seeds:
+            for method in args.methods:
+                if (spec.index, method, seed) in done:
+                    continue
+                rec = run_panel_instance(spec, method, seed, args)
+                state["runs"].append(rec)
+                save()
+                print(f"  {method:40s} seed {seed}: Phi_tau {rec['phi_tau']:.4f} collapsed {rec['collapsed']} "
+                      f"resyncs {rec['guard']['phi_resyncs']} {rec['seconds']:.1f}s", flush=True)
+    rows = summarize_panel(state["references"], state["runs"], args.methods)
+    print_panel_table(rows, args.iterations, len(specs), args.seeds)
 
 
 if __name__ == "__main__":

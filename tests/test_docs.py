@@ -13,7 +13,7 @@ from test_trainer_math import PROMPTS, char_score, make_trainer
 from testing_utils import make_policy, make_reward_model, make_tokenizer, record_loss_inputs
 from transformers import TrainerCallback
 
-from bilevel_rlhf.config import PENALTY_METHODS, BilevelConfig
+from bilevel_rlhf.config import PENALIZED_THETA_METHODS, PENALTY_METHODS, BilevelConfig
 from bilevel_rlhf.preference import ScoreOracle
 from bilevel_rlhf.trainer import BilevelTrainer
 
@@ -43,6 +43,7 @@ def expected_keys(trainer: BilevelTrainer, evaluation: bool = False, x_step: boo
     holds = {
         "always": True,
         "two actors": two_actors,
+        "penalized theta": a.method in PENALIZED_THETA_METHODS,
         "win_rate": trainer.objective.against_reference,
         "KL": a.regularization == "kl",
         "oracle score": callable(getattr(trainer.preference_oracle, "score", None)),
@@ -76,6 +77,7 @@ CONFIGS = [
     dict(method="single_loop", objective="win_rate"),
     dict(method="partial_sgd", objective="win_rate"),
     dict(method="covariance", objective="win_rate"),
+    dict(method="penalized_covariance", objective="preference_nll"),
     dict(method="nested_loop", objective="preference_nll", nested_inner_steps=2, regularization="entropy",
          max_grad_norm=0.0),
 ]

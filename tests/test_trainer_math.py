@@ -165,7 +165,8 @@ def test_ppo_loss_equals_hand_computed_values(tmp_path):
     "method, regularization, whiten_rewards, fused, objective",
     [("single_loop", "kl", False, False, "preference_nll"), ("single_loop", "entropy", True, False, "preference_nll"),
      ("single_loop", "kl", False, True, "preference_nll"), ("partial_sgd", "kl", False, False, "preference_nll"),
-     ("single_loop", "kl", False, False, "win_rate"), ("covariance", "entropy", False, True, "win_rate")],
+     ("single_loop", "kl", False, False, "win_rate"), ("covariance", "entropy", False, True, "win_rate"),
+     ("penalized_covariance", "kl", False, False, "win_rate")],
 )
 def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, regularization, whiten_rewards, fused,
                                                               objective):
@@ -224,8 +225,9 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
     for r in roles:
         rows = unpadded_rows(buf, r)
         policy = model.policy_theta if r == "theta" else model.policy_phi
-        # theta maximizes J_tau - f / lambda: its terminal reward is r_x - g / lambda (one-actor methods: r_x)
-        terminal = scores[r] - (g / lam if (r == "theta" and buf.phi is not None) else 0.0)
+        # theta maximizes J_tau - f / lambda: its terminal reward is r_x - g / lambda (partial_sgd, covariance: r_x)
+        penalized = method in ("single_loop", "fixed_tau", "nested_loop", "penalized_covariance")
+        terminal = scores[r] - (g / lam if (r == "theta" and penalized) else 0.0)
         per_row = []
         for i, (p, c) in enumerate(rows):
             lp, values, _ = recompute_row(policy, model.value_head(r), p, c, 0.8)
@@ -500,6 +502,7 @@ def test_reward_model_loss_equals_hand_computed_values():
     # covariance: f + (1/tau) sum (g_i - mean g) r_i / (N - 1); g = (2, 0, 1, 1): mean 1, centered (1, -1, 0, 0)
     g = torch.tensor([2.0, 0.0, 1.0, 1.0])
     assert loss("covariance", g=g) == pytest.approx(f + (1.0 * 1.0 - 1.0 * 0.0) / (3 * tau), rel=1e-6)
+    assert loss("penalized_covariance", g=g) == pytest.approx(f + (1.0 * 1.0 - 1.0 * 0.0) / (3 * tau), rel=1e-6)
     # win_rate: x's part of f is w * the BT-NLL
     assert loss("partial_sgd", objective=WinRate(0.3)) == pytest.approx(0.3 * f, rel=1e-6)
 

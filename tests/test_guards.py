@@ -1,0 +1,105 @@
+"""The guards (`bilevel_rlhf.guards`): lost tracking and collapse detected and warned by name, phi repaired from theta;
+on the exact testbed, a phi that has lost track recovers only with the resync."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+import testing_utils
+from bilevel_rlhf import BilevelConfig, BilevelTrainer, panel, testbed
+from bilevel_rlhf.guards import CollapseWarning, GuardRecord, TrackingGuard, TrackingWarning, copy_actor
+
+
+def test_tracking_guard_warns_after_patience_and_asks_for_a_resync():
+    guard = TrackingGuard(tolerance=0.1, patience=3, resync=True, collapse_fraction=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k, gap in enumerate([-0.5, -0.5, -0.05, -0.5, -0.5]):  # -0.05 is within the tolerance: the run restarts
+            guard.check({"objective/penalty_gap": gap}, k)
+    assert guard.record.longest_streak == 2 and not guard.record.resync_due
+    with pytest.warns(TrackingWarning, match=r"iteration 5: .* = -0\.5 .* 3 iterations; re-synchronising"):
+        logged = guard.check({"objective/penalty_gap": -0.5}, 5)
+    assert guard.record.resync_due and guard.record.streak == 0 and guard.record.negative_gap_iterations == 5
+    assert logged["guard/negative_gap_iterations"] == 5.0
+    # detection without the repair: the warning says how to turn it on
+    passive = TrackingGuard(tolerance=0.0, patience=2, resync=False, collapse_fraction=0.1)
+    passive.check({"objective/penalty_gap": -1.0}, 0)
+    with pytest.warns(TrackingWarning, match="set phi_resync=True"):
+        passive.check({"objective/penalty_gap": -1.0}, 1)
+    assert not passive.record.resync_due
+
+
+def test_collapse_guard_warns_below_the_fraction_of_the_first_entropy():
+    guard = TrackingGuard(tolerance=0.0, patience=3, resync=False, collapse_fraction=0.1)
+    guard.check({"policy_theta/entropy": 2.0, "policy_phi/entropy": 1.0}, 0)
+    guard.check({"policy_theta/entropy": 0.21, "policy_phi/entropy": 0.5}, 1)
+    assert guard.record.collapses == 0
+    with pytest.warns(CollapseWarning, match=r"iteration 2: theta collapsed: .* 0\.19, below 0\.1 x its initial 2"):
+        guard.check({"policy_theta/entropy": 0.19, "policy_phi/entropy": 0.5}, 2)
+    assert guard.record.collapses == 1
+    assert GuardRecord.from_state_dict(guard.record.state_dict()) == guard.record
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_copy_actor_copies_weights_value_head_and_optimizer_moments(tmp_path, peft):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM") if peft else None
+    trainer = testing_utils.make_trainer(tmp_path, ["a"] * 4, method="single_loop", peft_config=peft_config,
+                                         per_device_train_batch_size=4, max_steps=1)
+    model = trainer.model
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape))
+    optimizer = trainer.create_optimizer()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.randn(p.shape),
+                                  "exp_avg_sq": torch.rand(p.shape)}
+    copy_actor(model, optimizer, source="theta", target="phi")
+    from bilevel_rlhf.guards import _role_parameters
+
+    theta, phi = _role_parameters(model, "theta"), _role_parameters(model, "phi")
+    assert len(theta) == len(phi) > 2
+    for (n, p), (_, q) in zip(theta, phi):
+        assert p is not q and torch.equal(p, q), n
+        assert torch.equal(optimizer.state[p]["exp_avg"], optimizer.state[q]["exp_avg"]), n
+        assert optimizer.state[p]["exp_avg"] is not optimizer.state[q]["exp_avg"]
+
+
+def _lost_phi_run(tmp_path, phi_resync: bool) -> tuple[BilevelTrainer, testbed.MultiTokenProblem, list]:
+    """single_loop on the exact testbed with phi pushed far from the reference (its logits x 4) and actors too slow
+    to come back by themselves: theta beats phi at phi's own objective from the first rollout."""
+    policy = testbed.make_policy(seed=0)
+    problem = testbed.MultiTokenProblem.from_policy(policy, seed=0)
+    config = BilevelConfig(
+        output_dir=str(tmp_path), method="single_loop", seed=0, per_device_train_batch_size=64, num_generations=2,
+        max_completion_length=3, max_prompt_length=2, tau_init=0.5, tau_schedule="constant", penalty_lambda=2.0,
+        actor_learning_rate=1e-7, critic_learning_rate=1e-7, reward_learning_rate=1e-7, max_steps=6,
+        common_random_numbers=True, use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
+        tracking_patience=2, phi_resync=phi_resync,
+    )
+    trainer = BilevelTrainer(policy, testbed.TableReward(), problem.oracle(), config,
+                             Dataset.from_dict({"prompt": [testbed.PROMPT] * 32}), processing_class=testbed.make_tokenizer())
+    panel.scale_logits(trainer.model.policy_phi, 4.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    return trainer, problem, [w for w in caught if issubclass(w.category, TrackingWarning)]
+
+
+def test_lost_tracking_is_detected_and_repaired_by_the_resync(tmp_path):
+    trainer, problem, caught = _lost_phi_run(tmp_path / "resync", phi_resync=True)
+    ref = np.exp(problem.log_pi_ref)
+    assert caught and "iteration 1:" in str(caught[0].message)
+    assert trainer.guard.record.phi_resyncs >= 1
+    kl_repaired = problem.kl(problem.policy_distribution(trainer.model.policy_phi), ref)
+    # without the repair the loss of track is still reported, and phi stays where it was
+    passive, _, caught_passive = _lost_phi_run(tmp_path / "passive", phi_resync=False)
+    assert caught_passive and passive.guard.record.phi_resyncs == 0
+    assert passive.guard.record.negative_gap_iterations == 6
+    kl_lost = problem.kl(problem.policy_distribution(passive.model.policy_phi), ref)
+    assert kl_repaired < 0.01 < 1.0 < kl_lost, (kl_repaired, kl_lost)

@@ -1,0 +1,74 @@
+"""The testbed panel (`bilevel_rlhf.panel`): instances drawn from a seed, every axis covered, the reference's entropy
+on target; the panel runner's summary (`scripts/testbed_compare.py --panel`) on hand-made records."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from script_loader import load_script
+
+from bilevel_rlhf import panel, testbed
+
+
+def test_panel_is_a_function_of_its_seed_and_covers_every_axis():
+    specs = panel.draw_panel(24, seed=0)
+    assert specs == panel.draw_panel(24, seed=0)
+    assert specs != panel.draw_panel(24, seed=1)
+    assert [s.index for s in specs] == list(range(24))
+    # stratified: each score kind 6 times, each objective 12 times, every (C, L) at least 3 times
+    assert Counter(s.scores for s in specs) == {k: 6 for k in panel.SCORE_KINDS}
+    assert Counter(s.objective for s in specs) == {"preference_nll": 12, "win_rate": 12}
+    assert min(Counter((s.num_content, s.max_length) for s in specs).values()) >= 3
+    assert any(s.max_length == 1 for s in specs)  # the one-token bandit
+    taus = np.array([s.tau for s in specs])
+    fractions = np.array([s.entropy_fraction for s in specs])
+    assert 0.1 <= taus.min() < 0.15 and 0.75 < taus.max() <= 1.0
+    assert fractions.min() < 0.3 and fractions.max() > 0.85  # very peaked to nearly uniform
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        panel.draw_panel(0)
+
+
+@pytest.mark.parametrize("index", [0, 3, 7])
+def test_instance_has_the_target_entropy_and_a_proper_reference(index):
+    spec = panel.draw_panel(8, seed=3)[index]
+    policy, problem = panel.build_instance(spec)
+    n = spec.num_completions
+    assert len(problem.scores) == n == len(testbed.enumerate_completions(spec.num_content, spec.max_length)[0])
+    assert np.exp(problem.log_pi_ref).sum() == pytest.approx(1.0, abs=1e-9)
+    assert panel.entropy(problem.log_pi_ref) == pytest.approx(spec.entropy_fraction * np.log(n), abs=0.01)
+    # the policy handed to the trainer is the reference: its exact distribution is pi_ref
+    np.testing.assert_allclose(problem.policy_distribution(policy), np.exp(problem.log_pi_ref), atol=1e-6)
+    assert problem.temperature == spec.oracle_temperature
+
+
+def test_score_kinds_have_their_shape():
+    rng = np.random.default_rng(0)
+    few = panel.draw_scores("few_winners", 200, rng)
+    assert (few > 1.5).sum() == 10
+    assert panel.draw_scores("near_ties", 200, rng).std() < 0.2
+    heavy = panel.draw_scores("heavy_tailed", 2000, rng)
+    assert np.abs(heavy).max() <= 5.0 and (np.abs(heavy) > 3).mean() > 0.01  # tails a Gaussian of std 1 lacks
+    with pytest.raises(ValueError, match="scores must be one of"):
+        panel.draw_scores("uniform", 3, rng)
+
+
+def test_panel_summary_pairs_runs_with_partial_sgd_and_counts_failures():
+    compare = load_script("testbed_compare")
+    refs = [{"index": 0, "phi_tau_at_x0": 0.7, "phi_tau_best": 0.5}, {"index": 1, "phi_tau_at_x0": 0.0,
+                                                                       "phi_tau_best": -1.0}]
+
+    def rec(instance, method, seed, phi, collapsed=(), streak=0):
+        return {"instance": instance, "method": method, "seed": seed, "phi_tau": phi, "collapsed": list(collapsed),
+                "guard": {"longest_streak": streak, "phi_resyncs": 1}, "seconds": 2.0}
+
+    records = [rec(0, "partial_sgd", 0, 0.6), rec(1, "partial_sgd", 0, -0.5), rec(0, "partial_sgd", 1, 0.55),
+               rec(0, "m", 0, 0.55), rec(1, "m", 0, -0.49, collapsed=["phi"], streak=12), rec(0, "m", 1, 0.56)]
+    (psgd, m) = compare.summarize_panel(refs, records, ["partial_sgd", "m"])
+    assert psgd["below_partial_sgd"] == 0.0 and psgd["not_worse_than_partial_sgd"] == 1.0
+    assert m["runs"] == 3 and m["below_partial_sgd"] == pytest.approx(1 / 3)
+    # -0.49 is within 2% of instance 1's gain (0.02) above -0.5; 0.56 is not within 0.004 of 0.55
+    assert m["not_worse_than_partial_sgd"] == pytest.approx(2 / 3)
+    assert m["mean_gap_to_best"] == pytest.approx((0.05 + 0.51 + 0.06) / 3)
+    assert m["collapsed_runs"] == 1 and m["lost_tracking_runs"] == 1 and m["phi_resyncs"] == 3
+    assert compare.parse_method("single_loop@phi_resync=true,penalty_lambda=5") == (
+        "single_loop", {"phi_resync": True, "penalty_lambda": 5})
