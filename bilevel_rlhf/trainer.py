@@ -67,6 +67,7 @@ from .rl_utils import (
     token_kl_penalty,
 )
 from .schedules import lambda_at, lr_factor, tau_at
+from .trust_region import RewardTrustRegion
 
 STATE_NAME = "bilevel_state_rank{rank}.json"
 
@@ -347,6 +348,10 @@ class BilevelTrainer(Trainer):
         # completions per micro-batch, as in TRL's RLOO/GRPO); the sampler repeats it for each micro-step
         self._train_batch_size = args.prompts_per_iteration
         self.add_callback(_SamplerEpochCallback(self))
+        if args.reward_trust_region is not None:
+            if self.is_deepspeed_enabled:  # its engine steps inside backward: no step to measure and scale back
+                raise ValueError("reward_trust_region is not supported under DeepSpeed; set it to None")
+            self.add_callback(RewardTrustRegion(self, args.reward_trust_region))
         self._tensorboard_in_output_dir()
 
     def _tensorboard_in_output_dir(self) -> None:

@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 39 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 45 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 41 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 47 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-45 + 3 + 4 = 52 validated conditions.
+47 + 3 + 4 = 54 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -49,6 +49,9 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
       dict(method="penalized_covariance", tau_init=EPS, tau_min=0.0)]),
     ("tracking_tolerance", dict(tracking_tolerance=-EPS), [dict(tracking_tolerance=0.0)]),
     ("tracking_patience", dict(tracking_patience=0), [dict(tracking_patience=1)]),
+    ("reward_trust_region", dict(reward_trust_region=0.0), [dict(reward_trust_region=EPS), dict(reward_trust_region=None)]),
+    ("reward_trust_region", dict(reward_trust_region=1.0, tau_init=0.0, tau_min=0.0),
+     [dict(reward_trust_region=1.0, tau_init=EPS, tau_min=0.0)]),
     ("collapse_entropy_fraction", dict(collapse_entropy_fraction=1.0),
      [dict(collapse_entropy_fraction=0.0), dict(collapse_entropy_fraction=1 - EPS)]),
     ("regularization", dict(regularization="l2"), [dict(regularization=r) for r in REGULARIZATIONS]),
@@ -236,7 +239,7 @@ def _need_fields_in_source() -> list[str]:
 
 
 def test_every_need_call_has_a_case():
-    """One case per need(...) condition of config.py (45 when written): a new validation without a case fails."""
+    """One case per need(...) condition of config.py (47 when written): a new validation without a case fails."""
     source_fields = _need_fields_in_source()
     assert len(source_fields) == CONFIG_PY.read_text().count("need(") + 2 * 3  # the role loop: 3 calls x 3 roles
     assert Counter(source_fields) == Counter(field for field, *_ in NEED_CASES)
@@ -250,4 +253,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 52  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 54  # see the module docstring

@@ -49,6 +49,7 @@ def expected_keys(trainer: BilevelTrainer, evaluation: bool = False, x_step: boo
         "oracle score": callable(getattr(trainer.preference_oracle, "score", None)),
         "x step": x_step,
         "clipping": a.max_grad_norm > 0,
+        "trust region": a.reward_trust_region is not None,
     }
     keys = set()
     for name, conditions in documented_metrics():
@@ -77,7 +78,7 @@ CONFIGS = [
     dict(method="single_loop", objective="win_rate"),
     dict(method="partial_sgd", objective="win_rate"),
     dict(method="covariance", objective="win_rate"),
-    dict(method="penalized_covariance", objective="preference_nll"),
+    dict(method="penalized_covariance", objective="preference_nll", reward_trust_region=0.5),
     dict(method="nested_loop", objective="preference_nll", nested_inner_steps=2, regularization="entropy",
          max_grad_norm=0.0),
 ]

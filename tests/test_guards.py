@@ -103,3 +103,31 @@ def test_lost_tracking_is_detected_and_repaired_by_the_resync(tmp_path):
     assert passive.guard.record.negative_gap_iterations == 6
     kl_lost = problem.kl(problem.policy_distribution(passive.model.policy_phi), ref)
     assert kl_repaired < 0.01 < 1.0 < kl_lost, (kl_repaired, kl_lost)
+
+
+def _one_x_step(tmp_path, trust_region):
+    policy = testbed.make_policy(seed=0)
+    problem = testbed.MultiTokenProblem.from_policy(policy, seed=0)
+    reward = testbed.TableReward()
+    config = BilevelConfig(
+        output_dir=str(tmp_path), method="covariance", seed=0, per_device_train_batch_size=32, num_generations=2,
+        max_completion_length=3, max_prompt_length=2, tau_init=0.5, tau_schedule="constant",
+        actor_learning_rate=1e-3, critic_learning_rate=1e-3, reward_learning_rate=0.1, max_steps=1,
+        use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no", reward_trust_region=trust_region,
+    )
+    trainer = BilevelTrainer(policy, reward, problem.oracle(), config,
+                             Dataset.from_dict({"prompt": [testbed.PROMPT] * 16}), processing_class=testbed.make_tokenizer())
+    trainer.train()
+    return reward.x.detach().double().numpy(), trainer
+
+
+def test_reward_trust_region_caps_the_tilt_change_by_scaling_the_step(tmp_path):
+    """A table reward: the step moves only the sampled completions' entries, so max |dx| / tau is the measured
+    change; the capped step is the uncapped one scaled by delta / change, and the change is then delta."""
+    free, _ = _one_x_step(tmp_path / "free", None)
+    capped, trainer = _one_x_step(tmp_path / "capped", 0.01)
+    change_free = np.abs(free).max() / 0.5
+    assert change_free > 0.1  # Adam's first step moves each sampled entry by about the learning rate
+    np.testing.assert_allclose(capped, free * (0.01 / change_free), rtol=1e-4, atol=1e-9)
+    assert np.abs(capped).max() / 0.5 == pytest.approx(0.01, rel=1e-4)
+    assert trainer.state.log_history[0]["reward/trust_scale"] == pytest.approx(0.01 / change_free, rel=1e-4)

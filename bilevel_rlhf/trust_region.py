@@ -1,0 +1,63 @@
+"""A trust region on the reward model's steps, measured in what the lower level sees: the tilt r_x / tau_k.
+
+The regularized lower-level optimum is pi*_tau(y) ∝ pi_ref(y) exp(r_x(y) / tau), so an x step moves the actors'
+target by the change of r_x(y) / tau_k. A step that changes it by a lot moves the target faster than the actors can
+follow, and at a small tau a fixed learning rate does exactly that. `RewardTrustRegion` measures each x step's
+largest change of r_x / tau_k over the rollout's completions (every role's, every process) and, above
+`reward_trust_region` = delta, scales the step back:
+
+    x <- x_old + (delta / change) * (x_new - x_old)
+
+exact for a reward linear in x (a table), first order for a network. The optimizer's moments are left as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+__all__ = ["RewardTrustRegion"]
+
+
+class RewardTrustRegion(TrainerCallback):
+    """Caps every optimizer step of x at a change of `delta` in max_y |r_x(y)| / tau_k on the rollout's completions."""
+
+    def __init__(self, trainer, delta: float):
+        self.trainer, self.delta = trainer, float(delta)
+        self._before = None
+
+    def _model(self):
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    @torch.no_grad()
+    def _scores(self) -> torch.Tensor:
+        buf = self.trainer._buffer
+        roles = buf.generators
+        ids = [buf.completions(r).reward_input_ids for r in roles]
+        masks = [buf.completions(r).reward_attention_mask for r in roles]
+        width = max(t.shape[1] for t in ids)
+        pad = (self.trainer.reward_processing_class or self.trainer.processing_class).pad_token_id
+        ids = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in ids])
+        masks = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1]), value=0) for m in masks])
+        return self._model().reward_forward(ids, masks)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        params = [p for p in self._model().role_parameters()["reward"] if p.grad is not None]
+        self._before = (params, [p.detach().clone() for p in params], self._scores()) if params else None
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._before is None:
+            return
+        params, old, scores = self._before
+        self._before = None
+        tau = self.trainer._buffer.tau
+        change = ((self._scores() - scores).abs().max() / tau).reshape(1)
+        change = float(self.trainer.accelerator.gather(change).max())  # one decision on every process
+        scale = min(1.0, self.delta / change) if change > 0 else 1.0
+        if scale < 1.0:
+            for p, p_old in zip(params, old):
+                p.copy_(p_old + scale * (p - p_old))
+        metrics = self.trainer._metrics
+        metrics["reward/tilt_change"].append(change)
+        metrics["reward/trust_scale"].append(scale)
