@@ -16,7 +16,7 @@ COVARIANCE_METHODS = ("covariance", "penalized_covariance")  # one actor; x step
 PENALIZED_THETA_METHODS = PENALTY_METHODS + ("penalized_covariance",)  # theta's reward is r_x - g / lambda
 OBJECTIVES = ("preference_nll", "win_rate")
 REGULARIZATIONS = ("kl", "entropy")
-TAU_SCHEDULES = ("constant", "polynomial", "exponential")
+TAU_SCHEDULES = ("constant", "polynomial", "exponential", "adaptive")
 LAMBDA_SCHEDULES = ("constant", "polynomial")
 LR_SCHEDULES = ("constant", "polynomial")
 
@@ -92,11 +92,15 @@ class BilevelConfig(TrainingArguments):
         tau_min (`float`, *optional*, defaults to `0.0`):
             Floor of tau_k, 0 <= tau_min <= tau_init.
         tau_schedule (`str`, *optional*, defaults to `"polynomial"`):
-            `"constant"`, `"polynomial"` (tau_0 (1 + k/k_0)^(-c)) or `"exponential"` (tau_0 exp(-c k/k_0)).
+            `"constant"`, `"polynomial"` (tau_0 (1 + k/k_0)^(-c)), `"exponential"` (tau_0 exp(-c k/k_0)) or
+            `"adaptive"` (steered to `tau_target_kl` by the adaptive KL controller, `bilevel_rlhf.schedules.AdaptiveTau`,
+            with horizon k_0; needs `regularization="kl"`).
         tau_decay_rate (`float`, *optional*, defaults to `0.5`):
             c >= 0 (a negative rate would make tau increase).
         tau_horizon (`float`, *optional*, defaults to `10.0`):
             k_0 > 0, in iterations.
+        tau_target_kl (`float`, *optional*, defaults to `6.0`):
+            `tau_schedule="adaptive"`: the target of theta's sampled sequence KL to the reference (nats), > 0.
 
         > Penalty (lambda)
 
@@ -227,6 +231,7 @@ class BilevelConfig(TrainingArguments):
     tau_schedule: str = field(default="polynomial", metadata={"help": f"One of {TAU_SCHEDULES}."})
     tau_decay_rate: float = field(default=0.5, metadata={"help": "Decay exponent c >= 0 of the tau schedule."})
     tau_horizon: float = field(default=10.0, metadata={"help": "k_0 > 0 of the tau schedule, in iterations."})
+    tau_target_kl: float = field(default=6.0, metadata={"help": "Target KL of tau_schedule='adaptive', > 0."})
 
     # --- penalty (lambda) ---
     penalty_lambda: float = field(default=10.0, metadata={"help": "lambda_0 > 0."})
@@ -360,6 +365,9 @@ class BilevelConfig(TrainingArguments):
         need(self.tau_schedule in TAU_SCHEDULES, "tau_schedule", f"one of {TAU_SCHEDULES}")
         need(self.tau_decay_rate >= 0, "tau_decay_rate", ">= 0 (a negative rate makes tau increase)")
         need(self.tau_horizon > 0, "tau_horizon", "> 0")
+        need(self.tau_target_kl > 0, "tau_target_kl", "> 0")
+        need(self.tau_schedule != "adaptive" or self.regularization == "kl", "tau_schedule",
+             "not 'adaptive' with regularization='entropy' (it steers the KL to the reference)")
         need(self.penalty_lambda > 0, "penalty_lambda", "> 0")
         need(self.penalty_lambda_schedule in LAMBDA_SCHEDULES, "penalty_lambda_schedule", f"one of {LAMBDA_SCHEDULES}")
         need(self.penalty_lambda_growth >= 0, "penalty_lambda_growth", ">= 0 (lambda may not decrease)")

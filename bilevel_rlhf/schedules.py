@@ -1,4 +1,5 @@
-"""tau, lambda and step-size schedules: pure functions of the iteration k (so checkpoints only need k)."""
+"""tau, lambda and step-size schedules: pure functions of the iteration k (so checkpoints only need k), and the one
+schedule that is not: `AdaptiveTau`, which steers tau to a target KL (its value is checkpointed)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,24 @@ def tau_at(k: int, tau_init: float, tau_min: float, schedule: str, decay_rate: f
     else:
         raise ValueError(f"tau_schedule must be one of constant, polynomial, exponential, got {schedule!r}")
     return max(tau, tau_min)
+
+
+class AdaptiveTau:
+    """tau steered to a target KL to the reference: the adaptive KL controller of Ziegler et al. (2019), as TRL's
+    former `AdaptiveKLController`. After each rollout with measured sequence KL `kl`,
+
+        tau <- max(tau_min, tau * (1 + clip(kl / target - 1, -0.2, 0.2) / horizon))
+
+    so tau grows while the policy is further from the reference than the target, and shrinks while it is closer;
+    `horizon` (iterations) sets how fast."""
+
+    def __init__(self, tau_init: float, target_kl: float, horizon: float, tau_min: float = 0.0):
+        self.value, self.target, self.horizon, self.tau_min = float(tau_init), float(target_kl), float(horizon), tau_min
+
+    def update(self, kl: float) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value = max(self.tau_min, self.value * (1.0 + error / self.horizon))
+        return self.value
 
 
 def lambda_at(k: int, lambda_init: float, schedule: str, growth: float, horizon: float, lambda_max: float | None) -> float:

@@ -66,7 +66,7 @@ from .rl_utils import (
     sample_completions,
     token_kl_penalty,
 )
-from .schedules import lambda_at, lr_factor, tau_at
+from .schedules import AdaptiveTau, lambda_at, lr_factor, tau_at
 from .trust_region import RewardTrustRegion
 
 STATE_NAME = "bilevel_state_rank{rank}.json"
@@ -325,6 +325,8 @@ class BilevelTrainer(Trainer):
         self.objective = objective
         self.reward_processing_class = reward_processing_class
         self.oracle_queries = 0  # global count of labelled pairs
+        self.adaptive_tau = None if args.tau_schedule != "adaptive" or args.method == "fixed_tau" else AdaptiveTau(
+            args.tau_init, args.tau_target_kl, args.tau_horizon, args.tau_min)
         self.guard = TrackingGuard(args.tracking_tolerance, args.tracking_patience, args.phi_resync,
                                    args.collapse_entropy_fraction)
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -375,6 +377,8 @@ class BilevelTrainer(Trainer):
         a = self.args
         if a.method == "fixed_tau":
             tau = a.tau_init
+        elif self.adaptive_tau is not None:  # the controller's value: only for the current iteration
+            tau = self.adaptive_tau.value
         else:
             tau = tau_at(k, a.tau_init, a.tau_min, a.tau_schedule, a.tau_decay_rate, a.tau_horizon)
         penalty_lambda = lambda_at(
@@ -736,7 +740,14 @@ class BilevelTrainer(Trainer):
         self._rollout_metrics = self._gather_mean(m)
         self._rollout_metrics["completions/truncated_prompts"] *= self.accelerator.num_processes  # a count: sum
         self._rollout_metrics["oracle/queries"] = float(self.oracle_queries)
-        self._rollout_metrics.update(self.guard.check(self._rollout_metrics, rollout.iteration))
+
+    def _react(self, rollout: Rollout) -> None:
+        """What the rollout's metrics change for the next iteration: the guards' counts and repairs, the adaptive
+        tau. Every process holds the same gathered metrics, so every process decides the same."""
+        m = self._rollout_metrics
+        m.update(self.guard.check(m, rollout.iteration))
+        if self.adaptive_tau is not None:
+            self.adaptive_tau.update(m["policy_theta/kl"])
 
     def _gather_mean(self, metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
         names = sorted(metrics)
@@ -759,6 +770,7 @@ class BilevelTrainer(Trainer):
             self._buffer = self.generate_and_score([row["prompt"] for row in inputs])
             if not self._buffer.fused:
                 self._log_rollout(self._buffer)
+                self._react(self._buffer)
             self._rollout_seconds = time.perf_counter() - t0
         buf = self._buffer
         if buf.fused:
@@ -809,6 +821,7 @@ class BilevelTrainer(Trainer):
         if batch.fused:
             self._buffer = batch
             self._log_rollout(batch)
+            self._react(batch)
         sm = self._step_metrics
         for name in ("policy/approxkl", "policy/clipfrac", "value/loss"):  # means over the roles
             area, stat = name.split("/")
@@ -997,6 +1010,7 @@ class BilevelTrainer(Trainer):
             "oracle_queries": self.oracle_queries,
             "oracle_state": state_fn() if callable(state_fn) else None,
             "guard": self.guard.record.state_dict(),
+            "adaptive_tau": self.adaptive_tau.value if self.adaptive_tau is not None else None,
         }
         os.makedirs(output_dir, exist_ok=True)  # every process writes its own oracle RNG state
         with open(os.path.join(output_dir, STATE_NAME.format(rank=self.accelerator.process_index)), "w") as fh:
@@ -1025,6 +1039,8 @@ class BilevelTrainer(Trainer):
             raise corrupt(f"cannot read {path} ({type(err).__name__}: {err})") from err
         self.oracle_queries = int(state["oracle_queries"])
         self.guard.record = GuardRecord.from_state_dict(state.get("guard"))
+        if self.adaptive_tau is not None and state.get("adaptive_tau") is not None:
+            self.adaptive_tau.value = float(state["adaptive_tau"])
         load_fn = getattr(self.preference_oracle, "load_state_dict", None)
         if state["oracle_state"] is not None and callable(load_fn):
             load_fn(state["oracle_state"])

@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 41 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 47 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 43 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 49 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-47 + 3 + 4 = 54 validated conditions.
+49 + 3 + 4 = 56 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -58,6 +58,9 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
     ("tau_init", dict(tau_init=-EPS, tau_min=0.0), [dict(tau_init=0.0, tau_min=0.0)]),
     ("tau_min", dict(tau_init=0.1, tau_min=0.1 + EPS), [dict(tau_init=0.1, tau_min=0.1), dict(tau_min=0.0)]),
     ("tau_schedule", dict(tau_schedule="linear"), [dict(tau_schedule=s) for s in TAU_SCHEDULES]),
+    ("tau_target_kl", dict(tau_target_kl=0.0), [dict(tau_target_kl=EPS)]),
+    ("tau_schedule", dict(tau_schedule="adaptive", regularization="entropy"),
+     [dict(tau_schedule="adaptive", regularization="kl"), dict(tau_schedule="polynomial", regularization="entropy")]),
     ("tau_decay_rate", dict(tau_decay_rate=-EPS), [dict(tau_decay_rate=0.0)]),
     ("tau_horizon", dict(tau_horizon=0.0), [dict(tau_horizon=EPS)]),
     ("penalty_lambda", dict(penalty_lambda=0.0), [dict(penalty_lambda=EPS)]),
@@ -239,7 +242,7 @@ def _need_fields_in_source() -> list[str]:
 
 
 def test_every_need_call_has_a_case():
-    """One case per need(...) condition of config.py (47 when written): a new validation without a case fails."""
+    """One case per need(...) condition of config.py (49 when written): a new validation without a case fails."""
     source_fields = _need_fields_in_source()
     assert len(source_fields) == CONFIG_PY.read_text().count("need(") + 2 * 3  # the role loop: 3 calls x 3 roles
     assert Counter(source_fields) == Counter(field for field, *_ in NEED_CASES)
@@ -253,4 +256,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 54  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 56  # see the module docstring

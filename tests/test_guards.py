@@ -1,6 +1,7 @@
 """The guards (`bilevel_rlhf.guards`): lost tracking and collapse detected and warned by name, phi repaired from theta;
 on the exact testbed, a phi that has lost track recovers only with the resync."""
 
+import os
 import warnings
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 import testing_utils
 from bilevel_rlhf import BilevelConfig, BilevelTrainer, panel, testbed
@@ -131,3 +133,42 @@ def test_reward_trust_region_caps_the_tilt_change_by_scaling_the_step(tmp_path):
     np.testing.assert_allclose(capped, free * (0.01 / change_free), rtol=1e-4, atol=1e-9)
     assert np.abs(capped).max() / 0.5 == pytest.approx(0.01, rel=1e-4)
     assert trainer.state.log_history[0]["reward/trust_scale"] == pytest.approx(0.01 / change_free, rel=1e-4)
+
+
+def test_adaptive_tau_follows_the_controller_formula():
+    from bilevel_rlhf.schedules import AdaptiveTau
+
+    c = AdaptiveTau(tau_init=0.1, target_kl=4.0, horizon=10.0, tau_min=0.05)
+    assert c.update(5.0) == pytest.approx(0.1 * (1 + 0.2 / 10))  # the error 0.25 is clipped at 0.2
+    assert c.update(4.4) == pytest.approx(0.1 * 1.02 * (1 + 0.1 / 10))
+    for _ in range(200):  # far below the target: tau shrinks to its floor
+        c.update(0.0)
+    assert c.value == 0.05
+
+
+def test_adaptive_tau_steers_the_trainer_and_is_checkpointed(tmp_path):
+    """theta's logits pushed far from the reference: its KL is above any small target, so tau grows each iteration
+    by the controller's factor, and a resumed run continues from the saved value."""
+    trainer = testing_utils.make_trainer(tmp_path, ["a", "b"] * 4, method="partial_sgd", tau_schedule="adaptive",
+                                         tau_init=0.1, tau_target_kl=1e-3, tau_horizon=5.0, max_steps=3,
+                                         per_device_train_batch_size=4, num_iterations=1, steps_per_generation=1,
+                                         save_strategy="steps", save_steps=1)
+    with torch.no_grad():
+        for p in trainer.model.policy_theta.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    taus = []
+
+    class Taus(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            taus.append(logs.get("objective/tau"))
+
+    trainer.add_callback(Taus())
+    trainer.train()
+    taus = [t for t in taus if t is not None]
+    np.testing.assert_allclose(taus[:3], [0.1, 0.1 * 1.04, 0.1 * 1.04**2], rtol=1e-6)
+    assert trainer.adaptive_tau.value == pytest.approx(0.1 * 1.04**3)
+    resumed = testing_utils.make_trainer(tmp_path, ["a", "b"] * 4, method="partial_sgd", tau_schedule="adaptive",
+                                         tau_init=0.1, tau_target_kl=1e-3, tau_horizon=5.0, max_steps=3,
+                                         per_device_train_batch_size=4, num_iterations=1, steps_per_generation=1)
+    resumed._load_from_checkpoint(os.path.join(trainer.args.output_dir, "checkpoint-3"))
+    assert resumed.adaptive_tau.value == pytest.approx(0.1 * 1.04**3)
