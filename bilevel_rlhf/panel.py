@@ -7,7 +7,10 @@ what a method's robustness depends on:
 - the vocabulary and length: (C, L) from :data:`SIZES`; L = 1 is the one-token bandit (a content token or the empty
   completion), the degenerate member;
 - the reference's peakedness: pi_ref's entropy over the completions, as a fraction of log N (nearly uniform at 0.92,
-  very peaked at 0.2), set by scaling the policy's logits (:func:`scale_logits`);
+  very peaked at 0.2), set by :func:`scale_logits`: flatter than the random model by scaling its whole logits down,
+  more peaked by scaling up only the per-token bias (lm_head's column on the constant hidden dimension). Scaling the
+  whole head up would also scale how much every weight moves the logits, so one actor step size could not serve the
+  family: at the testbed's step size such a policy collapses in its first Adam step under every method;
 - the score table (:data:`SCORE_KINDS`): Gaussian, heavy-tailed (Student t, 2 degrees of freedom, clipped at 5), a few winners
   well above a flat field, near-ties;
 - tau (log-uniform on [0.1, 1]), the oracle's Bradley-Terry temperature (1 or 0.5) and the objective.
@@ -97,12 +100,17 @@ def entropy(log_p: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def scale_logits(model: torch.nn.Module, factor: float) -> None:
+def scale_logits(model: torch.nn.Module, factor: float, bias_only: bool = False) -> None:
     """Multiply every allowed token's logit by `factor` (in place): the policy's distribution at temperature
-    1 / factor. The masked tokens keep their logit (:data:`testbed.MASK_LOGIT`), so they stay at probability 0."""
+    1 / factor. With `bias_only`, only the per-token bias (lm_head's column 0, which reads the constant hidden
+    dimension of :func:`testbed.make_policy`). The masked tokens keep their logit (:data:`testbed.MASK_LOGIT`), so
+    they stay at probability 0."""
     w = model.lm_head.weight
     allowed = w[:, 0] != testbed.MASK_LOGIT
-    w[allowed] *= factor
+    if bias_only:
+        w[allowed, 0] *= factor
+    else:
+        w[allowed] *= factor
 
 
 def draw_scores(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -129,13 +137,16 @@ def build_instance(spec: InstanceSpec) -> tuple[torch.nn.Module, testbed.MultiTo
     target = spec.entropy_fraction * np.log(len(completions))
     base = model.lm_head.weight.detach().clone()
 
+    bias_only = target < entropy(testbed.sequence_log_probs(model, tok, completions))  # more peaked than drawn
+
     def entropy_at(log_factor: float) -> float:
         with torch.no_grad():
             model.lm_head.weight.copy_(base)
-        scale_logits(model, float(np.exp(log_factor)))
+        scale_logits(model, float(np.exp(log_factor)), bias_only=bias_only)
         return entropy(testbed.sequence_log_probs(model, tok, completions))
 
-    lo, hi = -4.0, 4.0  # entropy falls as the logits grow; bisection on log(factor)
+    # entropy falls as the logits grow; bisection on log(factor): up to e^6 for the bias, down to e^-4 for the whole
+    lo, hi = (0.0, 6.0) if bias_only else (-4.0, 0.0)
     if not entropy_at(hi) <= target <= entropy_at(lo):
         raise RuntimeError(f"{spec.name}: entropy target {target:.3f} out of reach of the logit scale")
     for _ in range(60):
