@@ -55,6 +55,10 @@ class BilevelConfig(TrainingArguments):
             covariance form over theta's completions).
         nested_inner_steps (`int`, *optional*, defaults to `4`):
             Lower-level (actor/critic) iterations per reward-model step for `method="nested_loop"`.
+        label_every (`int`, *optional*, defaults to `1`):
+            The oracle labels the pairs of every `label_every`-th iteration (k = 0, label_every, ...). The iterations
+            between cost no queries: they train the actors on r_x alone (theta without its -g / lambda term), and x
+            does not step. Queries are the scarce resource, actor steps are not.
         objective (`str`, *optional*, defaults to `"preference_nll"`):
             The upper-level objective f (`bilevel_rlhf.objectives`): `"preference_nll"` (r_x's BT-NLL on oracle-labelled
             pairs of theta's own completions (2i, 2i+1)) or `"win_rate"` (minus the oracle's win rate of theta's
@@ -203,6 +207,9 @@ class BilevelConfig(TrainingArguments):
     nested_inner_steps: int = field(
         default=4, metadata={"help": "Lower-level iterations per reward step (method='nested_loop'), >= 1."}
     )
+    label_every: int = field(
+        default=1, metadata={"help": "The oracle labels every label_every-th iteration; the others train on r_x, >= 1."}
+    )
     objective: str = field(default="preference_nll", metadata={"help": f"Upper-level objective, one of {OBJECTIVES}."})
     objective_weight: float = field(
         default=0.1, metadata={"help": "w >= 0: weight of r_x's BT-NLL in the win_rate objective."}
@@ -349,6 +356,7 @@ class BilevelConfig(TrainingArguments):
 
         need(self.method in METHODS, "method", f"one of {METHODS}")
         need(self.nested_inner_steps >= 1, "nested_inner_steps", ">= 1")
+        need(self.label_every >= 1, "label_every", ">= 1")
         need(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}")
         need(self.objective_weight >= 0, "objective_weight", ">= 0")
         need(self.method not in COVARIANCE_METHODS or self.tau_init > 0, "tau_init",

@@ -82,7 +82,8 @@ class Rollout:
     tau: float  # tau_k
     penalty_lambda: float  # lambda_k
     prompt_length: int
-    labels: torch.Tensor  # [pairs] the oracle's preference for the pair's first completion, in [0, 1]
+    labels: torch.Tensor | None  # [pairs] the oracle's preference for the pair's first completion, in [0, 1];
+    # None on an unlabelled iteration (label_every > 1): no queries, no x step, every actor's reward is r_x
     reward_step: bool  # whether x trains on this batch
     fused: bool  # whether the update's forward pass also gives stages 2 and 3
     theta: Completions
@@ -111,7 +112,7 @@ class Rollout:
         """Rows `rows` of every role and pairs `pairs` of the labels (the pairs those rows form)."""
         return dataclasses.replace(
             self,
-            labels=self.labels[pairs],
+            labels=None if self.labels is None else self.labels[pairs],
             reward_step=reward_step,
             fused=False,
             pair_loss=None if self.pair_loss is None else self.pair_loss[pairs],

@@ -393,11 +393,16 @@ class BilevelTrainer(Trainer):
         the usual RLOO/GRPO setting): it saves one forward pass per actor and one of r_x per iteration."""
         return self.micro_steps_per_iteration == 1 and self.args.fuse_rollout_and_update
 
+    def is_labelled_iteration(self, k: int) -> bool:
+        """Whether the oracle labels iteration k's pairs: every `label_every`-th iteration, from k = 0."""
+        return k % self.args.label_every == 0
+
     def is_reward_iteration(self, k: int) -> bool:
-        """Whether iteration k updates x: every iteration, or every `nested_inner_steps`-th for nested_loop."""
+        """Whether iteration k updates x: every labelled iteration, or every `nested_inner_steps`-th for
+        nested_loop."""
         if self.args.method == "nested_loop":
-            return (k + 1) % self.args.nested_inner_steps == 0
-        return True
+            return (k + 1) % self.args.nested_inner_steps == 0 and self.is_labelled_iteration(k)
+        return self.is_labelled_iteration(k)
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -572,7 +577,7 @@ class BilevelTrainer(Trainer):
             _check_finite(f"r_x score of {role}'s completions", s, k)
             new[role] = dataclasses.replace(rollout.completions(role), score=s, terminal=s)
         rollout = rollout.with_roles(**new)
-        if "theta" not in scores:
+        if "theta" not in scores or rollout.labels is None:  # unlabelled: theta's reward is r_x alone
             return rollout
         theta, labels = rollout.theta, rollout.labels
         pair_loss = self._pair_loss({r: rollout.completions(r).score for r in scores}, labels)
@@ -612,8 +617,9 @@ class BilevelTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.guard.before_rollout(unwrapped, self.optimizer)  # a resync the last rollout asked for
         actors = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
+        labelled = self.is_labelled_iteration(k)
         # the reference also generates when the objective compares theta's completions with its own
-        generators = actors + (["ref"] if self.objective.against_reference else [])
+        generators = actors + (["ref"] if self.objective.against_reference and labelled else [])
         n = a.num_generations
 
         # --- generate
@@ -642,14 +648,16 @@ class BilevelTrainer(Trainer):
 
         # --- label: theta's completion i against the reference's completion i, or theta's pairs (2i, 2i+1)
         t0 = time.perf_counter()
-        if self.objective.against_reference:
-            pair_prompts, side_a, side_b = rep_prompts, texts["theta"], texts["ref"]
-        else:
-            pair_prompts, side_a, side_b = rep_prompts[0::2], texts["theta"][0::2], texts["theta"][1::2]
-        oracle_name = getattr(self.preference_oracle, "name", type(self.preference_oracle).__name__)
-        labels = check_labels(self.preference_oracle(pair_prompts, side_a, side_b), len(side_a), oracle_name)
-        labels = torch.as_tensor(labels, dtype=torch.float32, device=prompt_ids.device)
-        self.oracle_queries += len(side_a) * self.accelerator.num_processes
+        labels = None
+        if labelled:
+            if self.objective.against_reference:
+                pair_prompts, side_a, side_b = rep_prompts, texts["theta"], texts["ref"]
+            else:
+                pair_prompts, side_a, side_b = rep_prompts[0::2], texts["theta"][0::2], texts["theta"][1::2]
+            oracle_name = getattr(self.preference_oracle, "name", type(self.preference_oracle).__name__)
+            labels = check_labels(self.preference_oracle(pair_prompts, side_a, side_b), len(side_a), oracle_name)
+            labels = torch.as_tensor(labels, dtype=torch.float32, device=prompt_ids.device)
+            self.oracle_queries += len(side_a) * self.accelerator.num_processes
 
         ids = {r: torch.cat([rep_ids, completions[r]], 1) for r in generators}
         attention = {r: torch.cat([rep_mask, masks[r]], 1) for r in generators}
@@ -698,23 +706,24 @@ class BilevelTrainer(Trainer):
         """The rollout's metrics (averaged over processes), logged with the optimizer steps of its iteration."""
         tok, stats, theta = self.processing_class, rollout.stats, rollout.theta
         tau, labels = rollout.tau, rollout.labels
-        if self.objective.against_reference:
-            d = theta.score - rollout.ref.score
-        else:
-            d = theta.score[0::2] - theta.score[1::2]
-        s = (torch.sign(d) + 1) / 2
         m: dict[str, torch.Tensor | float] = {
             "objective/tau": tau,
-            "objective/upper_loss": self.objective.value(rollout.pair_loss, labels),
-            "objective/pair_nll": rollout.pair_loss.mean(),
-            "objective/pref_accuracy": (labels * s + (1 - labels) * (1 - s)).mean(),
             "reward/theta_mean": theta.score.mean(),
             "completions/truncated_prompts": float(stats.truncated_prompts),
             **stats.seconds,
         }
-        if self.objective.against_reference:
-            m["objective/win_rate"] = labels.mean()
-            m["reward/ref_mean"] = rollout.ref.score.mean()
+        if labels is not None:  # a labelled iteration (every one unless label_every > 1)
+            if self.objective.against_reference:
+                d = theta.score - rollout.ref.score
+            else:
+                d = theta.score[0::2] - theta.score[1::2]
+            s = (torch.sign(d) + 1) / 2
+            m["objective/upper_loss"] = self.objective.value(rollout.pair_loss, labels)
+            m["objective/pair_nll"] = rollout.pair_loss.mean()
+            m["objective/pref_accuracy"] = (labels * s + (1 - labels) * (1 - s)).mean()
+            if self.objective.against_reference:
+                m["objective/win_rate"] = labels.mean()
+                m["reward/ref_mean"] = rollout.ref.score.mean()
         if self.args.method in PENALIZED_THETA_METHODS:
             m["objective/lambda"] = rollout.penalty_lambda
         if rollout.phi is not None:
@@ -782,7 +791,7 @@ class BilevelTrainer(Trainer):
         # a fixed permutation per (iteration, epoch): no RNG state involved, so resuming replays it exactly
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + buf.iteration * 101 + epoch)
         prompt_idx = torch.randperm(B, generator=generator)[j * chunk : (j + 1) * chunk]
-        rows = (prompt_idx[:, None] * n + torch.arange(n)[None, :]).reshape(-1).to(buf.labels.device)
+        rows = (prompt_idx[:, None] * n + torch.arange(n)[None, :]).reshape(-1).to(buf.theta.input_ids.device)
         if self.objective.against_reference:  # one pair per theta completion
             pairs = rows
         else:

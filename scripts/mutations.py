@@ -315,7 +315,8 @@ MUTATIONS: list[Mutation] = [
       'getattr(self, f.name)[idx.flip(0) if f.name.startswith("reward_") else idx] for f in',
       [MATH, FUSED], "mini-batch takes r_x inputs from the wrong rows"),
     M("minibatch_labels_misaligned", ROLLOUT,
-      "labels=self.labels[pairs],", "labels=self.labels[pairs.flip(0)],",
+      "labels=None if self.labels is None else self.labels[pairs],",
+      "labels=None if self.labels is None else self.labels[pairs.flip(0)],",
       [MATH], "a mini-batch's pair labels travel with other pairs' completions"),
     M("fused_scores_from_the_rollout_only", TRAINER,
       """        if outputs["scores"]:

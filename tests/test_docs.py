@@ -36,7 +36,8 @@ def documented_metrics() -> list[tuple[str, list[str]]]:
     return [(name, [c.strip() for c in cond.split(",")]) for name, cond in rows]
 
 
-def expected_keys(trainer: BilevelTrainer, evaluation: bool = False, x_step: bool = True) -> set[str]:
+def expected_keys(trainer: BilevelTrainer, evaluation: bool = False, x_step: bool = True,
+                  labelled: bool = True) -> set[str]:
     """The documented metric names whose conditions hold for this trainer's configuration."""
     a = trainer.args
     two_actors = a.method in PENALTY_METHODS
@@ -45,6 +46,7 @@ def expected_keys(trainer: BilevelTrainer, evaluation: bool = False, x_step: boo
         "two actors": two_actors,
         "penalized theta": a.method in PENALIZED_THETA_METHODS,
         "win_rate": trainer.objective.against_reference,
+        "labelled": labelled,
         "KL": a.regularization == "kl",
         "oracle score": callable(getattr(trainer.preference_oracle, "score", None)),
         "x step": x_step,
@@ -77,7 +79,7 @@ def own_keys(log: dict) -> set[str]:
 CONFIGS = [
     dict(method="single_loop", objective="win_rate"),
     dict(method="partial_sgd", objective="win_rate"),
-    dict(method="covariance", objective="win_rate"),
+    dict(method="covariance", objective="win_rate", label_every=2),
     dict(method="penalized_covariance", objective="preference_nll", reward_trust_region=0.5),
     dict(method="nested_loop", objective="preference_nll", nested_inner_steps=2, regularization="entropy",
          max_grad_norm=0.0),
@@ -102,7 +104,8 @@ def test_logged_metrics_are_the_documented_ones(tmp_path, config):
     spi, per_epoch = trainer.args.steps_per_iteration, trainer.args.steps_per_iteration // trainer.args.num_iterations
     for step, log in enumerate(steps):
         x_step = (step % spi) < per_epoch and trainer.is_reward_iteration(step // spi)
-        assert own_keys(log) == expected_keys(trainer, x_step=x_step), step
+        labelled = trainer.is_labelled_iteration(step // spi)
+        assert own_keys(log) == expected_keys(trainer, x_step=x_step, labelled=labelled), step
 
     metrics = trainer.evaluate()
     assert set(metrics) == expected_keys(trainer, evaluation=True)

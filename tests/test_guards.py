@@ -172,3 +172,38 @@ def test_adaptive_tau_steers_the_trainer_and_is_checkpointed(tmp_path):
                                          per_device_train_batch_size=4, num_iterations=1, steps_per_generation=1)
     resumed._load_from_checkpoint(os.path.join(trainer.args.output_dir, "checkpoint-3"))
     assert resumed.adaptive_tau.value == pytest.approx(0.1 * 1.04**3)
+
+
+def test_label_every_queries_the_oracle_on_labelled_iterations_only(tmp_path):
+    """label_every = 2 over 4 iterations: the oracle is called at iterations 0 and 2; x moves only there; at the
+    unlabelled iterations theta's terminal reward is r_x (no -g / lambda) and the reference does not generate."""
+    calls = []
+    oracle = testing_utils.happy_oracle()
+    counting = type(oracle)(lambda texts: [t.split().count("happy") for t in texts], name="happy")
+
+    def labelled_oracle(prompts, a, b):
+        calls.append(len(prompts))
+        return counting(prompts, a, b)
+
+    trainer = testing_utils.make_trainer(tmp_path, ["a", "b"] * 4, oracle=labelled_oracle, method="penalized_covariance",
+                                         objective="win_rate", num_generations=1, per_device_train_batch_size=4,
+                                         num_iterations=1, steps_per_generation=2, max_steps=8, label_every=2,
+                                         reward_learning_rate=1e-2)
+    rollouts = testing_utils.record_rollouts(trainer)
+    x_before = []
+    trainer.add_callback(type("X", (TrainerCallback,), {"on_step_begin": lambda self, *a, **k: x_before.append(
+        [p.detach().clone() for p in trainer.model.reward_model.parameters()])})())
+    trainer.train()
+    assert [r.iteration for r in rollouts] == [0, 1, 2, 3]
+    assert calls == [8, 8] and trainer.oracle_queries == 16
+    for r in rollouts:
+        labelled = r.iteration % 2 == 0
+        assert (r.labels is not None) == labelled and (r.ref is not None) == labelled
+        if not labelled:  # theta's reward is r_x alone
+            assert torch.equal(r.theta.terminal, r.theta.score)
+        else:
+            assert not torch.allclose(r.theta.terminal, r.theta.score)
+    # 2 optimizer steps per iteration: x changes across steps of iterations 0 and 2 only
+    x_after = x_before[1:] + [[p.detach() for p in trainer.model.reward_model.parameters()]]
+    moved = [any(not torch.equal(a, b) for a, b in zip(x0, x1)) for x0, x1 in zip(x_before, x_after)]
+    assert moved == [True, True, False, False, True, True, False, False]
