@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
                 completions = c.per_device_train_batch_size * c.steps_per_generation * c.world_size  # per actor, iteration
                 # labelled pairs per iteration: theta's (2i, 2i+1), or each theta completion against the reference's
                 pairs = completions if objective == "win_rate" else completions // 2
-                iterations = max(1, args.queries // pairs)
+                # label_every > 1: the iterations between labelled ones cost no queries
+                iterations = max(1, args.queries // pairs) * getattr(c, "label_every", 1)
                 name = method if objective in (None, "preference_nll") else f"{method}_{objective}"
                 run_dir = out / f"{name}-seed{seed}"
                 runs[run_dir.name] = str(run_dir)
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                     B = cfg.prompts_per_iteration * cfg.world_size
                     expected = max(1, args.queries // B) * B
                 else:
-                    expected = iterations * pairs
+                    expected = max(1, args.queries // pairs) * pairs
                 if completed(run_dir, expected):
                     print(f"= {run_dir} already completed", flush=True)
                     continue
