@@ -640,3 +640,41 @@ MUTATIONS += [
       "keys = [-v for v in values] if decays else values", "keys = values",
       [GW_CONFIG], "decay powers are checked in the learning rates' order (critic decaying fastest)"),
 ]
+
+# the guards, the reward trust region, the adaptive tau and the unlabelled iterations (bilevel_rlhf/guards.py,
+# trust_region.py, schedules.py; the trainer's label_every)
+GUARDS_PY = "bilevel_rlhf/guards.py"
+TRUST = "bilevel_rlhf/trust_region.py"
+GUARDS = "tests/test_guards.py"
+MUTATIONS += [
+    M("guard_streak_never_reset", GUARDS_PY,
+      "            else:\n                rec.streak = 0\n", "            else:\n                pass\n",
+      [GUARDS], "a penalty gap within the tolerance does not end a run of lost-tracking rollouts"),
+    M("guard_resync_never_applied", GUARDS_PY,
+      "            copy_actor(model, optimizer, source=\"theta\", target=\"phi\")\n", "            pass\n",
+      [GUARDS], "a due resync is counted but phi is not copied from theta"),
+    M("guard_resync_copies_phi_into_theta", GUARDS_PY,
+      'copy_actor(model, optimizer, source="theta", target="phi")',
+      'copy_actor(model, optimizer, source="phi", target="theta")',
+      [GUARDS], "the resync overwrites theta with the lost phi"),
+    M("guard_collapse_fraction_ignored", GUARDS_PY,
+      "if h < self.collapse_fraction * h0:", "if h < h0:",
+      [GUARDS], "any entropy drop is reported as a collapse"),
+    M("trust_region_never_scales", TRUST,
+      "        if scale < 1.0:\n", "        if False:\n",
+      [GUARDS], "the x step is measured but never scaled back"),
+    M("trust_region_ignores_tau", TRUST,
+      "change = ((self._scores() - scores).abs().max() / tau).reshape(1)",
+      "change = (self._scores() - scores).abs().max().reshape(1)",
+      [GUARDS], "the cap is on r_x, not on the tilt r_x / tau"),
+    M("adaptive_tau_sign", SCHEDULES,
+      "error = min(max(kl / self.target - 1.0, -0.2), 0.2)", "error = min(max(1.0 - kl / self.target, -0.2), 0.2)",
+      [GUARDS], "tau shrinks while the policy is too far from the reference"),
+    M("label_every_x_steps_anyway", TRAINER,
+      "        return self.is_labelled_iteration(k)\n", "        return True\n",
+      [GUARDS], "x steps on unlabelled iterations"),
+    M("penalized_covariance_theta_unpenalized", CFG,
+      'PENALIZED_THETA_METHODS = PENALTY_METHODS + ("penalized_covariance",)',
+      "PENALIZED_THETA_METHODS = PENALTY_METHODS",
+      [MATH], "penalized_covariance's theta gets r_x alone, without the -g / lambda term"),
+]
