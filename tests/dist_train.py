@@ -41,7 +41,7 @@ def main(out_dir: str, mode: str, stage: str) -> None:
     steps_per_iteration = {"plain": 2, "fused": 1}[mode]
     prompts = ["the cat is", "a dog was", "we love the", "it is very", "the day was", "they hate a"] * 4
     args = BilevelConfig(
-        output_dir=run_dir, per_device_train_batch_size=8 // steps_per_iteration, max_steps=4 if stage == "first" else 8,
+        output_dir=run_dir, method="single_loop", per_device_train_batch_size=8 // steps_per_iteration, max_steps=4 if stage == "first" else 8,
         save_strategy="steps" if stage == "first" else "no", save_steps=4,
         steps_per_generation=steps_per_iteration, num_iterations=steps_per_iteration,
         max_completion_length=4, max_prompt_length=8, use_cpu=True, report_to="none", seed=0,

@@ -94,7 +94,7 @@ def test_coupled_sampling_draws_whole_completions_from_the_exact_distribution(tm
 
     tok, policy = testbed.make_tokenizer(), testbed.make_policy(seed=1)
     problem = testbed.MultiTokenProblem.from_policy(policy, seed=1)
-    args = BilevelConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_completion_length=3,
+    args = BilevelConfig(output_dir=str(tmp_path), method="single_loop", per_device_train_batch_size=4, max_completion_length=3,
                          max_prompt_length=2, use_cpu=True, report_to="none", common_random_numbers=True)
     trainer = BilevelTrainer(policy, testbed.TableReward(), problem.oracle(), args,
                              Dataset.from_dict({"prompt": ["q", "q"]}), processing_class=tok)

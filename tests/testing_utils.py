@@ -63,8 +63,11 @@ def happy_oracle(mode: str = "deterministic") -> ScoreOracle:
 
 
 def make_config(tmp_path, **fields) -> BilevelConfig:
-    """A BilevelConfig writing under tmp_path/out, on the CPU, reporting nowhere, seed 0; `fields` override these."""
-    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True, seed=0)
+    """A BilevelConfig writing under tmp_path/out, on the CPU, reporting nowhere, seed 0, method single_loop; `fields`
+    override these."""
+    # the paper's two-actor method unless a test names another (the config's default is penalized_covariance)
+    base = dict(output_dir=str(tmp_path / "out"), method="single_loop", use_cpu=True, report_to="none",
+                disable_tqdm=True, seed=0)
     return BilevelConfig(**{**base, **fields})
 
 
