@@ -140,7 +140,8 @@ WARN_CASES: list[tuple[str, list[dict], list[dict]]] = [
 
 
 def make(tmp_path, **overrides) -> BilevelConfig:
-    return BilevelConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **overrides)
+    # the cases are written against single_loop (tau_init = 0 allowed); the covariance methods' cases name theirs
+    return BilevelConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{"method": "single_loop", **overrides})
 
 
 def _ids(cases):
