@@ -72,3 +72,20 @@ def test_panel_summary_pairs_runs_with_partial_sgd_and_counts_failures():
     assert m["collapsed_runs"] == 1 and m["lost_tracking_runs"] == 1 and m["phi_resyncs"] == 3
     assert compare.parse_method("single_loop@phi_resync=true,penalty_lambda=5") == (
         "single_loop", {"phi_resync": True, "penalty_lambda": 5})
+
+
+def test_panel_run_records_the_exact_outcome_and_the_guards(tmp_path):
+    import argparse
+
+    compare = load_script("testbed_compare")
+    spec = next(s for s in panel.draw_panel(8, seed=0) if s.max_length <= 2)
+    args = argparse.Namespace(prompts=8, iterations=3, weight=0.1, penalty_lambda=2.0, actor_lr=3e-3, critic_lr=1e-2,
+                              reward_lr=1e-2, crn=True)
+    rec = compare.run_panel_instance(spec, "single_loop@phi_resync=true", 0, args)
+    assert rec["method"] == "single_loop@phi_resync=true" and rec["instance"] == spec.index
+    assert rec["queries"] == 3 * (16 if spec.objective == "win_rate" else 8)  # 8 prompts x 2 completions
+    assert np.isfinite(rec["phi_tau"]) and set(rec["guard"]) >= {"longest_streak", "phi_resyncs"}
+    for role in ("theta", "phi"):
+        assert 0 <= rec[f"{role}_entropy"] <= np.log(spec.num_completions) + 1e-9
+        assert rec[f"{role}_kl_to_target"] >= 0
+    assert rec["collapsed"] == []
