@@ -80,10 +80,11 @@ class BilevelConfig(TrainingArguments):
             repairs phi.
         phi_resync (`bool`, *optional*, defaults to `False`):
             Repair lost tracking by copying theta's weights, value head and optimizer moments into phi.
-        reward_trust_region (`float` or `None`, *optional*, defaults to `None`):
-            delta > 0: cap every step of x so that max_y |change of r_x(y)| / tau_k over the rollout's completions
-            is at most delta (`bilevel_rlhf.trust_region`): the actors' target moves by a bounded tilt per step,
-            whatever tau_k. Needs `tau_init > 0`. None: no cap.
+        reward_trust_region (`float`, *optional*, defaults to `0.5`):
+            delta: cap every step of x so that max_y |change of r_x(y)| / tau_k over the rollout's completions is at
+            most delta (`bilevel_rlhf.trust_region`): the actors' target moves by a bounded tilt per step, whatever
+            tau_k. 0 turns the cap off (as `max_grad_norm`); a cap needs `tau_init > 0`. Not applied under
+            DeepSpeed, whose engine steps inside backward (a warning says so).
         collapse_entropy_fraction (`float`, *optional*, defaults to `0.1`):
             An actor whose mean token entropy falls below this fraction of its first rollout's is reported as
             collapsed (`CollapseWarning`); 0 turns the check off.
@@ -225,8 +226,8 @@ class BilevelConfig(TrainingArguments):
     tracking_patience: int = field(
         default=3, metadata={"help": "Rollouts in a row with lost tracking before a warning (and a resync), >= 1."}
     )
-    reward_trust_region: float | None = field(
-        default=None, metadata={"help": "Cap on each x step's change of r_x / tau_k on the rollout (> 0), or None."}
+    reward_trust_region: float = field(
+        default=0.5, metadata={"help": "Cap on each x step's change of r_x / tau_k on the rollout, >= 0 (0: off)."}
     )
     phi_resync: bool = field(default=False, metadata={"help": "Copy theta into phi when phi has lost track."})
     collapse_entropy_fraction: float = field(
@@ -365,9 +366,9 @@ class BilevelConfig(TrainingArguments):
              f"> 0 for method={self.method!r} (it divides by tau)")
         need(self.tracking_tolerance >= 0, "tracking_tolerance", ">= 0")
         need(self.tracking_patience >= 1, "tracking_patience", ">= 1")
-        need(self.reward_trust_region is None or self.reward_trust_region > 0, "reward_trust_region", "None or > 0")
-        need(self.reward_trust_region is None or self.tau_init > 0, "reward_trust_region",
-             "None when tau_init = 0 (the cap is on r_x / tau_k)")
+        need(self.reward_trust_region >= 0, "reward_trust_region", ">= 0 (0: no cap)")
+        need(self.reward_trust_region == 0 or self.tau_init > 0, "reward_trust_region",
+             "0 when tau_init = 0 (the cap is on r_x / tau_k)")
         need(0 <= self.collapse_entropy_fraction < 1, "collapse_entropy_fraction", "in [0, 1)")
         need(self.regularization in REGULARIZATIONS, "regularization", f"one of {REGULARIZATIONS}")
         need(self.tau_init >= 0, "tau_init", ">= 0")

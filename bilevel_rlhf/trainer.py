@@ -350,10 +350,12 @@ class BilevelTrainer(Trainer):
         # completions per micro-batch, as in TRL's RLOO/GRPO); the sampler repeats it for each micro-step
         self._train_batch_size = args.prompts_per_iteration
         self.add_callback(_SamplerEpochCallback(self))
-        if args.reward_trust_region is not None:
+        if args.reward_trust_region > 0:
             if self.is_deepspeed_enabled:  # its engine steps inside backward: no step to measure and scale back
-                raise ValueError("reward_trust_region is not supported under DeepSpeed; set it to None")
-            self.add_callback(RewardTrustRegion(self, args.reward_trust_region))
+                warnings.warn("reward_trust_region is not applied under DeepSpeed (its engine steps inside backward); "
+                              "x's steps are uncapped", stacklevel=2)
+            else:
+                self.add_callback(RewardTrustRegion(self, args.reward_trust_region))
         self._tensorboard_in_output_dir()
 
     def _tensorboard_in_output_dir(self) -> None:

@@ -50,9 +50,9 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
       dict(method="penalized_covariance", tau_init=EPS, tau_min=0.0)]),
     ("tracking_tolerance", dict(tracking_tolerance=-EPS), [dict(tracking_tolerance=0.0)]),
     ("tracking_patience", dict(tracking_patience=0), [dict(tracking_patience=1)]),
-    ("reward_trust_region", dict(reward_trust_region=0.0), [dict(reward_trust_region=EPS), dict(reward_trust_region=None)]),
+    ("reward_trust_region", dict(reward_trust_region=-EPS), [dict(reward_trust_region=0.0)]),
     ("reward_trust_region", dict(reward_trust_region=1.0, tau_init=0.0, tau_min=0.0),
-     [dict(reward_trust_region=1.0, tau_init=EPS, tau_min=0.0)]),
+     [dict(reward_trust_region=1.0, tau_init=EPS, tau_min=0.0), dict(reward_trust_region=0.0, tau_init=0.0, tau_min=0.0)]),
     ("collapse_entropy_fraction", dict(collapse_entropy_fraction=1.0),
      [dict(collapse_entropy_fraction=0.0), dict(collapse_entropy_fraction=1 - EPS)]),
     ("regularization", dict(regularization="l2"), [dict(regularization=r) for r in REGULARIZATIONS]),
@@ -140,8 +140,10 @@ WARN_CASES: list[tuple[str, list[dict], list[dict]]] = [
 
 
 def make(tmp_path, **overrides) -> BilevelConfig:
-    # the cases are written against single_loop (tau_init = 0 allowed); the covariance methods' cases name theirs
-    return BilevelConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{"method": "single_loop", **overrides})
+    # the cases are written against single_loop without the trust region (tau_init = 0 allowed); the cases of the
+    # covariance methods and of the trust region name theirs
+    base = {"method": "single_loop", "reward_trust_region": 0.0}
+    return BilevelConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{**base, **overrides})
 
 
 def _ids(cases):

@@ -51,7 +51,7 @@ def expected_keys(trainer: BilevelTrainer, evaluation: bool = False, x_step: boo
         "oracle score": callable(getattr(trainer.preference_oracle, "score", None)),
         "x step": x_step,
         "clipping": a.max_grad_norm > 0,
-        "trust region": a.reward_trust_region is not None,
+        "trust region": a.reward_trust_region > 0 and not trainer.is_deepspeed_enabled,
     }
     keys = set()
     for name, conditions in documented_metrics():

@@ -126,7 +126,7 @@ def _one_x_step(tmp_path, trust_region):
 def test_reward_trust_region_caps_the_tilt_change_by_scaling_the_step(tmp_path):
     """A table reward: the step moves only the sampled completions' entries, so max |dx| / tau is the measured
     change; the capped step is the uncapped one scaled by delta / change, and the change is then delta."""
-    free, _ = _one_x_step(tmp_path / "free", None)
+    free, _ = _one_x_step(tmp_path / "free", 0.0)
     capped, trainer = _one_x_step(tmp_path / "capped", 0.01)
     change_free = np.abs(free).max() / 0.5
     assert change_free > 0.1  # Adam's first step moves each sampled entry by about the learning rate

@@ -63,11 +63,12 @@ def happy_oracle(mode: str = "deterministic") -> ScoreOracle:
 
 
 def make_config(tmp_path, **fields) -> BilevelConfig:
-    """A BilevelConfig writing under tmp_path/out, on the CPU, reporting nowhere, seed 0, method single_loop; `fields`
-    override these."""
-    # the paper's two-actor method unless a test names another (the config's default is penalized_covariance)
-    base = dict(output_dir=str(tmp_path / "out"), method="single_loop", use_cpu=True, report_to="none",
-                disable_tqdm=True, seed=0)
+    """A BilevelConfig writing under tmp_path/out, on the CPU, reporting nowhere, seed 0, method single_loop, no trust region;
+    `fields` override these."""
+    # the paper's two-actor method without the trust region on x's steps, unless a test names them (the config's
+    # defaults are penalized_covariance and a trust region of 0.5)
+    base = dict(output_dir=str(tmp_path / "out"), method="single_loop", reward_trust_region=0.0, use_cpu=True,
+                report_to="none", disable_tqdm=True, seed=0)
     return BilevelConfig(**{**base, **fields})
 
 
