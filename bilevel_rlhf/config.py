@@ -52,8 +52,9 @@ class BilevelConfig(TrainingArguments):
             regularized lower level is a Boltzmann tilt of the reference, as in KL-regularized LM fine-tuning),
             `"penalized_covariance"` (one actor theta, penalized as in the penalty methods: its reward is
             r_x(y) - g(y) / lambda_k, so it also learns from the oracle's verdicts directly; x steps along the
-            covariance form over theta's completions). The default: on the testbed panel it ends below `partial_sgd`
-            in 85% of runs, where `single_loop` does in 33% (docs/panel.md).
+            covariance form over theta's completions). The default (with `penalty_lambda=1` and
+            `reward_trust_region=0.5`): on the testbed panel it ends below `partial_sgd` in 82% of the runs, where
+            `single_loop` does in 33% (docs/panel.md, docs/tuning.md).
         nested_inner_steps (`int`, *optional*, defaults to `4`):
             Lower-level (actor/critic) iterations per reward-model step for `method="nested_loop"`.
         label_every (`int`, *optional*, defaults to `1`):
@@ -110,7 +111,7 @@ class BilevelConfig(TrainingArguments):
 
         > Penalty (lambda)
 
-        penalty_lambda (`float`, *optional*, defaults to `2.0`):
+        penalty_lambda (`float`, *optional*, defaults to `1.0`):
             lambda_0 > 0. For the penalized theta, 1 / lambda weighs the oracle's verdicts against r_x in its reward;
             for the two-actor methods, lambda also multiplies phi's tracking error in x's step (docs/tuning.md).
         penalty_lambda_schedule (`str`, *optional*, defaults to `"constant"`):
@@ -244,7 +245,7 @@ class BilevelConfig(TrainingArguments):
     tau_target_kl: float = field(default=6.0, metadata={"help": "Target KL of tau_schedule='adaptive', > 0."})
 
     # --- penalty (lambda) ---
-    penalty_lambda: float = field(default=2.0, metadata={"help": "lambda_0 > 0."})
+    penalty_lambda: float = field(default=1.0, metadata={"help": "lambda_0 > 0."})
     penalty_lambda_schedule: str = field(default="constant", metadata={"help": f"One of {LAMBDA_SCHEDULES}."})
     penalty_lambda_growth: float = field(default=0.5, metadata={"help": "Growth exponent g >= 0."})
     penalty_lambda_horizon: float = field(default=10.0, metadata={"help": "k_0 > 0, in iterations."})

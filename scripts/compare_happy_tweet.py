@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        default=["nested_loop", "single_loop", "partial_sgd", "online_dpo", "rloo"])
+                        default=["penalized_covariance", "nested_loop", "single_loop", "partial_sgd", "online_dpo", "rloo"])
     parser.add_argument("--objectives", nargs="+", default=["win_rate"], choices=OBJECTIVES,
                         help="upper objectives of the bilevel methods (each bilevel method runs with each)")
     parser.add_argument("--queries", type=int, default=960, help="oracle queries per run (default 960)")
