@@ -240,7 +240,7 @@ def test_recipe_with_lora_saves_adapters_that_load_and_resume(tiny_model, tmp_pa
 
     from bilevel_rlhf.happy_tweet.recipe import run
 
-    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--report_to", "none"]
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--report_to", "none", "--method", "single_loop"]
     out = tmp_path / "lora"
     summary = run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(out), *TINY, *lora])
     assert summary["status"] == "completed" and summary["use_peft"] and summary["oracle_queries"] == 8
