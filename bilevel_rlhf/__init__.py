@@ -7,7 +7,10 @@ objectives and the preference oracles. Everything else lives in its subpackage o
   exact solvers, `GoalProblem.hypergradient`, ...);
 - `bilevel_rlhf.rl_utils`: `compute_gae`, `masked_whiten`, `bradley_terry_loss`;
 - `bilevel_rlhf.happy_tweet`: the tweet data and the default small GPT-2 (`load_tweets`, `get_default_model`, ...);
-- `bilevel_rlhf.bandit`, `bilevel_rlhf.testbed`: the exact one-token bandit and multi-token testbed;
+- `bilevel_rlhf.bandit`, `bilevel_rlhf.testbed`, `bilevel_rlhf.panel`: the exact one-token bandit, the exact
+  multi-token testbed, and panels of its instances drawn by seed;
+- `bilevel_rlhf.guards`, `bilevel_rlhf.trust_region`: the trainer's lost-tracking and collapse guards, and the trust
+  region on the reward model's steps;
 - `bilevel_rlhf.schedules`: the trainer's schedules (`tau_at`, `lambda_at`, `lr_factor`).
 
 Submodules load lazily, so `import bilevel_rlhf` does not import transformers or trl, and the tabular GridWorld
@@ -38,6 +41,9 @@ _EXPORTS: dict[str, str] = {
     "ScoreOracle": ".preference",
     "VaderOracle": ".preference",
     "check_labels": ".preference",
+    # --- warnings of the guards (to filter or to turn into errors) ---
+    "CollapseWarning": ".guards",
+    "TrackingWarning": ".guards",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -74,10 +74,10 @@ class TrackingGuard:
                 rec.streak = 0
             if rec.streak == self.patience:
                 action = "re-synchronising phi from theta" if self.resync else "set phi_resync=True to repair it"
+                bound = f"-{self.tolerance:g}" if self.tolerance else "0"
                 warnings.warn(
                     f"iteration {iteration}: phi lost track of the lower-level optimum: the penalty gap "
-                    f"J(phi) - J(theta) = {gap:.4g} has been below -{self.tolerance:g} for {rec.streak} iterations; "
-                    f"{action}",
+                    f"J(phi) - J(theta) = {gap:.4g} has been below {bound} for {rec.streak} iterations; {action}",
                     TrackingWarning,
                     stacklevel=2,
                 )
