@@ -31,15 +31,11 @@ class RewardTrustRegion(TrainerCallback):
 
     @torch.no_grad()
     def _scores(self) -> torch.Tensor:
-        buf = self.trainer._buffer
-        roles = buf.generators
-        ids = [buf.completions(r).reward_input_ids for r in roles]
-        masks = [buf.completions(r).reward_attention_mask for r in roles]
-        width = max(t.shape[1] for t in ids)
-        pad = (self.trainer.reward_processing_class or self.trainer.processing_class).pad_token_id
-        ids = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in ids])
-        masks = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1]), value=0) for m in masks])
-        return self._model().reward_forward(ids, masks)
+        buf = self.trainer._buffer  # every role's rows share one width, as in the rollout's own scoring pass
+        return self._model().reward_forward(
+            torch.cat([buf.completions(r).reward_input_ids for r in buf.generators]),
+            torch.cat([buf.completions(r).reward_attention_mask for r in buf.generators]),
+        )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         params = [p for p in self._model().role_parameters()["reward"] if p.grad is not None]
