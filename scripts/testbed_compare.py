@@ -160,7 +160,9 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 def entropy(p: np.ndarray) -> float:
-    return float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    """Entropy (nats) of a distribution given by its probabilities (zeros allowed)."""
+    with np.errstate(divide="ignore"):
+        return panel.entropy(np.log(p))
 
 
 def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: argparse.Namespace) -> dict:
