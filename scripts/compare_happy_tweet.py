@@ -73,10 +73,11 @@ def objective_args(objective: str, config: str) -> list[str]:
 
 
 def run_bilevel(method: str, objective: str, seed: int, max_steps: int, run_dir: Path, config: str,
-                overrides: list[str]) -> None:
+                overrides: list[str], eval_steps: int = 0) -> None:
     cmd = [sys.executable, "-m", "bilevel_rlhf.happy_tweet.recipe", "--config", config, *objective_args(objective, config),
            *overrides, "--method", method, "--objective", objective, "--seed", str(seed), "--max_steps", str(max_steps),
-           "--output_dir", str(run_dir), "--save_strategy", "no", "--report_to", "none"]
+           "--output_dir", str(run_dir), "--save_strategy", "no", "--report_to", "none",
+           "--eval_protocol_steps", str(eval_steps)]
     print("+ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -97,12 +98,13 @@ class CountingScore:
 
 
 def _run_trl(method: str, trainer_cls, trl_args, reward: CountingScore, seed: int, run_dir: Path, script_args, a,
-             model_args, t0: float, note: str, **extra) -> None:
-    """Train a TRL baseline from the recipe's model on the recipe's prompts, save it, and write its summary.json."""
+             model_args, t0: float, note: str, eval_steps: int = 0, **extra) -> None:
+    """Train a TRL baseline from the recipe's model on the recipe's prompts, save it, and write its summary.json.
+    `eval_steps` > 0: the evaluation protocol every that many steps, against the recipe's model as the reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bilevel_rlhf.happy_tweet.data import load_prompt_dataset
-    from bilevel_rlhf.happy_tweet.recipe import SUMMARY_NAME, resolve_model_path
+    from bilevel_rlhf.happy_tweet.recipe import SUMMARY_NAME, make_oracle, protocol_callback, resolve_model_path
 
     path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -111,6 +113,12 @@ def _run_trl(method: str, trainer_cls, trl_args, reward: CountingScore, seed: in
                                   script_args.tweets_path).select_columns(["prompt"])
     trainer = trainer_cls(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[reward], args=trl_args,
                           train_dataset=prompts, processing_class=tokenizer)
+    if eval_steps > 0:
+        script_args.eval_protocol_steps = eval_steps
+        trainer.add_callback(protocol_callback(  # its own oracle instance and frozen pi_0: evaluation stays apart
+            trainer, script_args, oracle=make_oracle(script_args, seed),
+            ref_model=AutoModelForCausalLM.from_pretrained(path).to(trainer.accelerator.device).eval(),
+            train_queries=lambda: reward.queries))
     trainer.train()
     trainer.save_model(str(run_dir))
     summary = {"status": "completed", "method": method, "seed": seed, "oracle": script_args.oracle,
@@ -120,7 +128,8 @@ def _run_trl(method: str, trainer_cls, trl_args, reward: CountingScore, seed: in
     (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
 
 
-def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float) -> None:
+def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float,
+             eval_every: int = 0) -> None:
     """TRL RLOO on the oracle's score with the bilevel runs' sampling and optimization settings."""
     from trl import RLOOConfig, RLOOTrainer
 
@@ -139,12 +148,14 @@ def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: lis
         epsilon=a.cliprange, beta=beta, disable_dropout=True, logging_steps=a.logging_steps,
         dataloader_num_workers=0,
     )
+    per_step = a.per_device_train_batch_size * a.steps_per_generation // a.steps_per_iteration  # queries per step
     _run_trl("rloo", RLOOTrainer, args, CountingScore(make_oracle(script_args, seed)), seed, run_dir, script_args, a,
-             model_args, t0, "queries = scored completions (one scalar oracle score each)", iterations=iterations,
-             beta=beta)
+             model_args, t0, "queries = scored completions (one scalar oracle score each)",
+             eval_steps=eval_every and max(1, eval_every // per_step), iterations=iterations, beta=beta)
 
 
-def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float) -> None:
+def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, overrides: list[str], beta: float,
+                   eval_every: int = 0) -> None:
     """TRL's OnlineDPO with the oracle's score as its reward function: two completions per prompt, the higher-scored
     one chosen; one query per pair. The same model, prompts, completion length, temperature and actor learning rate
     as the bilevel runs; `--dpo_beta` is its KL coefficient."""
@@ -163,7 +174,8 @@ def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, override
         disable_dropout=True, logging_steps=a.logging_steps, dataloader_num_workers=0,
     )
     _run_trl("online_dpo", OnlineDPOTrainer, args, CountingScore(make_oracle(script_args, seed), per=2), seed, run_dir,
-             script_args, a, model_args, t0, "queries = pairs (two scored completions each)", beta=beta)
+             script_args, a, model_args, t0, "queries = pairs (two scored completions each)",
+             eval_steps=eval_every and max(1, eval_every // B), beta=beta)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,9 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip_eval", action="store_true",
                         help="train only (evaluate several invocations' runs together with scripts/evaluate_happy_tweet.py)")
     parser.add_argument("--eval_samples", type=int, default=4)
+    parser.add_argument("--eval_every_queries", type=int, default=0,
+                        help="run the evaluation protocol (eval_protocol.json in each run: oracle score, win rate, KL, "
+                             "distinct-n and length on held-out prompts) every this many training queries, for every "
+                             "method alike; 0: off (default). Then scripts/protocol_report.py draws the frontier")
     args = parser.parse_args(argv)
     if args.queries < 1:
         parser.error(f"--queries must be >= 1, got {args.queries}")
+    if args.eval_every_queries < 0:
+        parser.error(f"--eval_every_queries must be >= 0, got {args.eval_every_queries}")
 
     # the TRL baselines take the preference_nll settings: two completions per prompt
     needed = set(args.objectives) | ({"preference_nll"} if set(args.methods) & set(TRL_METHODS) else set())
@@ -219,12 +237,16 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"= {run_dir} already completed", flush=True)
                     continue
                 if method == "rloo":
-                    run_rloo(seed, args.queries, run_dir, args.config, overrides, args.rloo_beta)
+                    run_rloo(seed, args.queries, run_dir, args.config, overrides, args.rloo_beta,
+                             args.eval_every_queries)
                 elif method == "online_dpo":
-                    run_online_dpo(seed, args.queries, run_dir, args.config, overrides, args.dpo_beta)
+                    run_online_dpo(seed, args.queries, run_dir, args.config, overrides, args.dpo_beta,
+                                   args.eval_every_queries)
                 else:
+                    # labelled iterations per evaluation, as steps (query-free iterations between them count)
+                    every = args.eval_every_queries and max(1, args.eval_every_queries // pairs) * getattr(c, "label_every", 1)
                     run_bilevel(method, objective, seed, iterations * c.steps_per_iteration, run_dir, args.config,
-                                overrides)
+                                overrides, every * c.steps_per_iteration)
     train_seconds = time.time() - t0
     if args.skip_eval:
         print(f"training {train_seconds:.0f} s; runs: " + ", ".join(runs.values()))

@@ -76,6 +76,7 @@ GW_SOLVERS_PY = "bilevel_rlhf/gridworld/solvers.py"
 GW_TABULAR = "bilevel_rlhf/gridworld/tabular.py"
 GW_FOUR_ROOMS = "bilevel_rlhf/gridworld/four_rooms.py"
 EVAL = "bilevel_rlhf/happy_tweet/evaluate.py"
+EVALUATION = "bilevel_rlhf/evaluation.py"
 EVAL_SCRIPT = "scripts/evaluate_happy_tweet.py"
 
 M = Mutation
@@ -550,10 +551,10 @@ MUTATIONS: list[Mutation] = [
       'lengths.append(batch["completion_mask"].sum(1).float())',
       'lengths.append(batch["completion_mask"].sum(1).float() - 1)',
       [SCRIPTS], "mean_length excludes the eos token"),
-    M("eval_kl_reversed", EVAL,
+    M("eval_kl_reversed", EVALUATION,
       "kl_t = (logp.exp() * (logp - logq)).sum(-1)", "kl_t = (logq.exp() * (logq - logp)).sum(-1)",
       [SCRIPTS, HT_KL], "sequence_kl computes KL(ref || policy)"),
-    M("eval_distinct_off_by_one", EVAL,
+    M("eval_distinct_off_by_one", EVALUATION,
       "for i in range(len(words) - n + 1)]", "for i in range(len(words) - n)]",
       [SCRIPTS, HT_DISTINCT], "distinct_n misses each text's last n-gram"),
     M("eval_script_run_name", EVAL_SCRIPT,

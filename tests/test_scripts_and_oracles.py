@@ -335,8 +335,9 @@ def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
     config.write_text(Path(CONFIG).read_text().replace("per_device_train_batch_size: 8 ", "per_device_train_batch_size: 2 "))
     argv = ["--seeds", "0", "1", "--methods", "single_loop", "rloo", "online_dpo", "--objectives", "preference_nll",
             "win_rate", "--queries", "8", "--output_dir", str(out), "--config", str(config),
-            "--eval_prompts", "2", "--eval_samples", "2", "--",
-            "--model_name_or_path", tiny_model, "--max_completion_length", "6", "--num_eval_prompts", "0"]
+            "--eval_prompts", "2", "--eval_samples", "2", "--eval_every_queries", "4", "--",
+            "--model_name_or_path", tiny_model, "--max_completion_length", "6", "--num_eval_prompts", "0",
+            "--eval_protocol_prompts", "2", "--eval_protocol_samples", "1"]
     compare.main(argv)
 
     kinds = ("single_loop", "single_loop_win_rate", "rloo", "online_dpo")
@@ -358,6 +359,14 @@ def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
         assert summaries[f"rloo-seed{seed}"]["oracle_curve"][-1]["oracle/queries"] == 8.0
         assert summaries[f"online_dpo-seed{seed}"]["global_step"] == 2
     assert (out / "single_loop-seed0" / "model.safetensors").is_file() and (out / "rloo-seed1" / "model.safetensors").is_file()
+    # the evaluation protocol ran in every run, bilevel and TRL alike, every 4 training queries: at 0, 4 and 8 (RLOO
+    # samples its one generation of 8 completions at the first step, so its queries read 8 already at step 4)
+    from bilevel_rlhf.eval_callback import read_eval_records
+
+    for name in names:
+        records = read_eval_records(out / name)
+        assert [r.train_queries for r in records] == ([0, 8, 8] if name.startswith("rloo") else [0, 4, 8]), name
+        assert records[0].kl == 0.0 and all(r.num_completions == 2 for r in records), name
 
     report = json.loads((out / "eval" / "results.json").read_text())
     rows = {r["name"]: r for r in report["results"]}

@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..modeling import position_ids_from_mask
 from .. import rl_utils
+from ..evaluation import distinct_n, sequence_kl  # noqa: F401 (the protocol's own metrics)
+from ..modeling import position_ids_from_mask
 from ..rl_utils import bradley_terry_loss
 
 METRICS = ("vader_mean", "vader_frac_gt_0.5", "kl_to_initial", "distinct_1", "distinct_2", "mean_length")
@@ -77,38 +78,6 @@ def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct whitespace-word n-grams over all n-grams of all texts (0 when there are none)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-@torch.no_grad()
-def sequence_kl(
-    policy: torch.nn.Module,
-    ref: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    prompt_length: int,
-    completion_mask: torch.Tensor,
-) -> torch.Tensor:
-    """[N] sum over completion positions t of KL(policy(.|s_t) || ref(.|s_t)) (exact over the vocabulary).
-
-    `input_ids` = left-padded prompts (width `prompt_length`) + right-padded completions; `completion_mask` [N, T]
-    is 1 on generated tokens (up to and including eos). Its mean over samples from `policy` estimates the KL of
-    the completion distributions without bias.
-    """
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
-    T = completion_mask.shape[1]
-    # logits at position j predict token j + 1: the completion's tokens are predicted at P-1 .. P+T-2
-    logp = torch.log_softmax(policy(**kwargs).logits[:, prompt_length - 1 : prompt_length - 1 + T].float(), -1)
-    logq = torch.log_softmax(ref(**kwargs).logits[:, prompt_length - 1 : prompt_length - 1 + T].float(), -1)
-    kl_t = (logp.exp() * (logp - logq)).sum(-1)  # [N, T]
-    return (kl_t * completion_mask).sum(1)
-
-
 @torch.no_grad()
 def sample_completions(
     model: torch.nn.Module,

@@ -76,6 +76,14 @@ class HappyTweetArguments:
         default=None,
         metadata={"help": "Cache of the embedded model (None: $BILEVEL_RLHF_CACHE or ~/.cache/bilevel_rlhf)."},
     )
+    eval_protocol_steps: int = field(
+        default=0,
+        metadata={"help": "Run the evaluation protocol (`OracleEvalCallback`: oracle score, win rate against the initial "
+                  "policy, KL to it, distinct-n, length on held-out prompts) every N optimizer steps, into "
+                  "output_dir/eval_protocol.json and the loggers; 0: off."},
+    )
+    eval_protocol_prompts: int = field(default=64, metadata={"help": "Held-out prompts of the evaluation protocol (>= 1)."})
+    eval_protocol_samples: int = field(default=4, metadata={"help": "Completions per prompt in the evaluation protocol (>= 1)."})
     torch_threads: int = field(
         default=1,
         metadata={"help": "torch intra-op threads (torch.set_num_threads); 0: torch's default (one per core). 1 by "
@@ -92,6 +100,12 @@ class HappyTweetArguments:
         need(0 < self.eval_fraction < 1, "eval_fraction", "in (0, 1)")
         need(self.max_train_prompts is None or self.max_train_prompts >= 1, "max_train_prompts", "None or >= 1")
         need(self.num_eval_prompts >= 0, "num_eval_prompts", ">= 0")
+        need(isinstance(self.eval_protocol_steps, int) and self.eval_protocol_steps >= 0, "eval_protocol_steps",
+             "an integer >= 0 (0: off)")
+        need(isinstance(self.eval_protocol_prompts, int) and self.eval_protocol_prompts >= 1, "eval_protocol_prompts",
+             "an integer >= 1")
+        need(isinstance(self.eval_protocol_samples, int) and self.eval_protocol_samples >= 1, "eval_protocol_samples",
+             "an integer >= 1")
         need(math.isfinite(self.oracle_temperature) and self.oracle_temperature > 0, "oracle_temperature", "> 0")
         need(isinstance(self.torch_threads, int) and self.torch_threads >= 0, "torch_threads", "an integer >= 0")
         if self.tweets_path is not None and not Path(self.tweets_path).is_file():
@@ -190,6 +204,19 @@ def make_oracle(script_args: HappyTweetArguments, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
+def protocol_callback(trainer, script_args: HappyTweetArguments, oracle=None, ref_model=None, train_queries=None):
+    """The evaluation protocol on the first `eval_protocol_prompts` held-out prompts, every `eval_protocol_steps`
+    steps (`bilevel_rlhf.eval_callback.OracleEvalCallback`); the TRL baselines pass their oracle, reference and
+    query count."""
+    from ..eval_callback import OracleEvalCallback
+    from .data import load_prompt_dataset
+
+    prompts = load_prompt_dataset("eval", script_args.n_prompt_words, script_args.eval_fraction,
+                                  script_args.tweets_path)["prompt"][: script_args.eval_protocol_prompts]
+    return OracleEvalCallback(trainer, prompts, script_args.eval_protocol_steps, oracle=oracle, ref_model=ref_model,
+                              train_queries=train_queries, num_samples=script_args.eval_protocol_samples)
+
+
 class StopOnSignal(TrainerCallback):
     """SIGINT/SIGTERM: finish the current iteration, save a checkpoint, stop (a second signal aborts at once).
 
@@ -314,6 +341,8 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
         print(f"[happy-tweet] device {trainer.accelerator.device} x {trainer.accelerator.num_processes} process(es), "
               f"parameters {dtype}, mixed precision {trainer.accelerator.mixed_precision}, "
               f"torch threads {torch.get_num_threads()}", file=sys.stderr)
+    if script_args.eval_protocol_steps > 0:
+        trainer.add_callback(protocol_callback(trainer, script_args))
     stopper = StopOnSignal(trainer.accelerator)
     trainer.add_callback(stopper)
     stopper.install()
