@@ -11,7 +11,9 @@ objectives and the preference oracles. Everything else lives in its subpackage o
   multi-token testbed, and panels of its instances drawn by seed;
 - `bilevel_rlhf.guards`, `bilevel_rlhf.trust_region`: the trainer's lost-tracking and collapse guards, and the trust
   region on the reward model's steps;
-- `bilevel_rlhf.schedules`: the trainer's schedules (`tau_at`, `lambda_at`, `lr_factor`).
+- `bilevel_rlhf.schedules`: the trainer's schedules (`tau_at`, `lambda_at`, `lr_factor`);
+- `bilevel_rlhf.frontier`: protocol records read as the field reads them (reward-KL envelopes, matched KL, query
+  curves), behind `scripts/protocol_report.py`.
 
 Submodules load lazily, so `import bilevel_rlhf` does not import transformers or trl, and the tabular GridWorld
 backend imports in a fraction of a second.
@@ -41,6 +43,12 @@ _EXPORTS: dict[str, str] = {
     "ScoreOracle": ".preference",
     "VaderOracle": ".preference",
     "check_labels": ".preference",
+    "load_human": ".humans",
+    # --- the evaluation protocol (oracle score, win rate, KL, diversity on held-out prompts) ---
+    "EvalRecord": ".evaluation",
+    "PolicyEvaluator": ".evaluation",
+    "OracleEvalCallback": ".eval_callback",
+    "read_eval_records": ".eval_callback",
     # --- warnings of the guards (to filter or to turn into errors) ---
     "CollapseWarning": ".guards",
     "TrackingWarning": ".guards",

@@ -311,6 +311,40 @@ def test_second_sigint_aborts_at_once(tiny_model, tmp_path, monkeypatch):
     assert not list(out.glob("checkpoint-*")) and not (out / "summary.json").exists()
 
 
+# ---------------------------------------------------------------------------------------------------- evaluation protocol
+def test_checkpoint_evaluation_equals_the_callbacks(tiny_model, tmp_path, monkeypatch):
+    """The recipe with the protocol every 4 steps, then scripts/evaluate_checkpoints.py on its checkpoints: the same
+    prompts, noise and models give the same records (steps 0, 4, 8; queries from the checkpoints' state)."""
+    from bilevel_rlhf.eval_callback import read_eval_records
+    from bilevel_rlhf.happy_tweet.recipe import run
+
+    out = tmp_path / "run"
+    run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(out), *TINY,
+         "--eval_protocol_steps", "4", "--eval_protocol_prompts", "2", "--eval_protocol_samples", "2"])
+    during = read_eval_records(out)
+    assert [r.step for r in during] == [0, 4, 8] and during[0].kl == 0.0 and during[-1].kl > 0.0
+    script = load_script("evaluate_checkpoints")
+    argv = [str(out), "--num_prompts", "2", "--num_samples", "2", "--max_completion_length", "6"]
+    with pytest.raises(SystemExit, match="exists .*--overwrite"):
+        script.main(argv)
+    script.main(argv + ["--overwrite"])
+    after = read_eval_records(out)
+    assert [r.step for r in after] == [0, 4, 8]  # the initial policy, checkpoint-4, checkpoint-8 (= the final model)
+    for a, b in zip(during, after):
+        got = {k: v for k, v in b.to_dict().items() if k != "eval_queries"}
+        assert got == pytest.approx({k: v for k, v in a.to_dict().items() if k != "eval_queries"}, rel=1e-5, abs=1e-6)
+
+    # a human given as module:callable (a score function), prompts from a JSONL file
+    (tmp_path / "my_judge.py").write_text("def length(texts):\n    return [float(len(t)) for t in texts]\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "good morning"}\n{"prompt": "i love"}\n')
+    monkeypatch.chdir(tmp_path)
+    script.main(argv[:1] + ["--overwrite", "--human", "my_judge:length", "--prompts", str(tmp_path / "p.jsonl"),
+                            "--num_samples", "2", "--max_completion_length", "6"])
+    assert all(r.score >= 0 and r.num_completions == 4 for r in read_eval_records(out))
+    with pytest.raises(ValueError, match="human 'my_judge:nope': cannot import 'nope'"):
+        script.main(argv[:1] + ["--overwrite", "--human", "my_judge:nope"])
+
+
 # ---------------------------------------------------------------------------------------------------- compare script
 def _table(path: Path) -> dict[str, list[str]]:
     lines = [line for line in path.read_text().splitlines() if line.startswith("| ")][1:]  # skip the header
