@@ -20,24 +20,18 @@ boundary after saving a checkpoint; `--resume_from_checkpoint last` (or a checkp
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
-import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import TrainerCallback
-
+# the generic recipe's pieces, also importable from here
+from ..recipe import SUMMARY_NAME, StopOnSignal, _cpu_without_accelerator, _resolve_resume, oracle_curve  # noqa: F401
 from ..validation import field_checker
 
 ORACLES = ("vader", "vader_bt", "minilm")
-SUMMARY_NAME = "summary.json"
 
 
 @dataclass
@@ -136,54 +130,15 @@ def resolve_model_path(model_name_or_path: str | None, cache_dir: str | None = N
     return str(path)
 
 
-def _load(kind: str, name: str, **kwargs: Any):
-    """from_pretrained with an error naming the path (corrupt weights, missing files, offline hub ids)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from .build_model import quiet_transformers
-
-    cls = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification,
-           "tokenizer": AutoTokenizer}[kind]
-    try:
-        if kind == "reward":  # a new scalar head on a causal-LM checkpoint: its missing-weights report is expected
-            with quiet_transformers():
-                return cls.from_pretrained(name, **kwargs)
-        return cls.from_pretrained(name, **kwargs)
-    except Exception as e:  # from_pretrained raises OSError, ValueError, safetensors errors, ...
-        raise ValueError(f"cannot load {kind.replace('_', ' ')} from {name}: {type(e).__name__}: {e}") from e
-
-
 def load_models(script_args: HappyTweetArguments, training_args, model_args) -> dict[str, Any]:
-    """Policy, reward model and their tokenizers (reward tokenizer None when it shares the policy's)."""
-    policy_path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
-    kwargs: dict[str, Any] = {"trust_remote_code": training_args.trust_remote_code}
-    if model_args.dtype not in (None, "auto"):
-        kwargs["dtype"] = getattr(torch, model_args.dtype)
-    if model_args.attn_implementation is not None:
-        kwargs["attn_implementation"] = model_args.attn_implementation
-    tokenizer = _load("tokenizer", policy_path, trust_remote_code=training_args.trust_remote_code)
-    policy = _load("causal_lm", policy_path, **kwargs)
-    if training_args.reward_adapter:  # r_x is a LoRA adapter on the policy's base, built by the trainer
-        if script_args.reward_model_name_or_path is not None:
-            raise ValueError("reward_model_name_or_path must be None with reward_adapter=True (r_x is an adapter on "
-                             "the policy's base)")
-        return {"policy_path": policy_path, "reward_path": None, "policy": policy, "tokenizer": tokenizer,
-                "reward_model": None, "reward_tokenizer": None}
+    """Policy (the embedded tweet GPT-2 by default), reward model and their tokenizers (`bilevel_rlhf.recipe`)."""
+    from ..recipe import load_models as load
 
-    reward_path = policy_path
-    if script_args.reward_model_name_or_path is not None:
-        reward_path = resolve_model_path(script_args.reward_model_name_or_path)
-    torch.manual_seed(training_args.seed)  # the fresh scalar head
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    reward_kwargs = dict(kwargs, num_labels=1)
-    if reward_path == policy_path:
-        reward_kwargs["pad_token_id"] = pad_id  # the head scores the last non-pad token
-    reward_model = _load("reward", reward_path, **reward_kwargs)
-    reward_tokenizer = None
-    if reward_path != policy_path:
-        reward_tokenizer = _load("tokenizer", reward_path, trust_remote_code=training_args.trust_remote_code)
-    return {"policy_path": policy_path, "reward_path": reward_path, "policy": policy, "tokenizer": tokenizer,
-            "reward_model": reward_model, "reward_tokenizer": reward_tokenizer}
+    policy_path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
+    reward_path = script_args.reward_model_name_or_path
+    if reward_path is not None and not training_args.reward_adapter:
+        reward_path = resolve_model_path(reward_path)
+    return load(policy_path, reward_path, training_args, model_args)
 
 
 # ---------------------------------------------------------------------------------------------------- oracle
@@ -204,115 +159,32 @@ def make_oracle(script_args: HappyTweetArguments, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
+def protocol_prompts(script_args: HappyTweetArguments) -> list[str]:
+    """The first `eval_protocol_prompts` held-out prompts."""
+    from .data import load_prompt_dataset
+
+    return load_prompt_dataset("eval", script_args.n_prompt_words, script_args.eval_fraction,
+                               script_args.tweets_path)["prompt"][: script_args.eval_protocol_prompts]
+
+
 def protocol_callback(trainer, script_args: HappyTweetArguments, oracle=None, ref_model=None, train_queries=None):
     """The evaluation protocol on the first `eval_protocol_prompts` held-out prompts, every `eval_protocol_steps`
     steps (`bilevel_rlhf.eval_callback.OracleEvalCallback`); the TRL baselines pass their oracle, reference and
     query count."""
     from ..eval_callback import OracleEvalCallback
-    from .data import load_prompt_dataset
 
-    prompts = load_prompt_dataset("eval", script_args.n_prompt_words, script_args.eval_fraction,
-                                  script_args.tweets_path)["prompt"][: script_args.eval_protocol_prompts]
-    return OracleEvalCallback(trainer, prompts, script_args.eval_protocol_steps, oracle=oracle, ref_model=ref_model,
+    return OracleEvalCallback(trainer, protocol_prompts(script_args), script_args.eval_protocol_steps, oracle=oracle, ref_model=ref_model,
                               train_queries=train_queries, num_samples=script_args.eval_protocol_samples)
 
 
-class StopOnSignal(TrainerCallback):
-    """SIGINT/SIGTERM: finish the current iteration, save a checkpoint, stop (a second signal aborts at once).
-
-    The stop decision is sum-reduced over processes, so all ranks stop at the same iteration boundary even when
-    the signal reached only some of them.
-    """
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.requested = False
-        self.stopped_at: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        if self.requested:  # second signal: the user means it
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n[happy-tweet] {signal.Signals(signum).name}: stopping after this iteration (checkpoint first); "
-              "signal again to abort now", file=sys.stderr, flush=True)
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: keep the default handlers
-                pass
-
-    def uninstall(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % args.steps_per_iteration:
-            return control  # only at iteration boundaries: the rollout buffer is not checkpointed
-        flag = torch.tensor([float(self.requested)], device=self.accelerator.device)
-        if float(self.accelerator.reduce(flag, reduction="sum")) > 0:
-            control.should_save = True
-            control.should_training_stop = True
-            self.stopped_at = state.global_step
-        return control
-
-
 # ---------------------------------------------------------------------------------------------------- main
-def _resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
-    """`last`/`true`: the newest complete checkpoint in output_dir (error if none; newer incomplete ones, cut short
-    by a kill while saving, are skipped with a warning); a path: that folder (checked)."""
-    from ..trainer import last_complete_checkpoint
-
-    if resume in (None, False, "", "false", "False"):
-        return None
-    if resume is True or str(resume).lower() in ("last", "true"):
-        last, skipped = last_complete_checkpoint(output_dir)
-        for path in skipped:
-            warnings.warn(f"resume_from_checkpoint={resume!r}: skipping {path}, an incomplete checkpoint (a save that "
-                          "did not finish)", stacklevel=2)
-        if last is None:
-            raise FileNotFoundError(f"resume_from_checkpoint={resume!r}: no complete checkpoint-* folder in {output_dir}")
-        return last
-    if not os.path.isdir(resume):
-        raise FileNotFoundError(f"resume_from_checkpoint: checkpoint folder not found: {resume}")
-    return str(resume)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def oracle_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """(step, oracle/queries, oracle/score_theta) from a Trainer log history, one entry per logged rollout."""
-    keys = ("oracle/queries", "oracle/score_theta")
-    # the Trainer's end-of-training entry (train_runtime) repeats the last rollout's metrics: skip it
-    return [{"step": e.get("step"), **{k: e[k] for k in keys}} for e in log_history
-            if all(k in e for k in keys) and "train_runtime" not in e]
-
-
 def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[str, Any]:
     """Train one method on the happy-tweet task, save every role and write `summary.json`; returns the summary."""
-    from transformers import set_seed
-    from trl import get_peft_config
-
-    from ..trainer import BilevelTrainer
+    from ..recipe import prepare_run, train_and_save
     from .data import load_prompt_dataset
 
     t_start = time.time()
-    if script_args.torch_threads > 0:
-        torch.set_num_threads(script_args.torch_threads)
-    set_seed(training_args.seed)
-    resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-
+    resume = prepare_run(training_args, script_args.torch_threads)
     train_dataset = load_prompt_dataset("train", script_args.n_prompt_words, script_args.eval_fraction,
                                         script_args.tweets_path)
     if script_args.max_train_prompts is not None:
@@ -322,87 +194,14 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
         eval_dataset = load_prompt_dataset("eval", script_args.n_prompt_words, script_args.eval_fraction,
                                            script_args.tweets_path)
         eval_dataset = eval_dataset.select(range(min(script_args.num_eval_prompts, len(eval_dataset))))
-
     models = load_models(script_args, training_args, model_args)
     oracle = make_oracle(script_args, training_args.seed)
-    trainer = BilevelTrainer(
-        model=models["policy"],
-        reward_model=models["reward_model"],
-        preference_oracle=oracle,
-        args=training_args,
-        train_dataset=train_dataset.select_columns(["prompt"]),
-        eval_dataset=eval_dataset.select_columns(["prompt"]) if eval_dataset is not None else None,
-        processing_class=models["tokenizer"],
-        reward_processing_class=models["reward_tokenizer"],
-        peft_config=get_peft_config(model_args),
-    )
-    if trainer.accelerator.is_main_process:
-        dtype = next(trainer.model.parameters()).dtype
-        print(f"[happy-tweet] device {trainer.accelerator.device} x {trainer.accelerator.num_processes} process(es), "
-              f"parameters {dtype}, mixed precision {trainer.accelerator.mixed_precision}, "
-              f"torch threads {torch.get_num_threads()}", file=sys.stderr)
+    protocol = None
     if script_args.eval_protocol_steps > 0:
-        trainer.add_callback(protocol_callback(trainer, script_args))
-    stopper = StopOnSignal(trainer.accelerator)
-    trainer.add_callback(stopper)
-    stopper.install()
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:
-        stopper.uninstall()
-    interrupted = stopper.stopped_at is not None
-
-    eval_metrics: dict[str, float] = {}
-    if not interrupted:
-        trainer.save_model(training_args.output_dir)
-        if eval_dataset is not None:
-            eval_metrics = trainer.evaluate()
-    history = trainer.state.log_history
-    train_logs = [e for e in history if "oracle/queries" in e and "train_runtime" not in e]
-    summary = {
-        "status": "interrupted" if interrupted else "completed",
-        "method": training_args.method,
-        "objective": training_args.objective,
-        "common_random_numbers": training_args.common_random_numbers,
-        "seed": training_args.seed,
-        "oracle": script_args.oracle,
-        "model_name_or_path": models["policy_path"],
-        "reward_model_name_or_path": models["reward_path"],
-        "use_peft": bool(model_args.use_peft),
-        "reward_adapter": training_args.reward_adapter,
-        "torch_threads": torch.get_num_threads(),
-        "iterations": trainer.state.global_step // training_args.steps_per_iteration,
-        "global_step": trainer.state.global_step,
-        "oracle_queries": trainer.oracle_queries,
-        "seconds": round(time.time() - t_start, 1),  # this invocation (a resumed run counts from the resume)
-        "resumed_from": resume,
-        "final_metrics": train_logs[-1] if train_logs else {},
-        "eval_metrics": eval_metrics,
-        "oracle_curve": oracle_curve(history),
-        "script_args": asdict(script_args),
-        "log_history": history,
-    }
-    if trainer.accelerator.is_main_process:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, SUMMARY_NAME), "w") as fh:
-            json.dump(_jsonable(summary), fh, indent=1)
-        if interrupted:
-            print(f"[happy-tweet] stopped at step {stopper.stopped_at}; resume with "
-                  f"--resume_from_checkpoint last --output_dir {training_args.output_dir}", file=sys.stderr)
-        else:
-            print(f"[happy-tweet] done in {summary['seconds']} s: {summary['oracle_queries']} oracle queries, "
-                  f"theta saved to {training_args.output_dir}", file=sys.stderr)
-    trainer.accelerator.wait_for_everyone()
-    return summary
-
-
-def _cpu_without_accelerator() -> None:
-    """The recipe trains on the accelerator when there is one, else on the CPU. Without one, `ACCELERATE_USE_CPU`
-    tells `TrainingArguments` so before it sets up its devices (as `use_cpu=True` would): without it, the processes
-    of a multi-process CPU launch would each train alone instead of joining one gloo process group."""
-    xpu = getattr(torch, "xpu", None)
-    if not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available())):
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        protocol = (protocol_prompts(script_args), script_args.eval_protocol_steps, script_args.eval_protocol_samples)
+    return train_and_save(training_args, model_args, models, oracle, train_dataset, eval_dataset, resume, t_start,
+                          protocol, extra={"oracle": script_args.oracle, "script_args": asdict(script_args)},
+                          tag="happy-tweet")
 
 
 def make_parser():
