@@ -1,8 +1,14 @@
-"""Compare the bilevel methods with TRL's OnlineDPO and RLOO on the happy-tweet task, same oracle budget and seeds.
+"""Compare the bilevel methods with TRL's OnlineDPO and RLOO on the happy-tweet task (or any task of the generic
+recipe), same oracle budget and seeds.
 
     python scripts/compare_happy_tweet.py                              # 1 seed, defaults of recipes/happy_tweet/config.yaml
     python scripts/compare_happy_tweet.py --seeds 0 1 2 --queries 1600 --output_dir outputs/compare
     python scripts/compare_happy_tweet.py --methods single_loop rloo -- --actor_learning_rate 1e-4   # recipe overrides
+    python scripts/compare_happy_tweet.py --recipe generic --config recipes/movie_reviews/config.yaml \
+        --methods penalized_covariance partial_sgd online_dpo --seeds 0 1 2 --queries 1600 --eval_every_queries 160
+
+With `--recipe generic` the runs use the generic recipe (`bilevel-rlhf`) and its config's prompts, model and human,
+and every method is judged by the evaluation protocol (`--eval_every_queries`, then scripts/protocol_report.py).
 
 Each bilevel method runs the recipe (`python -m bilevel_rlhf.happy_tweet.recipe`, one subprocess per run) once per
 objective in `--objectives`, with `max_steps` set so that it uses `--queries` oracle queries. Every run labels one
@@ -41,10 +47,61 @@ METHODS = BILEVEL_METHODS + ("rloo", "online_dpo")
 TRL_METHODS = ("rloo", "online_dpo")
 
 
-def parse_recipe_args(config: str, overrides: list[str]):
-    from bilevel_rlhf.happy_tweet.recipe import make_parser
+class Task:
+    """What the comparison needs from a recipe: its module, arguments, policy path, prompts and human. `happy_tweet`
+    is the happy-tweet recipe; `generic` the generic recipe (`bilevel-rlhf`: your prompts, model and human)."""
 
-    return make_parser().parse_args_and_config(["--config", config] + overrides)
+    def __init__(self, recipe: str = "happy_tweet"):
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        self.recipe = recipe
+        self.module = "bilevel_rlhf.happy_tweet.recipe" if recipe == "happy_tweet" else "bilevel_rlhf.recipe"
+
+    def parse(self, config: str, overrides: list[str]):
+        from importlib import import_module
+
+        return import_module(self.module).make_parser().parse_args_and_config(["--config", config] + overrides)
+
+    def model_path(self, script_args, model_args) -> str:
+        from bilevel_rlhf.happy_tweet.recipe import resolve_model_path
+
+        return resolve_model_path(model_args.model_name_or_path, getattr(script_args, "model_cache_dir", None))
+
+    def train_prompts(self, script_args):
+        if self.recipe == "generic":
+            from bilevel_rlhf.recipe import load_prompts
+
+            return load_prompts(script_args)[0]
+        from bilevel_rlhf.happy_tweet.data import load_prompt_dataset
+
+        return load_prompt_dataset("train", script_args.n_prompt_words, script_args.eval_fraction,
+                                   script_args.tweets_path).select_columns(["prompt"])
+
+    def oracle(self, script_args, seed: int):
+        if self.recipe == "generic":
+            from bilevel_rlhf.humans import load_human
+
+            return load_human(script_args.human, seed if script_args.human_seed is None else script_args.human_seed)
+        from bilevel_rlhf.happy_tweet.recipe import make_oracle
+
+        return make_oracle(script_args, seed)
+
+    def protocol_prompts(self, script_args) -> list[str]:
+        if self.recipe == "generic":
+            from bilevel_rlhf.recipe import load_prompts
+
+            return list(load_prompts(script_args)[1]["prompt"][: script_args.eval_protocol_prompts])
+        from bilevel_rlhf.happy_tweet.recipe import protocol_prompts
+
+        return protocol_prompts(script_args)
+
+
+RECIPES = ("happy_tweet", "generic")
+TASK = Task()  # set by main's --recipe
+
+
+def parse_recipe_args(config: str, overrides: list[str]):
+    return TASK.parse(config, overrides)
 
 
 def completed(run_dir: Path, queries: int) -> bool:
@@ -74,12 +131,15 @@ def objective_args(objective: str, config: str) -> list[str]:
 
 def run_bilevel(method: str, objective: str, seed: int, max_steps: int, run_dir: Path, config: str,
                 overrides: list[str], eval_steps: int = 0) -> None:
-    cmd = [sys.executable, "-m", "bilevel_rlhf.happy_tweet.recipe", "--config", config, *objective_args(objective, config),
+    cmd = [sys.executable, "-m", TASK.module, "--config", config, *objective_args(objective, config),
            *overrides, "--method", method, "--objective", objective, "--seed", str(seed), "--max_steps", str(max_steps),
            "--output_dir", str(run_dir), "--save_strategy", "no", "--report_to", "none",
            "--eval_protocol_steps", str(eval_steps)]
     print("+ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    # the caller's folder: relative paths of the config (data, output, a module:callable human) mean the same as for
+    # the in-process TRL runs; the repository stays importable without an install
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    subprocess.run(cmd, check=True, env=env)
 
 
 class CountingScore:
@@ -103,25 +163,24 @@ def _run_trl(method: str, trainer_cls, trl_args, reward: CountingScore, seed: in
     `eval_steps` > 0: the evaluation protocol every that many steps, against the recipe's model as the reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bilevel_rlhf.happy_tweet.data import load_prompt_dataset
-    from bilevel_rlhf.happy_tweet.recipe import SUMMARY_NAME, make_oracle, protocol_callback, resolve_model_path
+    from bilevel_rlhf.eval_callback import OracleEvalCallback
+    from bilevel_rlhf.recipe import SUMMARY_NAME
 
-    path = resolve_model_path(model_args.model_name_or_path, script_args.model_cache_dir)
+    path = TASK.model_path(script_args, model_args)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    prompts = load_prompt_dataset("train", script_args.n_prompt_words, script_args.eval_fraction,
-                                  script_args.tweets_path).select_columns(["prompt"])
+    prompts = TASK.train_prompts(script_args)
     trainer = trainer_cls(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[reward], args=trl_args,
                           train_dataset=prompts, processing_class=tokenizer)
     if eval_steps > 0:
-        script_args.eval_protocol_steps = eval_steps
-        trainer.add_callback(protocol_callback(  # its own oracle instance and frozen pi_0: evaluation stays apart
-            trainer, script_args, oracle=make_oracle(script_args, seed),
+        trainer.add_callback(OracleEvalCallback(  # its own oracle instance and frozen pi_0: evaluation stays apart
+            trainer, TASK.protocol_prompts(script_args), eval_steps, oracle=TASK.oracle(script_args, seed),
             ref_model=AutoModelForCausalLM.from_pretrained(path).to(trainer.accelerator.device).eval(),
-            train_queries=lambda: reward.queries))
+            train_queries=lambda: reward.queries, num_samples=script_args.eval_protocol_samples))
     trainer.train()
     trainer.save_model(str(run_dir))
-    summary = {"status": "completed", "method": method, "seed": seed, "oracle": script_args.oracle,
+    summary = {"status": "completed", "method": method, "seed": seed,
+               "oracle": getattr(script_args, "oracle", None) or getattr(script_args, "human", None),
                "model_name_or_path": path, "oracle_queries": reward.queries, "seconds": round(time.time() - t0, 1),
                "global_step": trainer.state.global_step, **extra, "oracle_curve": reward.curve,
                "log_history": trainer.state.log_history, "note": note}
@@ -132,8 +191,6 @@ def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: lis
              eval_every: int = 0) -> None:
     """TRL RLOO on the oracle's score with the bilevel runs' sampling and optimization settings."""
     from trl import RLOOConfig, RLOOTrainer
-
-    from bilevel_rlhf.happy_tweet.recipe import make_oracle
 
     script_args, a, model_args = parse_recipe_args(config, [*objective_args("preference_nll", config), *overrides])
     t0 = time.time()
@@ -149,7 +206,7 @@ def run_rloo(seed: int, queries: int, run_dir: Path, config: str, overrides: lis
         dataloader_num_workers=0,
     )
     per_step = a.per_device_train_batch_size * a.steps_per_generation // a.steps_per_iteration  # queries per step
-    _run_trl("rloo", RLOOTrainer, args, CountingScore(make_oracle(script_args, seed)), seed, run_dir, script_args, a,
+    _run_trl("rloo", RLOOTrainer, args, CountingScore(TASK.oracle(script_args, seed)), seed, run_dir, script_args, a,
              model_args, t0, "queries = scored completions (one scalar oracle score each)",
              eval_steps=eval_every and max(1, eval_every // per_step), iterations=iterations, beta=beta)
 
@@ -161,8 +218,6 @@ def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, override
     as the bilevel runs; `--dpo_beta` is its KL coefficient."""
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from bilevel_rlhf.happy_tweet.recipe import make_oracle
-
     script_args, a, model_args = parse_recipe_args(config, [*objective_args("preference_nll", config), *overrides])
     t0 = time.time()
     B = a.prompts_per_iteration  # prompts per step: one pair each
@@ -173,7 +228,7 @@ def run_online_dpo(seed: int, queries: int, run_dir: Path, config: str, override
         temperature=a.temperature, top_k=a.top_k if a.top_k > 0 else None, top_p=a.top_p, beta=[beta],
         disable_dropout=True, logging_steps=a.logging_steps, dataloader_num_workers=0,
     )
-    _run_trl("online_dpo", OnlineDPOTrainer, args, CountingScore(make_oracle(script_args, seed), per=2), seed, run_dir,
+    _run_trl("online_dpo", OnlineDPOTrainer, args, CountingScore(TASK.oracle(script_args, seed), per=2), seed, run_dir,
              script_args, a, model_args, t0, "queries = pairs (two scored completions each)",
              eval_steps=eval_every and max(1, eval_every // B), beta=beta)
 
@@ -189,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--objectives", nargs="+", default=["win_rate"], choices=OBJECTIVES,
                         help="upper objectives of the bilevel methods (each bilevel method runs with each)")
     parser.add_argument("--queries", type=int, default=960, help="oracle queries per run (default 960)")
-    parser.add_argument("--config", default=str(ROOT / "recipes/happy_tweet/config.yaml"))
+    parser.add_argument("--recipe", choices=RECIPES, default="happy_tweet",
+                        help="happy_tweet (default), or generic: the generic recipe (bilevel-rlhf) with --config's task, "
+                             "e.g. recipes/movie_reviews/config.yaml; its runs are read with scripts/protocol_report.py")
+    parser.add_argument("--config", default=None, help="the recipe's YAML (default: recipes/happy_tweet/config.yaml)")
     parser.add_argument("--output_dir", default="outputs/happy_tweet_compare")
     parser.add_argument("--rloo_beta", type=float, default=0.05, help="RLOO's KL coefficient (default 0.05)")
     parser.add_argument("--dpo_beta", type=float, default=0.1, help="OnlineDPO's KL coefficient (default 0.1)")
@@ -202,6 +260,16 @@ def main(argv: list[str] | None = None) -> None:
                              "distinct-n and length on held-out prompts) every this many training queries, for every "
                              "method alike; 0: off (default). Then scripts/protocol_report.py draws the frontier")
     args = parser.parse_args(argv)
+    global TASK
+    TASK = Task(args.recipe)
+    if args.config is None:
+        if args.recipe != "happy_tweet":
+            parser.error("--recipe generic needs --config (the task's YAML, e.g. recipes/movie_reviews/config.yaml)")
+        args.config = str(ROOT / "recipes/happy_tweet/config.yaml")
+    if args.recipe == "generic" and not args.skip_eval:
+        args.skip_eval = True  # the final table is VADER's happy-tweet evaluation: read the protocol instead
+        print("--recipe generic: no final happy-tweet evaluation; run scripts/protocol_report.py on the output folder "
+              "(with --eval_every_queries > 0)", file=sys.stderr)
     if args.queries < 1:
         parser.error(f"--queries must be >= 1, got {args.queries}")
     if args.eval_every_queries < 0:

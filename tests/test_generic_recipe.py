@@ -100,3 +100,29 @@ def test_the_example_config_parses():
     assert script_args.dataset_name == "prompts.jsonl" and script_args.human == "vader"
     assert training_args.method == "penalized_covariance" and training_args.max_steps == 400
     assert model_args.model_name_or_path == "path/to/causal-lm"
+
+
+def test_the_comparison_runs_bilevel_and_trl_on_the_generic_task(tiny_model, tmp_path, monkeypatch):
+    """scripts/compare_happy_tweet.py --recipe generic: the default and OnlineDPO on a JSONL task with a module human,
+    the same budget, both evaluated by the protocol; protocol_report reads them."""
+    from script_loader import load_script
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
+    (tmp_path / "judge.py").write_text("def exclamations(texts):\n    return [float(t.count('!')) for t in texts]\n")
+    (tmp_path / "task.yaml").write_text(
+        f"dataset_name: {tmp_path / 'p.jsonl'}\nhuman: judge:exclamations\nmodel_name_or_path: {tiny_model}\n"
+        "per_device_train_batch_size: 4\nnum_generations: 1\nobjective: win_rate\nsteps_per_generation: 1\n"
+        "num_iterations: 1\nmax_completion_length: 6\nnum_eval_prompts: 0\nreport_to: none\nuse_cpu: true\n"
+        "eval_protocol_prompts: 2\neval_protocol_samples: 1\ndisable_tqdm: true\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cmp"
+    load_script("compare_happy_tweet").main(
+        ["--recipe", "generic", "--config", str(tmp_path / "task.yaml"), "--methods", "penalized_covariance",
+         "online_dpo", "--queries", "8", "--eval_every_queries", "4", "--output_dir", str(out)])
+    for name in ("penalized_covariance_win_rate-seed0", "online_dpo-seed0"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["oracle_queries"] == 8 and summary["status"] == "completed", name
+        records = json.loads((out / name / "eval_protocol.json").read_text())["records"]
+        assert [r["train_queries"] for r in records] == [0, 4, 8], name
+    load_script("protocol_report").main([str(out), "--output_dir", str(out / "report")])
+    assert "online_dpo (beta 0.1)" in (out / "report" / "report.md").read_text()

@@ -167,16 +167,6 @@ def protocol_prompts(script_args: HappyTweetArguments) -> list[str]:
                                script_args.tweets_path)["prompt"][: script_args.eval_protocol_prompts]
 
 
-def protocol_callback(trainer, script_args: HappyTweetArguments, oracle=None, ref_model=None, train_queries=None):
-    """The evaluation protocol on the first `eval_protocol_prompts` held-out prompts, every `eval_protocol_steps`
-    steps (`bilevel_rlhf.eval_callback.OracleEvalCallback`); the TRL baselines pass their oracle, reference and
-    query count."""
-    from ..eval_callback import OracleEvalCallback
-
-    return OracleEvalCallback(trainer, protocol_prompts(script_args), script_args.eval_protocol_steps, oracle=oracle, ref_model=ref_model,
-                              train_queries=train_queries, num_samples=script_args.eval_protocol_samples)
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[str, Any]:
     """Train one method on the happy-tweet task, save every role and write `summary.json`; returns the summary."""
