@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "ScoreOracle": ".preference",
     "VaderOracle": ".preference",
     "check_labels": ".preference",
+    "RewardModelOracle": ".reward_oracle",
     "load_human": ".humans",
     # --- the evaluation protocol (oracle score, win rate, KL, diversity on held-out prompts) ---
     "EvalRecord": ".evaluation",

@@ -1,4 +1,7 @@
-"""The "human" named on a command line: `vader`, `vader_bt[:T]`, or `module:callable`.
+"""The "human" named on a command line: `vader`, `vader_bt[:T]`, a reward-model folder, or `module:callable`.
+
+A folder holding a one-output sequence classifier and its tokenizer is a gold reward model (`RewardModelOracle`:
+it scores prompt + completion, the higher reward wins).
 
 `module:callable` is imported (the current folder is on the path) and called with no arguments when it is a class
 or a factory; what it gives is used as:
@@ -19,7 +22,7 @@ from .preference import PreferenceOracle, ScoreOracle, VaderOracle
 
 __all__ = ["load_human"]
 
-FORMS = "'vader', 'vader_bt' (optionally 'vader_bt:TEMPERATURE') or 'module:callable'"
+FORMS = "'vader', 'vader_bt' (optionally 'vader_bt:TEMPERATURE'), a reward-model folder or 'module:callable'"
 
 
 def load_human(spec: str, seed: int = 0) -> Any:
@@ -31,6 +34,10 @@ def load_human(spec: str, seed: int = 0) -> Any:
     if spec == "vader_bt" or spec.startswith("vader_bt:"):
         temperature = float(spec.partition(":")[2] or 0.1)
         return VaderOracle(mode="bradley_terry", temperature=temperature, seed=seed, name="vader_bt")
+    if os.path.isdir(spec):
+        from .reward_oracle import RewardModelOracle
+
+        return RewardModelOracle(spec, seed=seed)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"human: expected {FORMS}, got {spec!r}")

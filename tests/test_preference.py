@@ -135,3 +135,45 @@ def test_vader_oracle():
     p = 1 / (1 + math.exp(-(s_happy - s_sad) / 0.1))
     freq = np.mean(bt([""] * n, [happy] * n, [sad] * n))
     assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------- reward model
+def test_reward_model_oracle_scores_prompt_and_completion_with_its_own_tokenizer(tmp_path):
+    """A saved one-output classifier as the human: its scores are the model's outputs on prompt + completion (batched
+    or not), labels follow them, and load_human takes the folder."""
+    import torch
+    from testing_utils import make_reward_model, make_tokenizer
+
+    from bilevel_rlhf import RewardModelOracle, load_human
+
+    tok = make_tokenizer()
+    rm = make_reward_model(tok, seed=3).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    oracle = RewardModelOracle(tmp_path / "rm", batch_size=2)
+    prompts, comps = ["the cat", "a dog", "the sun"], [" is happy", " was sad", " is very good"]
+    with torch.no_grad():
+        expected = [float(rm(**tok([p + c], return_tensors="pt")).logits[0, 0]) for p, c in zip(prompts, comps)]
+    assert oracle.score(prompts, comps) == pytest.approx(expected, abs=1e-5)  # padding in batches changes nothing
+    labels = oracle(prompts, comps, [" is sad", " was happy", " is bad"])
+    other = oracle.score(prompts, [" is sad", " was happy", " is bad"])
+    assert labels == [float(a > b) for a, b in zip(expected, other)]
+    assert isinstance(load_human(str(tmp_path / "rm")), RewardModelOracle)
+
+
+def test_reward_model_oracle_errors(tmp_path):
+    from testing_utils import make_reward_model, make_tokenizer
+
+    from bilevel_rlhf import RewardModelOracle
+
+    tok = make_tokenizer()
+    make_reward_model(tok, num_labels=2).save_pretrained(tmp_path / "two")
+    tok.save_pretrained(tmp_path / "two")
+    with pytest.raises(ValueError, match="one output .* this one has 2"):
+        RewardModelOracle(tmp_path / "two")
+    make_reward_model(tok).save_pretrained(tmp_path / "notok")
+    with pytest.raises(ValueError, match="has no loadable tokenizer"):
+        RewardModelOracle(tmp_path / "notok")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        RewardModelOracle(tmp_path / "empty")
