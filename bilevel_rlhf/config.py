@@ -89,6 +89,12 @@ class BilevelConfig(TrainingArguments):
         collapse_entropy_fraction (`float`, *optional*, defaults to `0.1`):
             An actor whose mean token entropy falls below this fraction of its first rollout's is reported as
             collapsed (`CollapseWarning`); 0 turns the check off.
+        log_completions (`bool`, *optional*, defaults to `False`):
+            On each logging step's rollout, log a table of theta's first completions with the oracle's score, r_x's
+            score and the pair's label: TensorBoard text, a W&B table, and `output_dir/completions.jsonl`
+            (`bilevel_rlhf.completion_log`; TRL's convention).
+        num_completions_to_print (`int`, *optional*, defaults to `8`):
+            Rows of that table (the main process's first completions), >= 1.
 
         > Lower-level regularization (tau)
 
@@ -234,6 +240,10 @@ class BilevelConfig(TrainingArguments):
     collapse_entropy_fraction: float = field(
         default=0.1, metadata={"help": "Entropy floor, as a fraction of the first rollout's, in [0, 1)."}
     )
+    log_completions: bool = field(
+        default=False, metadata={"help": "Log a table of theta's completions, oracle and r_x scores each logging step."}
+    )
+    num_completions_to_print: int = field(default=8, metadata={"help": "Rows of the completions table, >= 1."})
 
     # --- regularization (tau) ---
     regularization: str = field(default="kl", metadata={"help": f"One of {REGULARIZATIONS}."})
@@ -371,6 +381,7 @@ class BilevelConfig(TrainingArguments):
         need(self.reward_trust_region == 0 or self.tau_init > 0, "reward_trust_region",
              "0 when tau_init = 0 (the cap is on r_x / tau_k)")
         need(0 <= self.collapse_entropy_fraction < 1, "collapse_entropy_fraction", "in [0, 1)")
+        need(self.num_completions_to_print >= 1, "num_completions_to_print", ">= 1")
         need(self.regularization in REGULARIZATIONS, "regularization", f"one of {REGULARIZATIONS}")
         need(self.tau_init >= 0, "tau_init", ">= 0")
         need(0 <= self.tau_min <= self.tau_init, "tau_min", f"in [0, tau_init={self.tau_init}]")

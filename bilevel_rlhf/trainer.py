@@ -49,6 +49,7 @@ from transformers import (
 from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import stacked_adapters, supports_stacked_adapters
+from .completion_log import CompletionLogger
 from .config import COVARIANCE_METHODS, PENALIZED_THETA_METHODS, PENALTY_METHODS, BilevelConfig
 from .guards import GuardRecord, TrackingGuard
 from .modeling import CONFIG_NAME, REWARD_ADAPTER, AdapterRewardModel, BilevelModel, load_roles, save_roles
@@ -329,6 +330,7 @@ class BilevelTrainer(Trainer):
             args.tau_init, args.tau_target_kl, args.tau_horizon, args.tau_min)
         self.guard = TrackingGuard(args.tracking_tolerance, args.tracking_patience, args.phi_resync,
                                    args.collapse_entropy_fraction)
+        self.completion_logger = CompletionLogger(self, args.num_completions_to_print) if args.log_completions else None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_metrics: dict[str, torch.Tensor] = {}  # this micro-step's loss statistics, gathered once at its end
         self._rollout_metrics: dict[str, float] = {}
@@ -744,10 +746,15 @@ class BilevelTrainer(Trainer):
                 (completion_ids[:, 0] == tok.eos_token_id).float().mean() if tok.eos_token_id is not None else 0.0
             )
         score_fn = getattr(self.preference_oracle, "score", None)
-        if callable(score_fn):
-            oracle_scores = score_fn(stats.prompts, stats.texts["theta"])
-            if oracle_scores is not None:
-                m["oracle/score_theta"] = float(np.mean(oracle_scores))
+        oracle_scores = score_fn(stats.prompts, stats.texts["theta"]) if callable(score_fn) else None
+        if oracle_scores is not None:
+            m["oracle/score_theta"] = float(np.mean(oracle_scores))
+        if self.completion_logger is not None and self.state.global_step % max(1, int(self.args.logging_steps)) == 0:
+            # theta's row i is in pair i (against the reference's row i) or in pair i // 2 (theta's own pairs)
+            pair_of = (lambda i: i) if self.objective.against_reference else (lambda i: i // 2)
+            self.completion_logger.write(self.completion_logger.rows(
+                self.state.global_step, stats.prompts, stats.texts["theta"], theta.score.tolist(), oracle_scores,
+                None if labels is None else labels.tolist(), pair_of))
         self._rollout_metrics = self._gather_mean(m)
         self._rollout_metrics["completions/truncated_prompts"] *= self.accelerator.num_processes  # a count: sum
         self._rollout_metrics["oracle/queries"] = float(self.oracle_queries)

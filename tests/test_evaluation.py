@@ -164,3 +164,24 @@ def test_callback_errors_name_what_is_missing(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="corrupt evaluation records .*bad.json"):
         read_eval_records(tmp_path / "bad.json")
+
+
+def test_log_completions_writes_what_was_sampled_labelled_and_scored(tmp_path):
+    """log_completions: each logging step's first rows of theta's rollout, with the oracle's score of the text, r_x's
+    score and the pair's label, in completions.jsonl and TensorBoard's text tab."""
+    trainer = testing_utils.make_trainer(tmp_path, PROMPTS * 4, log_completions=True, num_completions_to_print=3,
+                                         report_to="tensorboard", **{**CONFIG, "max_steps": 4, "logging_steps": 2})
+    rollouts = testing_utils.record_rollouts(trainer)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 and [r["step"] for r in rows] == [0] * 3 + [2] * 3  # an iteration = 2 steps here
+    oracle = testing_utils.happy_oracle()
+    for k, rollout in enumerate(rollouts):
+        for i, row in enumerate(rows[3 * k : 3 * k + 3]):
+            assert row["prompt"] == rollout.stats.prompts[i] and row["completion"] == rollout.stats.texts["theta"][i]
+            assert row["oracle_score"] == oracle.score([row["prompt"]], [row["completion"]])[0]
+            assert row["reward"] == pytest.approx(float(rollout.theta.score[i]))
+            assert row["label"] == float(rollout.labels[i // 2])  # preference_nll: theta's pairs (2i, 2i + 1)
+    (logdir,) = (tmp_path / "out" / "runs").iterdir()
+    events = b"".join(f.read_bytes() for f in logdir.iterdir())
+    assert b"completions" in events and rows[0]["completion"].encode() in events
