@@ -73,3 +73,12 @@ def test_the_recipe_config_parses():
     script_args, training_args, model_args = make_parser().parse_args_and_config(["--config", str(config)])
     assert script_args.human == "bilevel_rlhf.movie_reviews:gold_human" and model_args.model_name_or_path is None
     assert training_args.method == "penalized_covariance" and training_args.max_steps == 400
+
+
+def test_the_smollm2_config_parses():
+    from bilevel_rlhf.recipe import make_parser
+
+    config = REPO / "recipes" / "movie_reviews" / "smollm2_lora.yaml"
+    script_args, training_args, model_args = make_parser().parse_args_and_config(["--config", str(config)])
+    assert model_args.use_peft and training_args.reward_adapter and training_args.max_steps == 160
+    assert model_args.model_name_or_path == "outputs/smollm2-135m-instruct"
