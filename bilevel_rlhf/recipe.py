@@ -398,31 +398,45 @@ def _cpu_without_accelerator() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
-def make_parser():
-    """TrlParser over (RecipeArguments, BilevelConfig, ModelConfig); `--config recipe.yaml` gives defaults."""
+def recipe_parser(script_arguments: type = None):
+    """TrlParser over (script_arguments, BilevelConfig, ModelConfig); `--config recipe.yaml` gives defaults."""
     from trl import ModelConfig, TrlParser
 
     from .config import BilevelConfig
 
     _cpu_without_accelerator()
-    return TrlParser((RecipeArguments, BilevelConfig, ModelConfig))
+    return TrlParser((script_arguments or RecipeArguments, BilevelConfig, ModelConfig))
+
+
+def make_parser():
+    """The generic recipe's parser: (RecipeArguments, BilevelConfig, ModelConfig)."""
+    return recipe_parser(RecipeArguments)
+
+
+def run_recipe(parser, train, argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse `argv` (default: sys.argv[1:]; `--config recipe.yaml` plus overrides) and `train` on the three argument
+    objects; returns the summary."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return train(*parser.parse_args_and_config(argv))
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse `argv` (default: sys.argv[1:]) and run `main`; returns the summary."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    return main(script_args, training_args, model_args)
+    """Parse `argv` and run `main`; returns the summary."""
+    return run_recipe(make_parser(), main, argv)
+
+
+def exit_process_group(run_fn) -> None:
+    """Run a recipe as a console script, then leave the process group of a multi-process launch (a gloo thread alive
+    at interpreter exit can abort the process)."""
+    from accelerate import PartialState
+
+    run_fn()
+    PartialState().destroy_process_group()
 
 
 def cli() -> None:
     """Console script `bilevel-rlhf`."""
-    from accelerate import PartialState
-
-    run()
-    # leave the process group of a multi-process launch before exiting (a gloo thread alive at interpreter exit can
-    # abort the process)
-    PartialState().destroy_process_group()
+    exit_process_group(run)
 
 
 if __name__ == "__main__":

@@ -16,3 +16,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The cut-down tweet model (seconds to build), built once for the session: recipe runs read it, none writes it."""
+    from bilevel_rlhf.happy_tweet.build_model import TweetModelConfig, build_tweet_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    build_tweet_model(path, TweetModelConfig.cut_down())
+    return str(path)

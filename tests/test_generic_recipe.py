@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from bilevel_rlhf.recipe import RecipeArguments, load_prompts, run
 
@@ -18,15 +17,6 @@ PROMPTS = ["good morning", "i love", "today is", "my dog", "the sun", "we went",
            "what a"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """The cut-down tweet model (seconds to build), as in test_happy_tweet_recipe.py."""
-    from bilevel_rlhf.happy_tweet.build_model import TweetModelConfig, build_tweet_model
-
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    torch.set_num_threads(1)
-    build_tweet_model(path, TweetModelConfig.cut_down())
-    return str(path)
 
 
 def _args(**kw) -> RecipeArguments:

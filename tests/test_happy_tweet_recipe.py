@@ -20,14 +20,6 @@ TINY = ["--per_device_train_batch_size", "2", "--max_completion_length", "6", "-
         "--save_steps", "4", "--logging_steps", "4", "--max_steps", "8", "--disable_tqdm", "true"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from bilevel_rlhf.happy_tweet.build_model import TweetModelConfig, build_tweet_model
-
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    torch.set_num_threads(1)  # tiny models on shared cores: threads only contend
-    build_tweet_model(path, TweetModelConfig.cut_down())
-    return str(path)
 
 
 @pytest.fixture(scope="module")

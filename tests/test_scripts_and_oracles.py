@@ -9,10 +9,8 @@ import io
 import json
 import math
 import os
-import re
 import signal
 import statistics
-import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,15 +29,6 @@ TINY = ["--per_device_train_batch_size", "2", "--max_completion_length", "6", "-
         "--save_steps", "4", "--logging_steps", "4", "--max_steps", "8", "--disable_tqdm", "true", "--report_to", "none"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """The cut-down tweet model (seconds to build), as in test_happy_tweet_recipe.py."""
-    from bilevel_rlhf.happy_tweet.build_model import TweetModelConfig, build_tweet_model
-
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    torch.set_num_threads(1)
-    build_tweet_model(path, TweetModelConfig.cut_down())
-    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

@@ -21,14 +21,13 @@ boundary after saving a checkpoint; `--resume_from_checkpoint last` (or a checkp
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 # the generic recipe's pieces, also importable from here
-from ..recipe import SUMMARY_NAME, StopOnSignal, _cpu_without_accelerator, _resolve_resume, oracle_curve  # noqa: F401
+from ..recipe import SUMMARY_NAME, StopOnSignal, _resolve_resume, oracle_curve  # noqa: F401
 from ..validation import field_checker
 
 ORACLES = ("vader", "vader_bt", "minilm")
@@ -196,29 +195,23 @@ def main(script_args: HappyTweetArguments, training_args, model_args) -> dict[st
 
 def make_parser():
     """TrlParser over (HappyTweetArguments, BilevelConfig, ModelConfig); `--config recipe.yaml` gives defaults."""
-    from trl import ModelConfig, TrlParser
+    from ..recipe import recipe_parser
 
-    from ..config import BilevelConfig
-
-    _cpu_without_accelerator()
-    return TrlParser((HappyTweetArguments, BilevelConfig, ModelConfig))
+    return recipe_parser(HappyTweetArguments)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `argv` (default: sys.argv[1:]; `--config recipe.yaml` plus overrides) and run `main`; returns the summary."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    return main(script_args, training_args, model_args)
+    from ..recipe import run_recipe
+
+    return run_recipe(make_parser(), main, argv)
 
 
 def cli() -> None:
     """Console script `bilevel-happy-tweet`."""
-    from accelerate import PartialState
+    from ..recipe import exit_process_group
 
-    run()
-    # leave the process group of a multi-process launch before exiting (a gloo thread alive at interpreter exit can
-    # abort the process)
-    PartialState().destroy_process_group()
+    exit_process_group(run)
 
 
 if __name__ == "__main__":
