@@ -202,8 +202,10 @@ def plot_frontier(runs: list[RunCurve], path: str | os.PathLike, metric: str = "
 
 
 def plot_query_curves(runs: list[RunCurve], path: str | os.PathLike, metrics: tuple[str, ...] = ("score", "win_rate"),
-                      labels: tuple[str, ...] = ("oracle score", "win rate vs initial")):
-    """Each metric against training queries: the mean over seeds per setting with its 95% interval."""
+                      labels: tuple[str, ...] = ("oracle score", "win rate vs initial"),
+                      target: tuple[str, float] | None = None):
+    """Each metric against training queries: the mean over seeds per setting with its 95% interval; `target`
+    (label, score) draws a dashed line on the first metric's panel (a baseline's final mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,6 +220,8 @@ def plot_query_curves(runs: list[RunCurve], path: str | os.PathLike, metrics: tu
         ax.set_xlabel("training oracle queries")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if target is not None:
+        axes[0][0].axhline(target[1], color="k", ls="--", lw=1, label=target[0])
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     (out_dir / "report.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     (out_dir / "report.md").write_text(text)
     plot_frontier(runs, out_dir / "frontier.png")
-    plot_query_curves(runs, out_dir / "queries.png")
+    target = None
+    if "queries_to_reach" in data:
+        target = (f"{args.baseline}: final mean", data["queries_to_reach"]["target"])
+    plot_query_curves(runs, out_dir / "queries.png", target=target)
     print(text)
     print("written: " + ", ".join(str(out_dir / n) for n in ("report.md", "report.json", "frontier.png", "queries.png")))
 
