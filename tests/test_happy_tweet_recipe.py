@@ -277,10 +277,14 @@ def test_recipe_with_the_reward_adapter_holds_one_base(tiny_model, tmp_path):
         run([*args, "--output_dir", str(tmp_path / "refused"), "--reward_model_name_or_path", tiny_model])
 
 
-def test_recipe_with_the_minilm_oracle(tiny_model, tmp_path):
-    """`--oracle minilm`: the head is fitted on first use and cached; the run queries it like any oracle."""
+def test_recipe_with_the_minilm_oracle(tiny_model, tmp_path, monkeypatch):
+    """`--oracle minilm`: the head is fitted on first use and cached; the run queries it like any oracle. The fit is
+    cut to 240 tweets (encoding all 4,200 would take most of a minute; the fit itself: test_happy_tweet_data.py)."""
+    from bilevel_rlhf.happy_tweet import minilm_oracle
     from bilevel_rlhf.happy_tweet.recipe import run
 
+    fit = minilm_oracle.fit_minilm_oracle
+    monkeypatch.setattr(minilm_oracle, "fit_minilm_oracle", lambda **kw: fit(max_tweets=240, **kw))
     out, cache = tmp_path / "minilm", tmp_path / "cache"
     summary = run(["--config", CONFIG, "--model_name_or_path", tiny_model, "--output_dir", str(out), *TINY,
                    "--report_to", "none", "--oracle", "minilm", "--model_cache_dir", str(cache), "--max_steps", "4",
