@@ -34,7 +34,21 @@ from bilevel_rlhf.frontier import (  # noqa: E402
 FINAL = ("score", "win_rate", "kl", "distinct_1", "distinct_2", "length")
 
 
-def find_runs(paths: list[str]) -> list[Path]:
+def completed(run: Path) -> bool:
+    """Whether a run is finished: its summary.json says completed or, without one, its records come from
+    scripts/evaluate_checkpoints.py (after training) rather than from a callback of a run still training."""
+    summary = run / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text()).get("status") == "completed"
+    try:
+        return "eval_steps" not in json.loads((run / RECORDS_NAME).read_text())
+    except ValueError:
+        return False
+
+
+def find_runs(paths: list[str], include_incomplete: bool = False) -> list[Path]:
+    """Run folders under `paths`; a run still training (records but no summary.json) or interrupted is left out
+    unless `include_incomplete`, and named."""
     runs = []
     for p in map(Path, paths):
         if not p.exists():
@@ -43,7 +57,12 @@ def find_runs(paths: list[str]) -> list[Path]:
         if not found:
             raise SystemExit(f"protocol_report: no {RECORDS_NAME} under {p}")
         runs += found
-    return runs
+    if include_incomplete:
+        return runs
+    left_out = [r for r in runs if not completed(r)]
+    if left_out:
+        print("protocol_report: left out, not completed: " + ", ".join(str(r) for r in left_out), file=sys.stderr)
+    return [r for r in runs if r not in left_out]
 
 
 def _cell(values: list[float]) -> str:
@@ -117,10 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--kls", type=float, nargs="+", default=[2.0, 4.0, 6.0, 8.0],
                         help="KL values of the matched-KL table (default 2 4 6 8)")
+    parser.add_argument("--include_incomplete", action="store_true",
+                        help="also read runs still training or interrupted (no completed summary.json)")
     parser.add_argument("--baseline", default=None,
                         help='the setting the others are compared with, e.g. "online_dpo (beta 0.1)"')
     args = parser.parse_args(argv)
-    runs = [load_run(p) for p in find_runs(args.paths)]
+    runs = [load_run(p) for p in find_runs(args.paths, args.include_incomplete)]
+    if not runs:
+        raise SystemExit("protocol_report: no completed run to report")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data, text = report(runs, args.kls, args.baseline)

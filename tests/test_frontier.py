@@ -79,11 +79,15 @@ def test_report_script_on_written_runs(tmp_path):
             d.mkdir()
             recs = [record(i, kl=1.0 * i, score=slope * i + 0.01 * seed, queries=160 * i) for i in range(6)]
             (d / "eval_protocol.json").write_text(json.dumps({"records": [r.to_dict() for r in recs]}))
-            summary = {"method": method, "seed": seed} | ({"beta": weight} if method == "online_dpo" else {})
+            summary = {"status": "completed", "method": method, "seed": seed} | ({"beta": weight} if method == "online_dpo" else {})
             (d / "summary.json").write_text(json.dumps(summary))
             if method != "online_dpo":
                 (d / "bilevel_config.json").write_text(json.dumps({"tau_init": weight}))
     assert load_run(tmp_path / "penalized_covariance-seed0").setting == "penalized_covariance (tau_0 0.1)"
+    # a run still training (callback records, no summary yet) is left out of the report
+    (tmp_path / "online_dpo-seed9").mkdir()
+    (tmp_path / "online_dpo-seed9" / "eval_protocol.json").write_text(
+        json.dumps({"eval_steps": 1, "records": [record(0, 0.0, 9.0).to_dict()]}))
     out = tmp_path / "report"
     report.main([str(tmp_path), "--output_dir", str(out), "--kls", "2", "9", "--baseline", "online_dpo (beta 0.1)"])
     data = json.loads((out / "report.json").read_text())
@@ -99,5 +103,6 @@ def test_report_script_on_written_runs(tmp_path):
     text = (out / "report.md").read_text()
     assert "| penalized_covariance (tau_0 0.1) | 2 | 800 | 0.605 ± 0.007 |" in text and "- (0/2)" in text
     assert (out / "frontier.png").stat().st_size > 1000 and (out / "queries.png").stat().st_size > 1000
+    assert "online_dpo-seed9" not in json.dumps(data["runs"])
     with pytest.raises(SystemExit, match="not a setting of these runs"):
         report.main([str(tmp_path), "--output_dir", str(out), "--baseline", "rloo"])
