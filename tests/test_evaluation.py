@@ -185,3 +185,23 @@ def test_log_completions_writes_what_was_sampled_labelled_and_scored(tmp_path):
     (logdir,) = (tmp_path / "out" / "runs").iterdir()
     events = b"".join(f.read_bytes() for f in logdir.iterdir())
     assert b"completions" in events and rows[0]["completion"].encode() in events
+
+
+def test_callback_with_lora_actors_measures_against_the_bare_base(tmp_path):
+    """LoRA actors: the reference is the base with the adapters off (KL exactly 0 before training, > 0 after), and
+    training with the callback equals training without it."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0)
+    tok = make_tokenizer()
+    kw = dict(tok=tok, peft_config=lora, **{**CONFIG, "max_steps": 4, "actor_learning_rate": 3e-2})
+    plain = testing_utils.make_trainer(tmp_path / "plain", PROMPTS * 4, **kw)
+    plain.train()
+    watched = testing_utils.make_trainer(tmp_path / "watched", PROMPTS * 4, **kw)
+    watched.add_callback(OracleEvalCallback(watched, PROMPTS, eval_steps=2, num_samples=2))
+    watched.train()
+    a, b = _params(plain), _params(watched)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+    records = read_eval_records(tmp_path / "watched" / "out")
+    assert [r.step for r in records] == [0, 2, 4] and records[0].kl == 0.0 and records[-1].kl > 1e-4
