@@ -45,7 +45,8 @@ class RunCurve:
 
 def load_run(run_dir: str | os.PathLike) -> RunCurve:
     """A run folder's records; method from `summary.json`, KL weight from its `beta` (TRL baselines) or
-    `bilevel_config.json`'s `tau_init`."""
+    `bilevel_config.json`'s `tau_init` (a `tau_schedule` other than the default polynomial decay is named in the
+    method)."""
     run_dir = Path(run_dir)
     records = read_eval_records(run_dir)
     if not records:
@@ -56,7 +57,11 @@ def load_run(run_dir: str | os.PathLike) -> RunCurve:
     name = "beta"
     config = run_dir / "bilevel_config.json"
     if weight is None and config.is_file():
-        weight, name = json.loads(config.read_text()).get("tau_init"), "tau_0"
+        bilevel = json.loads(config.read_text())
+        weight, name = bilevel.get("tau_init"), "tau_0"
+        schedule = bilevel.get("tau_schedule", "polynomial")
+        if schedule != "polynomial":  # another schedule is another method on the frontier
+            method = f"{method}, tau {schedule}"
     setting = method if weight is None else f"{method} ({name} {weight:g})"
     return RunCurve(run_dir.name, method, setting, summary.get("seed"), records)
 
