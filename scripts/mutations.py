@@ -679,3 +679,33 @@ MUTATIONS += [
       "PENALIZED_THETA_METHODS = PENALTY_METHODS",
       [MATH], "penalized_covariance's theta gets r_x alone, without the -g / lambda term"),
 ]
+
+# ---------------------------------------------------------------------------------------------------- evaluation protocol
+EVAL_TESTS = "tests/test_evaluation.py"
+FRONTIER_TESTS = "tests/test_frontier.py"
+MUTATIONS += [
+    M("protocol_win_ties_count_one", EVALUATION,
+      "np.where(scores < ref_scores, 0.0, 0.5)", "np.where(scores < ref_scores, 0.0, 1.0)",
+      [EVAL_TESTS + "::test_evaluator_metrics_are_those_of_its_samples"], "a tie counts as a win"),
+    M("protocol_shared_rng", EVALUATION,
+      "        with torch.random.fork_rng(devices=[device] if device.type == \"cuda\" else []):\n            if self._reference is None:",
+      "        with contextlib.nullcontext():\n            if self._reference is None:",
+      [EVAL_TESTS], "evaluation draws from the training run's random stream"),
+    M("protocol_judge_not_copied", EVALUATION,
+      "            self._judge = copy.deepcopy(self.oracle)", "            self._judge = self.oracle",
+      [EVAL_TESTS + "::test_a_pairwise_oracle_judges_through_a_copy"], "a pairwise oracle's RNG is moved by evaluation"),
+    M("protocol_resume_keeps_later_records", "bilevel_rlhf/eval_callback.py",
+      "if r.step <= state.global_step]", "if r.step <= state.global_step + 10**9]",
+      [EVAL_TESTS + "::test_callback_never_changes_training_and_resumes"], "a resumed run keeps records it will redo"),
+    M("frontier_envelope_keeps_dominated", "bilevel_rlhf/frontier.py",
+      "        if score[i] > best:", "        if score[i] > best or True:",
+      [FRONTIER_TESTS], "the envelope keeps points beaten at a lower KL"),
+    M("frontier_matched_kl_last_crossing", "bilevel_rlhf/frontier.py",
+      "    j = int(above[0])\n    if j == 0:\n        return float(y[0])",
+      "    j = int(above[-1])\n    if j == 0:\n        return float(y[0])",
+      [FRONTIER_TESTS], "matched KL reads the last crossing, not the first"),
+    M("completion_log_wrong_pair", "bilevel_rlhf/trainer.py",
+      "else (lambda i: i // 2)", "else (lambda i: i)",
+      [EVAL_TESTS + "::test_log_completions_writes_what_was_sampled_labelled_and_scored"],
+      "a logged completion shows another pair's label"),
+]
