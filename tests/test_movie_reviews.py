@@ -82,3 +82,12 @@ def test_the_smollm2_config_parses():
     script_args, training_args, model_args = make_parser().parse_args_and_config(["--config", str(config)])
     assert model_args.use_peft and training_args.reward_adapter and training_args.max_steps == 160
     assert model_args.model_name_or_path == "outputs/smollm2-135m-instruct"
+
+
+def test_the_gpu_config_parses():
+    from bilevel_rlhf.recipe import make_parser
+
+    config = REPO / "recipes" / "movie_reviews" / "smollm2_gpu.yaml"
+    script_args, training_args, model_args = make_parser().parse_args_and_config(
+        ["--config", str(config), "--bf16", "false"])  # bf16 needs an accelerator to validate here
+    assert model_args.use_peft and training_args.per_device_train_batch_size == 32 and training_args.max_steps == 400
