@@ -110,19 +110,30 @@ def _params(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
+def train_with_and_without_the_callback(tmp_path, **kw):
+    """Two identical trainers (under tmp_path/plain and tmp_path/watched; `kw` may hold a factory `oracle_fn`), the
+    second with the callback every 2 steps, both trained; asserts bit-identical parameters; returns both."""
+    oracle_fn = kw.pop("oracle_fn", None)
+    trainers = []
+    for name, watched in (("plain", False), ("watched", True)):
+        extra = {"oracle": oracle_fn()} if oracle_fn else {}
+        trainer = testing_utils.make_trainer(tmp_path / name, PROMPTS * 4, **kw, **extra)
+        if watched:
+            trainer.add_callback(OracleEvalCallback(trainer, PROMPTS, eval_steps=2, num_samples=2))
+        trainer.train()
+        trainers.append(trainer)
+    a, b = (_params(t) for t in trainers)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+    return trainers
+
+
 def test_callback_never_changes_training_and_resumes(tmp_path):
     """Training with the callback equals training without it (parameters, oracle state, queries); records at steps
     0, 2, ..., 8 reach the file and the log; a run resumed from step 4 drops and re-measures the later records."""
-    kw = dict(save_strategy="steps", save_steps=4, oracle=testing_utils.happy_oracle("bradley_terry"), **CONFIG)
-    plain = testing_utils.make_trainer(tmp_path / "plain", PROMPTS * 4, **kw)
-    plain.train()
-    kw["oracle"] = testing_utils.happy_oracle("bradley_terry")
-    watched = testing_utils.make_trainer(tmp_path / "watched", PROMPTS * 4, **kw)
-    watched.add_callback(OracleEvalCallback(watched, PROMPTS, eval_steps=2, num_samples=2))
-    watched.train()
-    a, b = _params(plain), _params(watched)
-    for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+    kw = dict(save_strategy="steps", save_steps=4, **CONFIG)
+    plain, watched = train_with_and_without_the_callback(
+        tmp_path, oracle_fn=lambda: testing_utils.happy_oracle("bradley_terry"), **kw)
     assert plain.preference_oracle.state_dict() == watched.preference_oracle.state_dict()
     assert plain.oracle_queries == watched.oracle_queries == 32
 
@@ -137,8 +148,8 @@ def test_callback_never_changes_training_and_resumes(tmp_path):
     assert [h["eval_protocol/win_rate"] for h in logged] == [r.win_rate for r in records]
 
     # resume from step 4 with a file that holds the records up to 8: 6 and 8 are measured again, equal
-    kw["oracle"] = testing_utils.happy_oracle("bradley_terry")
-    resumed = testing_utils.make_trainer(tmp_path / "watched", PROMPTS * 4, **kw)
+    resumed = testing_utils.make_trainer(tmp_path / "watched", PROMPTS * 4, oracle=testing_utils.happy_oracle("bradley_terry"),
+                                         **kw)
     cb = OracleEvalCallback(resumed, PROMPTS, eval_steps=2, num_samples=2)
     resumed.add_callback(cb)
     original = path.read_text()
@@ -194,14 +205,7 @@ def test_callback_with_lora_actors_measures_against_the_bare_base(tmp_path):
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0)
     tok = make_tokenizer()
-    kw = dict(tok=tok, peft_config=lora, **{**CONFIG, "max_steps": 4, "actor_learning_rate": 3e-2})
-    plain = testing_utils.make_trainer(tmp_path / "plain", PROMPTS * 4, **kw)
-    plain.train()
-    watched = testing_utils.make_trainer(tmp_path / "watched", PROMPTS * 4, **kw)
-    watched.add_callback(OracleEvalCallback(watched, PROMPTS, eval_steps=2, num_samples=2))
-    watched.train()
-    a, b = _params(plain), _params(watched)
-    for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+    train_with_and_without_the_callback(
+        tmp_path, tok=tok, peft_config=lora, **{**CONFIG, "max_steps": 4, "actor_learning_rate": 3e-2})
     records = read_eval_records(tmp_path / "watched" / "out")
     assert [r.step for r in records] == [0, 2, 4] and records[0].kl == 0.0 and records[-1].kl > 1e-4
