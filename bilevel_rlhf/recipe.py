@@ -398,14 +398,14 @@ def _cpu_without_accelerator() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
-def recipe_parser(script_arguments: type = None):
+def recipe_parser(script_arguments: type):
     """TrlParser over (script_arguments, BilevelConfig, ModelConfig); `--config recipe.yaml` gives defaults."""
     from trl import ModelConfig, TrlParser
 
     from .config import BilevelConfig
 
     _cpu_without_accelerator()
-    return TrlParser((script_arguments or RecipeArguments, BilevelConfig, ModelConfig))
+    return TrlParser((script_arguments, BilevelConfig, ModelConfig))
 
 
 def make_parser():
