@@ -1,7 +1,8 @@
 """bilevel-rlhf: bilevel reinforcement learning for RLHF on the Hugging Face stack.
 
 The package root exports what a trainer user needs: the config and trainer, the rollout types, the upper-level
-objectives and the preference oracles. Everything else lives in its subpackage or module, one meaning per name:
+objectives, the preference oracles and pairwise judges. Everything else lives in its subpackage or module, one
+meaning per name:
 
 - `bilevel_rlhf.gridworld`: the tabular GridWorld backend (`GridWorldConfig`, `build_problem`, `run_method`, the
   exact solvers, `GoalProblem.hypergradient`, ...);
@@ -45,6 +46,13 @@ _EXPORTS: dict[str, str] = {
     "check_labels": ".preference",
     "RewardModelOracle": ".reward_oracle",
     "load_human": ".humans",
+    "OracleOutputError": ".preference",
+    # --- pairwise judges (TRL's protocol) and failing oracles ---
+    "PairwiseJudge": ".judges",
+    "JudgeOracle": ".judges",
+    "ScoreJudge": ".judges",
+    "LocalLLMJudge": ".llm_judge",
+    "OracleFailureError": ".oracle_calls",
     # --- the evaluation protocol (oracle score, win rate, KL, diversity on held-out prompts) ---
     "EvalRecord": ".evaluation",
     "PolicyEvaluator": ".evaluation",
@@ -53,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     # --- warnings of the guards (to filter or to turn into errors) ---
     "CollapseWarning": ".guards",
     "TrackingWarning": ".guards",
+    "OracleDropWarning": ".oracle_calls",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -20,7 +20,7 @@ __all__ = ["CompletionRow", "CompletionLogger"]
 @dataclass
 class CompletionRow:
     """One sampled completion of theta: its prompt, text, the oracle's score (None without `score`), r_x's score, and
-    the oracle's label of the pair it belongs to (None on unlabelled iterations)."""
+    the oracle's label of the pair it belongs to (None on unlabelled iterations, and for a pair without an answer)."""
 
     step: int
     prompt: str
@@ -49,10 +49,12 @@ class CompletionLogger:
         return os.path.join(self.trainer.args.output_dir, "completions.jsonl")
 
     def rows(self, step: int, prompts, texts, rewards, oracle_scores, labels, pair_of) -> list[CompletionRow]:
-        """The first rows of a rollout; `pair_of(i)` is the index of row i's pair in `labels`."""
+        """The first rows of a rollout; `pair_of(i)` is the index of row i's pair in `labels` (None: a pair without
+        an answer)."""
         n = min(self.num_rows, len(texts))
+        label = lambda i: None if labels is None or labels[pair_of(i)] is None else float(labels[pair_of(i)])
         return [CompletionRow(step, prompts[i], texts[i], None if oracle_scores is None else float(oracle_scores[i]),
-                              float(rewards[i]), None if labels is None else float(labels[pair_of(i)]))
+                              float(rewards[i]), label(i))
                 for i in range(n)]
 
     def write(self, rows: list[CompletionRow]) -> None:

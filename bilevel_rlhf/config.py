@@ -19,6 +19,8 @@ REGULARIZATIONS = ("kl", "entropy")
 TAU_SCHEDULES = ("constant", "polynomial", "exponential", "adaptive")
 LAMBDA_SCHEDULES = ("constant", "polynomial")
 LR_SCHEDULES = ("constant", "polynomial")
+REWARD_HEAD_INITS = ("zero", "random")
+VALUE_HEAD_INITS = ("zero", "random")
 
 
 @dataclass
@@ -95,6 +97,20 @@ class BilevelConfig(TrainingArguments):
             (`bilevel_rlhf.completion_log`; TRL's convention).
         num_completions_to_print (`int`, *optional*, defaults to `8`):
             Rows of that table (the main process's first completions), >= 1.
+
+        > Oracle failures (`bilevel_rlhf.oracle_calls`)
+
+        oracle_retries (`int`, *optional*, defaults to `2`):
+            Further tries, >= 0, of an oracle call that raised or timed out. When every try fails, the batch's pairs
+            are dropped (no loss, counted in `oracle/dropped`, an `OracleDropWarning`) and the run goes on.
+        oracle_timeout (`float` or `None`, *optional*, defaults to `None`):
+            Seconds, > 0, an oracle call may take; a slower call is abandoned (it runs in a worker thread) and counts
+            as failed. None: no limit (the call runs in the training thread).
+        oracle_retry_backoff (`float`, *optional*, defaults to `1.0`):
+            Seconds, >= 0, before the first retry, doubled before each next one.
+        oracle_max_consecutive_failures (`int`, *optional*, defaults to `5`):
+            Labelled iterations in a row whose batch was dropped, >= 1, before the run saves a checkpoint and stops
+            with `OracleFailureError`. A pair the oracle abstains on (a judge's -1, a NaN label) is not a failure.
 
         > Lower-level regularization (tau)
 
@@ -182,6 +198,10 @@ class BilevelConfig(TrainingArguments):
             GAE lambda in [0, 1] (not the penalty lambda).
         whiten_rewards (`bool`, *optional*, defaults to `False`):
             Rescale the per-token rewards to unit variance before GAE.
+        value_head_init (`str`, *optional*, defaults to `"random"`):
+            How the critics (linear value heads on the actors' last hidden states) start: `"random"`, small random
+            weights, whose values on a trained trunk are of order 1 per token, so that until the critic has learned
+            the first advantages carry their random differences; or `"zero"`, V = 0.
         fuse_rollout_and_update (`bool`, *optional*, defaults to `True`):
             With one micro-step per iteration (`num_iterations = steps_per_generation = 1`),
             let the update's forward pass also give the rollout's old log-probs, values and scores: one forward pass
@@ -200,6 +220,12 @@ class BilevelConfig(TrainingArguments):
             its last real token, instead of a separate `reward_model` (pass `reward_model=None`). One copy of the base
             then serves every role, and AdamW state exists only for adapters and heads. Prefer a separate reward model
             for another architecture or tokenizer, or to start from a pretrained reward model.
+        reward_head_init (`str`, *optional*, defaults to `"random"`):
+            How a scalar head that the toolkit creates for r_x starts (the `reward_adapter` head, and the head the
+            recipes add to a backbone): `"random"` is the usual small random initialization, a random tilt r_x / tau
+            of the lower level's target before any label is seen; `"zero"` makes r_x = 0 at x_0, so the target
+            pi*_tau(x_0) is the reference and the policy moves only as r_x learns from the oracle. A reward model
+            passed to the trainer is used as it is.
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -244,6 +270,18 @@ class BilevelConfig(TrainingArguments):
         default=False, metadata={"help": "Log a table of theta's completions, oracle and r_x scores each logging step."}
     )
     num_completions_to_print: int = field(default=8, metadata={"help": "Rows of the completions table, >= 1."})
+
+    # --- oracle failures ---
+    oracle_retries: int = field(default=2, metadata={"help": "Further tries of a failed oracle call, >= 0."})
+    oracle_timeout: float | None = field(
+        default=None, metadata={"help": "Seconds an oracle call may take, > 0 (None: no limit)."}
+    )
+    oracle_retry_backoff: float = field(
+        default=1.0, metadata={"help": "Seconds before the first retry (doubled after each), >= 0."}
+    )
+    oracle_max_consecutive_failures: int = field(
+        default=5, metadata={"help": "Dropped labelled iterations in a row before the run stops (with a checkpoint), >= 1."}
+    )
 
     # --- regularization (tau) ---
     regularization: str = field(default="kl", metadata={"help": f"One of {REGULARIZATIONS}."})
@@ -298,6 +336,11 @@ class BilevelConfig(TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount in [0, 1]."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda in [0, 1]."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Rescale per-token rewards before GAE."})
+    value_head_init: str = field(
+        default="random",
+        metadata={"help": f"The critics' start, one of {VALUE_HEAD_INITS}: `random` (small random weights) or `zero` "
+                  "(V = 0 until the critic learns)."},
+    )
     fuse_rollout_and_update: bool = field(
         default=True, metadata={"help": "With one micro-step per iteration, the update's forward pass doubles as the rollout's."}
     )
@@ -310,6 +353,12 @@ class BilevelConfig(TrainingArguments):
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in actors and reward model."})
     reward_adapter: bool = field(
         default=False, metadata={"help": "With peft_config: r_x is a LoRA adapter on the actors' base plus a scalar head."}
+    )
+    reward_head_init: str = field(
+        default="random",
+        metadata={"help": f"A scalar head the toolkit creates for r_x, one of {REWARD_HEAD_INITS}: `random` (small "
+                  "random weights) or `zero` (r_x = 0, so the lower level starts at the reference). A reward model "
+                  "passed in is used as it is."},
     )
 
     def __post_init__(self) -> None:
@@ -377,11 +426,17 @@ class BilevelConfig(TrainingArguments):
              f"> 0 for method={self.method!r} (it divides by tau)")
         need(self.tracking_tolerance >= 0, "tracking_tolerance", ">= 0")
         need(self.tracking_patience >= 1, "tracking_patience", ">= 1")
+        need(self.reward_head_init in REWARD_HEAD_INITS, "reward_head_init", f"one of {REWARD_HEAD_INITS}")
+        need(self.value_head_init in VALUE_HEAD_INITS, "value_head_init", f"one of {VALUE_HEAD_INITS}")
         need(self.reward_trust_region >= 0, "reward_trust_region", ">= 0 (0: no cap)")
         need(self.reward_trust_region == 0 or self.tau_init > 0, "reward_trust_region",
              "0 when tau_init = 0 (the cap is on r_x / tau_k)")
         need(0 <= self.collapse_entropy_fraction < 1, "collapse_entropy_fraction", "in [0, 1)")
         need(self.num_completions_to_print >= 1, "num_completions_to_print", ">= 1")
+        need(self.oracle_retries >= 0, "oracle_retries", ">= 0")
+        need(self.oracle_timeout is None or self.oracle_timeout > 0, "oracle_timeout", "None or > 0 (seconds)")
+        need(self.oracle_retry_backoff >= 0, "oracle_retry_backoff", ">= 0 (seconds)")
+        need(self.oracle_max_consecutive_failures >= 1, "oracle_max_consecutive_failures", ">= 1")
         need(self.regularization in REGULARIZATIONS, "regularization", f"one of {REGULARIZATIONS}")
         need(self.tau_init >= 0, "tau_init", ">= 0")
         need(0 <= self.tau_min <= self.tau_init, "tau_min", f"in [0, tau_init={self.tau_init}]")

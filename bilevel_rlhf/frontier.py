@@ -45,8 +45,8 @@ class RunCurve:
 
 def load_run(run_dir: str | os.PathLike) -> RunCurve:
     """A run folder's records; method from `summary.json`, KL weight from its `beta` (TRL baselines) or
-    `bilevel_config.json`'s `tau_init` (a `tau_schedule` other than the default polynomial decay is named in the
-    method)."""
+    `bilevel_config.json`'s `tau_init` (a `tau_schedule` other than the default polynomial decay, and zero
+    initial r_x or value heads, are named in the method)."""
     run_dir = Path(run_dir)
     records = read_eval_records(run_dir)
     if not records:
@@ -62,6 +62,9 @@ def load_run(run_dir: str | os.PathLike) -> RunCurve:
         schedule = bilevel.get("tau_schedule", "polynomial")
         if schedule != "polynomial":  # another schedule is another method on the frontier
             method = f"{method}, tau {schedule}"
+        for key, tag in (("reward_head_init", "zero r_x head"), ("value_head_init", "zero critics")):
+            if bilevel.get(key, "random") == "zero":  # another start is another method on the frontier
+                method = f"{method}, {tag}"
     setting = method if weight is None else f"{method} ({name} {weight:g})"
     return RunCurve(run_dir.name, method, setting, summary.get("seed"), records)
 

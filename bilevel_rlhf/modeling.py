@@ -34,12 +34,17 @@ REWARD_HEAD_NAME = "score.safetensors"
 
 
 class ValueHead(nn.Module):
-    """V(s_t) = w . h_t + b on the actor's last hidden state h_t: ``[N, T, H] -> [N, T]``."""
+    """V(s_t) = w . h_t + b on the actor's last hidden state h_t: ``[N, T, H] -> [N, T]``. `init="zero"` starts
+    at V = 0: a random head's values are of order 1 per token on a trained trunk, and its differences would steer the
+    first updates' advantages in a random direction until the critic has learned."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, init: str = "random"):
         super().__init__()
         self.summary = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        if init == "zero":
+            nn.init.zeros_(self.summary.weight)
+        else:
+            nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -55,7 +60,7 @@ class AdapterRewardModel(nn.Module):
     parameters are counted and wrapped once, with the policy's), and only the adapter and `score` are trained.
     """
 
-    def __init__(self, peft_model: nn.Module, adapter_name: str = REWARD_ADAPTER):
+    def __init__(self, peft_model: nn.Module, adapter_name: str = REWARD_ADAPTER, head_init: str = "random"):
         super().__init__()
         self._peft = [peft_model]  # a list: no submodule registration
         self.adapter_name = adapter_name
@@ -64,7 +69,10 @@ class AdapterRewardModel(nn.Module):
         config = causal_lm.config
         hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
         self.score = nn.Linear(hidden, 1, bias=False)
-        nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1) ** 0.5)
+        if head_init == "zero":
+            nn.init.zeros_(self.score.weight)
+        else:
+            nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1) ** 0.5)
 
     @property
     def peft_model(self) -> nn.Module:
@@ -91,13 +99,17 @@ class AdapterRewardModel(nn.Module):
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return SequenceClassifierOutput(logits=self.score(h.to(self.score.weight.dtype)))
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict | None = None,
+                        peft_state_dict: dict | None = None) -> None:
         """The adapter (PEFT's `adapter_config.json` + `adapter_model.safetensors`, loadable onto the base with
-        `PeftModel.from_pretrained`) and the head (`score.safetensors`, key `score.weight`)."""
+        `PeftModel.from_pretrained`) and the head (`score.safetensors`, key `score.weight`). `state_dict` and
+        `peft_state_dict`: this module's and the PEFT model's whole tensors, written instead of their own (FSDP)."""
         os.makedirs(directory, exist_ok=True)
-        self.peft_model.save_pretrained(directory, selected_adapters=[self.adapter_name])
+        kwargs = {} if peft_state_dict is None else {"state_dict": peft_state_dict}
+        self.peft_model.save_pretrained(directory, selected_adapters=[self.adapter_name], **kwargs)
         _lift_adapter_folder(directory, self.adapter_name)
-        save_file({"score.weight": self.score.weight.detach().cpu().contiguous()},
+        head = self.score.weight if state_dict is None else state_dict["score.weight"]
+        save_file({"score.weight": head.detach().cpu().contiguous()},
                   os.path.join(directory, REWARD_HEAD_NAME), metadata={"format": "pt"})
 
     @classmethod
@@ -131,6 +143,21 @@ def _lift_adapter_folder(directory: str, adapter_name: str) -> None:
     os.rmdir(sub)
 
 
+def zero_fresh_heads(model: nn.Module, missing_keys: list[str]) -> list[str]:
+    """Zero every one-output Linear whose weight `from_pretrained` reported missing (a head it created); returns
+    their names. r_x = 0 then: the lower level's target starts at the reference (`reward_head_init="zero"`)."""
+    missing = set(missing_keys)
+    zeroed = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == 1 and f"{name}.weight" in missing:
+            with torch.no_grad():
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+            zeroed.append(name)
+    return zeroed
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` computes them (0 on padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -146,6 +173,7 @@ class BilevelModel(nn.Module):
         reward_model: a sequence classifier with one output.
         use_peft: whether `theta` is a PeftModel with adapters "phi" and "theta" (then the reference is the base).
         has_phi: whether the phi role exists (False for partial_sgd).
+        value_head_init: the critics' start, "random" or "zero" (`ValueHead`).
     """
 
     def __init__(
@@ -156,6 +184,7 @@ class BilevelModel(nn.Module):
         reward_model: nn.Module,
         use_peft: bool,
         has_phi: bool,
+        value_head_init: str = "random",
     ):
         super().__init__()
         self.policy_theta = theta
@@ -168,8 +197,8 @@ class BilevelModel(nn.Module):
         self.use_peft = use_peft
         self.has_phi = has_phi
         hidden = theta.config.hidden_size if hasattr(theta.config, "hidden_size") else theta.config.n_embd
-        self.value_theta = ValueHead(hidden)
-        self.value_phi = ValueHead(hidden) if has_phi else None
+        self.value_theta = ValueHead(hidden, value_head_init)
+        self.value_phi = ValueHead(hidden, value_head_init) if has_phi else None
         if ref is not None:
             ref.requires_grad_(False)
             ref.eval()
@@ -214,6 +243,14 @@ class BilevelModel(nn.Module):
         for model in (self.policy_theta, self.policy_phi, self.reward_model):
             if model is not None and hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable(**kwargs)
+
+    def tie_weights(self, **kwargs) -> None:
+        """Tie each model's shared weights again (a GPT-2's LM head is its input embedding). accelerate's FSDP2
+        preparation calls this after moving the module to the meta device, which breaks the sharing: without it
+        every LM head would train as a separate copy."""
+        for model in (self.policy_theta, self.policy_phi, self.ref_policy, self.reward_model):
+            if model is not None and callable(getattr(model, "tie_weights", None)):
+                model.tie_weights()
 
     def value_head(self, role: str) -> ValueHead:
         head = self.value_phi if role == "phi" else self.value_theta
@@ -336,11 +373,14 @@ def _lm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     )
 
 
-def save_value_heads(model: BilevelModel, path: str) -> None:
-    """Write the critics as safetensors: keys ``{role}.summary.weight`` / ``{role}.summary.bias``."""
-    tensors = {f"theta.{k}": v.detach().cpu().contiguous() for k, v in model.value_theta.state_dict().items()}
-    if model.value_phi is not None:
-        tensors.update({f"phi.{k}": v.detach().cpu().contiguous() for k, v in model.value_phi.state_dict().items()})
+def save_value_heads(model: BilevelModel, path: str, state_dict: dict | None = None) -> None:
+    """Write the critics as safetensors: keys ``{role}.summary.weight`` / ``{role}.summary.bias``; from
+    `state_dict` (`model`'s whole state dict) when given."""
+    tensors = {}
+    for role, head in (("theta", model.value_theta), ("phi", model.value_phi)):
+        if head is not None:
+            own = head.state_dict() if state_dict is None else _part(state_dict, f"value_{role}")
+            tensors.update({f"{role}.{k}": v.detach().cpu().contiguous() for k, v in own.items()})
     save_file(tensors, path, metadata={"format": "pt"})
 
 
@@ -389,19 +429,34 @@ def load_policy(directory: str, role: str = "theta", **from_pretrained_kwargs):
     return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
 
 
-def save_roles(model: BilevelModel, output_dir: str) -> None:
+def _part(state_dict: dict, prefix: str) -> dict:
+    """The entries of `state_dict` under the submodule `prefix`, named as in that submodule."""
+    return {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+
+
+def save_roles(model: BilevelModel, output_dir: str, state_dict: dict | None = None) -> None:
     """Write every trained role: theta at the top level (from_pretrained-loadable), phi in phi/, r_x in
     reward_model/, the critics in value_heads.safetensors. With PEFT, the adapters instead of full weights: theta's
-    at the top level, phi's in phi/ (the frozen base is not written; adapter_config.json names it)."""
+    at the top level, phi's in phi/ (the frozen base is not written; adapter_config.json names it). `state_dict`:
+    `model`'s whole state dict, written instead of the module's own tensors (under FSDP those are shards)."""
+    def part(prefix: str) -> dict:  # save_pretrained's keyword for a role's tensors from `state_dict`
+        return {} if state_dict is None else {"state_dict": _part(state_dict, prefix)}
+
     if model.use_peft:
-        model.policy_theta.save_pretrained(output_dir, selected_adapters=list(model.adapter_names))
+        model.policy_theta.save_pretrained(output_dir, selected_adapters=list(model.adapter_names),
+                                           **part("policy_theta"))
         _lift_adapter_folder(output_dir, "theta")  # theta's adapter at the top level
     else:
-        model.policy_theta.save_pretrained(output_dir)
+        model.policy_theta.save_pretrained(output_dir, **part("policy_theta"))
         if model.policy_phi is not None:
-            model.policy_phi.save_pretrained(os.path.join(output_dir, "phi"))
-    model.reward_model.save_pretrained(os.path.join(output_dir, "reward_model"))
-    save_value_heads(model, os.path.join(output_dir, VALUE_HEADS_NAME))
+            model.policy_phi.save_pretrained(os.path.join(output_dir, "phi"), **part("policy_phi"))
+    reward_dir = os.path.join(output_dir, "reward_model")
+    if isinstance(model.reward_model, AdapterRewardModel) and state_dict is not None:
+        model.reward_model.save_pretrained(reward_dir, state_dict=_part(state_dict, "reward_model"),
+                                           peft_state_dict=_part(state_dict, "policy_theta"))
+    else:
+        model.reward_model.save_pretrained(reward_dir, **part("reward_model"))
+    save_value_heads(model, os.path.join(output_dir, VALUE_HEADS_NAME), state_dict)
 
 
 def _load_safetensors_into(module: torch.nn.Module, directory: str) -> None:

@@ -15,13 +15,18 @@ and label (the probability that the pair's first completion is preferred). An ob
 
 Write your own by subclassing `UpperObjective`; `bilevel_rlhf.bandit` and `bilevel_rlhf.testbed` give the closed
 forms to check it against.
+
+A pair the oracle did not answer (it abstained, or the call failed) enters no estimate: the trainer calls an
+objective on the answered pairs alone (`answered_x_loss`, `answered_completion_values`, `answered_value`), so an
+objective never sees a mask, and g = 0 for a completion whose pair has no answer.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["OBJECTIVES", "PreferenceNLL", "UpperObjective", "WinRate", "get_objective"]
+__all__ = ["OBJECTIVES", "PreferenceNLL", "UpperObjective", "WinRate", "answered_completion_values",
+           "answered_completions", "answered_value", "answered_x_loss", "get_objective"]
 
 
 class UpperObjective:
@@ -94,3 +99,43 @@ def get_objective(name: str, weight: float = 0.1) -> UpperObjective:
     if name == "win_rate":
         return WinRate(weight)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- answered pairs
+def answered_completions(answered: torch.Tensor, against_reference: bool) -> torch.Tensor:
+    """Which of the policy's compared completions are in an answered pair, in row order: completion p of pair p
+    (against the reference), or completions 2p and 2p + 1 of pair p."""
+    return answered if against_reference else answered.repeat_interleave(2)
+
+
+def answered_x_loss(objective: UpperObjective, pair_loss: torch.Tensor, labels: torch.Tensor,
+                    answered: torch.Tensor) -> torch.Tensor:
+    """`objective.x_loss` on the answered pairs alone; with none, a zero that keeps the graph (so every process
+    runs the same backward)."""
+    if not bool(answered.any()):
+        return pair_loss.sum() * 0.0
+    return objective.x_loss(pair_loss[answered], labels[answered])
+
+
+def answered_completion_values(objective: UpperObjective, pair_loss: torch.Tensor, labels: torch.Tensor,
+                               answered: torch.Tensor) -> torch.Tensor:
+    """g: `objective.completion_values` of the answered pairs' completions, 0 for the others (no oracle term)."""
+    rows = answered_completions(answered, objective.against_reference)
+    g = torch.zeros(rows.shape, dtype=pair_loss.dtype, device=pair_loss.device)
+    if bool(answered.any()):
+        values = objective.completion_values(pair_loss[answered], labels[answered])
+        if not isinstance(values, torch.Tensor) or values.shape != (int(rows.sum()),):
+            raise ValueError(
+                f"objective {objective.name!r}: completion_values must return one value per completion of theta "
+                f"compared (shape ({int(rows.sum())},)), got {getattr(values, 'shape', type(values).__name__)}"
+            )
+        g[rows] = values.detach().to(g.dtype)
+    return g
+
+
+def answered_value(objective: UpperObjective, pair_loss: torch.Tensor, labels: torch.Tensor,
+                   answered: torch.Tensor) -> torch.Tensor:
+    """`objective.value` on the answered pairs alone (NaN with none)."""
+    if not bool(answered.any()):
+        return torch.tensor(float("nan"))
+    return objective.value(pair_loss[answered], labels[answered])

@@ -1,9 +1,11 @@
 """Preference oracles: the "human" that labels pairs of completions.
 
 An oracle is called as ``oracle(prompts, completions_a, completions_b) -> labels``, one label per
-pair: 1.0 when ``a`` is preferred, 0.0 when ``b`` is, or a probability in [0, 1]. Any callable with
-that signature works with the trainer, which checks every output with :func:`check_labels`;
-subclass :class:`PreferenceOracle` to also get ``score`` (for logging) and checkpointable RNG state.
+pair: 1.0 when ``a`` is preferred, 0.0 when ``b`` is, or a probability in [0, 1]; NaN when the oracle
+abstains on that pair (the trainer leaves the pair out of every loss). Any callable with that
+signature works with the trainer, which checks every output with :func:`check_labels`; subclass
+:class:`PreferenceOracle` to also get ``score`` (for logging) and checkpointable RNG state. A pairwise
+judge (``bilevel_rlhf.judges``) becomes an oracle through ``JudgeOracle``.
 """
 
 from __future__ import annotations
@@ -14,28 +16,35 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["PreferenceOracle", "ScoreOracle", "VaderOracle", "check_labels"]
+__all__ = ["OracleOutputError", "PreferenceOracle", "ScoreOracle", "VaderOracle", "check_labels"]
 
 
-def check_labels(labels: Any, n: int, oracle_name: str) -> np.ndarray:
-    """Validate an oracle's output: ``n`` finite numbers in [0, 1]. Returns them as float64 ``[n]``."""
+class OracleOutputError(ValueError):
+    """An oracle (or its score function, or its judge) returned something that is not an answer: the wrong length,
+    a value out of range, the wrong type. A bug, not a passing failure: the trainer stops instead of retrying."""
+
+
+def check_labels(labels: Any, n: int, oracle_name: str, abstain: bool = False) -> np.ndarray:
+    """Validate an oracle's output: ``n`` finite numbers in [0, 1] (with ``abstain``, NaN too: no answer for that
+    pair). Returns them as float64 ``[n]``; raises `OracleOutputError` naming the oracle and the first bad index."""
     try:
         arr = np.asarray(labels, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"preference oracle {oracle_name!r} must return {n} numbers in [0, 1], got {labels!r}") from err
+        raise OracleOutputError(
+            f"preference oracle {oracle_name!r} must return {n} numbers in [0, 1], got {labels!r}") from err
     if arr.shape != (n,):
-        raise ValueError(
+        raise OracleOutputError(
             f"preference oracle {oracle_name!r} must return one label per pair: expected shape ({n},), got {arr.shape}"
         )
-    bad = ~np.isfinite(arr)
+    bad = ~np.isfinite(arr) & ~(abstain & np.isnan(arr))
     if bad.any():
-        raise ValueError(
+        raise OracleOutputError(
             f"preference oracle {oracle_name!r} returned a non-finite label at index {int(np.argmax(bad))}: "
             f"{arr[bad][0]}"
         )
     out = (arr < 0.0) | (arr > 1.0)
     if out.any():
-        raise ValueError(
+        raise OracleOutputError(
             f"preference oracle {oracle_name!r} returned a label outside [0, 1] at index {int(np.argmax(out))}: "
             f"{arr[out][0]}"
         )
@@ -58,9 +67,9 @@ class PreferenceOracle:
     """Base class of preference oracles.
 
     Subclasses implement ``__call__(prompts, completions_a, completions_b) -> list[float]`` (labels in
-    [0, 1], 1.0 when ``a`` is preferred) and may override ``score`` (a per-text quality used for
-    logging, e.g. the mean oracle score of the policy's samples) and ``state_dict`` /
-    ``load_state_dict`` (JSON-able random state, saved in checkpoints).
+    [0, 1], 1.0 when ``a`` is preferred, NaN for a pair they abstain on) and may override ``score``
+    (a per-text quality used for logging, e.g. the mean oracle score of the policy's samples) and
+    ``state_dict`` / ``load_state_dict`` (JSON-able random state, saved in checkpoints).
     """
 
     name: str = "oracle"
@@ -128,18 +137,18 @@ class ScoreOracle(PreferenceOracle):
         try:
             scores = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError) as err:
-            raise ValueError(
+            raise OracleOutputError(
                 f"preference oracle {self.name!r}: score_fn must return {len(texts)} numbers, got {raw!r}"
             ) from err
         if scores.shape != (len(texts),):
-            raise ValueError(
+            raise OracleOutputError(
                 f"preference oracle {self.name!r}: score_fn must return one score per text: "
                 f"expected shape ({len(texts)},), got {scores.shape}"
             )
         bad = ~np.isfinite(scores)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(
+            raise OracleOutputError(
                 f"preference oracle {self.name!r}: score_fn returned a non-finite score {scores[i]} for text {i}: "
                 f"{texts[i][:80]!r}"
             )

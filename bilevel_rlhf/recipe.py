@@ -37,6 +37,7 @@ import torch
 from transformers import TrainerCallback
 from trl import ScriptArguments
 
+from .modeling import zero_fresh_heads
 from .validation import field_checker
 
 SUMMARY_NAME = "summary.json"
@@ -162,7 +163,8 @@ def _load(kind: str, name: str, **kwargs: Any):
 
 def load_models(policy_path: str, reward_path: str | None, training_args, model_args) -> dict[str, Any]:
     """Policy, reward model and their tokenizers (reward tokenizer None when it shares the policy's); `reward_path`
-    None: the policy's backbone with a fresh scalar head (seeded by `training_args.seed`)."""
+    None: the policy's backbone with a fresh scalar head (zero, or seeded by `training_args.seed`:
+    `reward_head_init`)."""
     kwargs: dict[str, Any] = {"trust_remote_code": training_args.trust_remote_code}
     if model_args.dtype not in (None, "auto"):
         kwargs["dtype"] = getattr(torch, model_args.dtype)
@@ -183,7 +185,9 @@ def load_models(policy_path: str, reward_path: str | None, training_args, model_
     reward_kwargs = dict(kwargs, num_labels=1)
     if reward_path == policy_path:
         reward_kwargs["pad_token_id"] = pad_id  # the head scores the last non-pad token
-    reward_model = _load("reward", reward_path, **reward_kwargs)
+    reward_model, info = _load("reward", reward_path, output_loading_info=True, **reward_kwargs)
+    if training_args.reward_head_init == "zero":
+        zero_fresh_heads(reward_model, info["missing_keys"])
     reward_tokenizer = None
     if reward_path != policy_path:
         reward_tokenizer = _load("tokenizer", reward_path, trust_remote_code=training_args.trust_remote_code)

@@ -1,7 +1,8 @@
 """The typed records of one iteration: each role's completions (`Completions`) and the iteration (`Rollout`).
 
 A rollout is built in three stages, each a new record (`dataclasses.replace`), never an update in place:
-  1. sampled: ids, masks, the reference's log-probs, the oracle's labels (`BilevelTrainer.generate_and_score`);
+  1. sampled: ids, masks, the reference's log-probs, the oracle's labels and which pairs it answered
+     (`BilevelTrainer.generate_and_score`);
   2. scored: r_x of every completion, each actor's terminal reward and theta's g = df/dpi (`with_scores`);
   3. evaluated: each actor's old log-probs, values and entropies, then its advantages and returns (`with_advantages`).
 Without fusion the trainer does all three before the update. Fused (one micro-step per iteration), the update's own
@@ -83,12 +84,16 @@ class Rollout:
     penalty_lambda: float  # lambda_k
     prompt_length: int
     labels: torch.Tensor | None  # [pairs] the oracle's preference for the pair's first completion, in [0, 1];
-    # None on an unlabelled iteration (label_every > 1): no queries, no x step, every actor's reward is r_x
+    # None on an unlabelled iteration (label_every > 1, or no pair answered on any process): no x step, every
+    # actor's reward is r_x
     reward_step: bool  # whether x trains on this batch
     fused: bool  # whether the update's forward pass also gives stages 2 and 3
     theta: Completions
     phi: Completions | None = None
     ref: Completions | None = None  # the reference's completions: only when an objective compares against them
+    # [pairs] bool: the pairs the oracle answered (not abstained, not dropped); the others enter no loss and their
+    # labels are placeholders. None: every pair of a labelled iteration
+    answered: torch.Tensor | None = None
     pair_loss: torch.Tensor | None = None  # [pairs] r_x's BT-NLL of each pair (stage 2)
     stats: RolloutStats | None = None
 
@@ -105,6 +110,13 @@ class Rollout:
     def completions(self, role: str) -> Completions:
         return getattr(self, role)
 
+    @property
+    def answered_pairs(self) -> torch.Tensor:
+        """[pairs] bool: the answered pairs (a labelled rollout only)."""
+        if self.answered is not None:
+            return self.answered
+        return torch.ones(self.labels.shape, dtype=torch.bool, device=self.labels.device)
+
     def with_roles(self, **roles: Completions) -> "Rollout":
         return dataclasses.replace(self, **roles)
 
@@ -113,6 +125,7 @@ class Rollout:
         return dataclasses.replace(
             self,
             labels=None if self.labels is None else self.labels[pairs],
+            answered=None if self.answered is None else self.answered[pairs],
             reward_step=reward_step,
             fused=False,
             pair_loss=None if self.pair_loss is None else self.pair_loss[pairs],

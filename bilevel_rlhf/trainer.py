@@ -5,7 +5,8 @@ One *iteration* k (docs/algorithm.md, "Language models"; docs/trainer.md):
      `num_generations` completions per prompt; phi samples as many (with theta's noise under
      `common_random_numbers`); the upper objective (`bilevel_rlhf.objectives`) says
      which pairs the oracle labels: theta's (2i, 2i+1), or theta's completion i against the reference's completion i
-     (`win_rate`); r_x scores everything; per-token reward -tau_k * penalty_t plus the terminal score (phi and the
+     (`win_rate`; retries, timeouts and dropped batches: `bilevel_rlhf.oracle_calls`; a pair without an answer enters
+     no loss, and its completions get g = 0); r_x scores everything; per-token reward -tau_k * penalty_t plus the terminal score (phi and the
      one-actor methods' theta: r_x; the penalized theta: r_x - g / lambda_k, g = df/dpi); GAE per critic.
   2. `num_iterations` passes over the rollout, each of `steps_per_generation` micro-batches (TRL's counting; one
      optimizer step per `gradient_accumulation_steps` of them). The loss is the sum of the parts'
@@ -53,8 +54,16 @@ from .completion_log import CompletionLogger
 from .config import COVARIANCE_METHODS, PENALIZED_THETA_METHODS, PENALTY_METHODS, BilevelConfig
 from .guards import GuardRecord, TrackingGuard
 from .modeling import CONFIG_NAME, REWARD_ADAPTER, AdapterRewardModel, BilevelModel, load_roles, save_roles
-from .objectives import UpperObjective, get_objective
-from .preference import check_labels
+from .judges import JudgeOracle, PairwiseJudge
+from .objectives import (
+    UpperObjective,
+    answered_completion_values,
+    answered_completions,
+    answered_value,
+    answered_x_loss,
+    get_objective,
+)
+from .oracle_calls import OracleCaller, OracleCounts, OracleFailureError, summed_over_processes
 from .rollout import ACTORS, Completions, LossInputs, Rollout, RolloutStats
 from .sampling import coupled_sampling_processors
 from .rl_utils import (
@@ -104,12 +113,14 @@ def reward_model_loss(
     lambda_k: float,
     tau_k: float,
     g: torch.Tensor | None = None,
+    answered: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss of the reward model x; its gradient is the hypergradient estimate h_k. With f's x-part F = `objective`'s
-    `x_loss(pair_loss, labels)`:
+    `x_loss(pair_loss, labels)` on the answered pairs (`answered`, [pairs] bool; None: all):
         penalty methods (single_loop, fixed_tau, nested_loop):  F + lambda_k * (mean r_x(phi) - mean r_x(theta));
         covariance, penalized_covariance:
-                      F + (1/tau_k) * sum_i (g_i - mean g) r_x(y_i) / (N - 1), y_i theta's completions, g detached:
+                      F + (1/tau_k) * sum_i (g_i - mean g) r_x(y_i) / (N - 1), y_i theta's N completions in
+                      answered pairs, g detached:
                       the lambda -> infinity limit of the penalty, (1/tau) Cov(grad_x r_x, g);
         partial_sgd:  F alone.
     It is a theta term plus a phi term, so the phi term (``r_phi``) and the theta term (``pair_loss``, ``r_theta``)
@@ -117,11 +128,15 @@ def reward_model_loss(
     """
     loss = torch.zeros((), device=labels.device)
     if pair_loss is not None:
-        loss = objective.x_loss(pair_loss, labels)
-        if method in PENALTY_METHODS:
+        answered = torch.ones_like(labels, dtype=torch.bool) if answered is None else answered
+        loss = answered_x_loss(objective, pair_loss, labels, answered)
+        if method in PENALTY_METHODS:  # the lower-level gap: every completion, answered or not
             loss = loss - lambda_k * r_theta.mean()
-        elif method in COVARIANCE_METHODS:
-            loss = loss + ((g - g.mean()) * r_theta).sum() / (max(len(g) - 1, 1) * tau_k)
+        elif method in COVARIANCE_METHODS:  # Cov(r_x, g) over the completions that have a g
+            rows = answered_completions(answered, objective.against_reference)
+            g_a, r_a = g[rows], r_theta[rows]
+            if len(g_a):
+                loss = loss + ((g_a - g_a.mean()) * r_a).sum() / (max(len(g_a) - 1, 1) * tau_k)
     if r_phi is not None:
         loss = loss + lambda_k * r_phi.mean()
     return loss
@@ -195,8 +210,10 @@ class BilevelTrainer(Trainer):
             reference for `regularization="kl"`.
         reward_model: the reward model r_x (a sequence classifier with one output, or its name/path); None with
             `args.reward_adapter`, where r_x is a LoRA adapter on the policy's base.
-        preference_oracle: callable `(prompts, completions_a, completions_b) -> labels` in [0, 1] (1: a preferred),
-            e.g. `bilevel_rlhf.ScoreOracle`; its optional `score(prompts, completions)` is logged.
+        preference_oracle: callable `(prompts, completions_a, completions_b) -> labels` in [0, 1] (1: a preferred,
+            NaN: abstains), e.g. `bilevel_rlhf.ScoreOracle`; its optional `score(prompts, completions)` is logged. Or
+            a pairwise judge (TRL's `judge(prompts, completions, shuffle_order)`, `bilevel_rlhf.PairwiseJudge`),
+            wrapped in a `JudgeOracle` seeded with `args.seed`. Failed calls: `bilevel_rlhf.oracle_calls`.
         args: a `BilevelConfig`.
         train_dataset: a `datasets.Dataset` with a `prompt` column (strings).
         eval_dataset: optional prompts for `evaluate()` (theta's mean r_x and oracle score, no updates).
@@ -227,8 +244,11 @@ class BilevelTrainer(Trainer):
     ):
         if not isinstance(args, BilevelConfig):
             raise TypeError(f"args must be a BilevelConfig, got {type(args).__name__}")
+        if not callable(preference_oracle) and isinstance(preference_oracle, PairwiseJudge):
+            preference_oracle = JudgeOracle(preference_oracle, seed=args.seed)
         if not callable(preference_oracle):
-            raise TypeError("preference_oracle must be callable (prompts, completions_a, completions_b) -> labels")
+            raise TypeError("preference_oracle must be callable (prompts, completions_a, completions_b) -> labels, "
+                            "or a pairwise judge with judge(prompts, completions, shuffle_order)")
         if objective is None:
             objective = get_objective(args.objective, args.objective_weight)
         for name in ("x_loss", "completion_values", "value"):
@@ -319,13 +339,16 @@ class BilevelTrainer(Trainer):
             theta = model
         torch.manual_seed(args.seed)  # value-head (and reward-head) initialization
         if args.reward_adapter:
-            reward_model = AdapterRewardModel(theta)
-        wrapper = BilevelModel(theta, phi, ref, reward_model, use_peft=use_peft, has_phi=has_phi)
+            reward_model = AdapterRewardModel(theta, head_init=args.reward_head_init)
+        wrapper = BilevelModel(theta, phi, ref, reward_model, use_peft=use_peft, has_phi=has_phi,
+                               value_head_init=args.value_head_init)
 
         self.preference_oracle = preference_oracle
         self.objective = objective
         self.reward_processing_class = reward_processing_class
-        self.oracle_queries = 0  # global count of labelled pairs
+        self.oracle_caller = OracleCaller(preference_oracle, args.oracle_retries, args.oracle_timeout,
+                                          args.oracle_retry_backoff, args.oracle_max_consecutive_failures)
+        self.oracle_counts = OracleCounts()  # every process's pairs: asked = answered + abstained + dropped
         self.adaptive_tau = None if args.tau_schedule != "adaptive" or args.method == "fixed_tau" else AdaptiveTau(
             args.tau_init, args.tau_target_kl, args.tau_horizon, args.tau_min)
         self.guard = TrackingGuard(args.tracking_tolerance, args.tracking_patience, args.phi_resync,
@@ -352,13 +375,34 @@ class BilevelTrainer(Trainer):
         # completions per micro-batch, as in TRL's RLOO/GRPO); the sampler repeats it for each micro-step
         self._train_batch_size = args.prompts_per_iteration
         self.add_callback(_SamplerEpochCallback(self))
+        self._warn_engine_not_started()
         if args.reward_trust_region > 0:
             if self.is_deepspeed_enabled:  # its engine steps inside backward: no step to measure and scale back
                 warnings.warn("reward_trust_region is not applied under DeepSpeed (its engine steps inside backward); "
                               "x's steps are uncapped", stacklevel=2)
             else:
                 self.add_callback(RewardTrustRegion(self, args.reward_trust_region))
+        if self.is_deepspeed_enabled and args.max_grad_norm > 0:
+            warnings.warn(f"under DeepSpeed, max_grad_norm={args.max_grad_norm} clips the global norm of all roles' "
+                          "gradients together (its engine clips them), not each role's separately; set "
+                          "max_grad_norm=0 to train without clipping, or use DDP or FSDP2 for per-role clipping",
+                          stacklevel=2)
+        if self.is_deepspeed_enabled and (args.num_iterations > 1 or args.label_every > 1
+                                          or args.method == "nested_loop"):
+            warnings.warn("under DeepSpeed, x (the reward model) keeps moving in the optimizer steps that give it no "
+                          "gradient (after the first pass over a rollout, num_iterations > 1, or in iterations that do "
+                          "not update x): its optimizer steps every parameter, with a zero gradient where there is none, "
+                          "so Adam's momentum moves x; elsewhere x stays. num_iterations=1 with an x-update every "
+                          "iteration avoids it", stacklevel=2)
         self._tensorboard_in_output_dir()
+
+    def _warn_engine_not_started(self) -> None:
+        """An accelerate config (`accelerate launch`) that asks for FSDP where accelerate does not start it trains with
+        plain data parallelism instead, silently: say so."""
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            warnings.warn(f"the accelerate config asks for FSDP, but accelerate runs {self.accelerator.distributed_type} "
+                          "here: it starts FSDP only on GPU-type devices (not with use_cpu, nor on a machine without a "
+                          "GPU), so nothing is sharded; every process holds the whole model", stacklevel=3)
 
     def _tensorboard_in_output_dir(self) -> None:
         """TensorBoard logs go to output_dir/runs/<date>_<host> (transformers' own choice at the start of training)
@@ -370,6 +414,11 @@ class BilevelTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
+
+    @property
+    def oracle_queries(self) -> int:
+        """Pairs sent to the oracle so far, every process's (answered, abstained or dropped)."""
+        return self.oracle_counts.asked
 
     # ------------------------------------------------------------------ schedules
     @property
@@ -442,7 +491,10 @@ class BilevelTrainer(Trainer):
 
     def _clip_grad_norm(self, model) -> torch.Tensor:
         """Clip each role's gradient separately to max_grad_norm: a global clip would let the reward model's
-        lambda-scaled gradient shrink the actors' steps (and couple the three time-scales). Returns the total norm."""
+        lambda-scaled gradient shrink the actors' steps (and couple the three time-scales). Returns the total norm.
+        Under DeepSpeed the gradients live in its engine, which clips their global norm itself (warned at start-up)."""
+        if self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()
         norms = {}
         for group in self.optimizer.param_groups:
@@ -585,7 +637,8 @@ class BilevelTrainer(Trainer):
             return rollout
         theta, labels = rollout.theta, rollout.labels
         pair_loss = self._pair_loss({r: rollout.completions(r).score for r in scores}, labels)
-        g = self.objective.completion_values(pair_loss, labels)
+        # a completion whose pair has no answer gets no oracle term: g = 0
+        g = answered_completion_values(self.objective, pair_loss, labels, rollout.answered_pairs)
         if not isinstance(g, torch.Tensor) or g.shape != theta.score.shape:
             raise ValueError(
                 f"objective {self.objective.name!r}: completion_values must return one value per completion of theta "
@@ -652,16 +705,23 @@ class BilevelTrainer(Trainer):
 
         # --- label: theta's completion i against the reference's completion i, or theta's pairs (2i, 2i+1)
         t0 = time.perf_counter()
-        labels = None
+        labels = answered = None
+        reward_step = self.is_reward_iteration(k)
         if labelled:
             if self.objective.against_reference:
                 pair_prompts, side_a, side_b = rep_prompts, texts["theta"], texts["ref"]
             else:
                 pair_prompts, side_a, side_b = rep_prompts[0::2], texts["theta"][0::2], texts["theta"][1::2]
-            oracle_name = getattr(self.preference_oracle, "name", type(self.preference_oracle).__name__)
-            labels = check_labels(self.preference_oracle(pair_prompts, side_a, side_b), len(side_a), oracle_name)
-            labels = torch.as_tensor(labels, dtype=torch.float32, device=prompt_ids.device)
-            self.oracle_queries += len(side_a) * self.accelerator.num_processes
+            answer = self.oracle_caller.ask(pair_prompts, side_a, side_b, k)  # retries; a failed batch is dropped
+            counts, stop = summed_over_processes(answer.counts, self.oracle_caller.should_stop, self.accelerator)
+            self.oracle_counts += counts
+            if stop:  # every process gets here: the decision is reduced; `_prepare_inputs` saves a checkpoint
+                raise self.oracle_caller.failure_error(k)
+            if counts.answered:
+                labels = torch.as_tensor(answer.labels, dtype=torch.float32, device=prompt_ids.device)
+                answered = torch.as_tensor(answer.answered, device=prompt_ids.device)
+            else:  # no answer on any process: x does not step, and the actors train on r_x alone
+                reward_step = False
 
         ids = {r: torch.cat([rep_ids, completions[r]], 1) for r in generators}
         attention = {r: torch.cat([rep_mask, masks[r]], 1) for r in generators}
@@ -681,8 +741,8 @@ class BilevelTrainer(Trainer):
             reward_ids, reward_mask = self._reward_inputs(ids[r], attention[r])
             roles[r] = Completions(ids[r], attention[r], masks[r], reward_ids, reward_mask, ref_logprobs=ref_logprobs.get(r))
         rollout = Rollout(
-            iteration=k, tau=tau, penalty_lambda=penalty_lambda, prompt_length=P, labels=labels, reward_step=self.is_reward_iteration(k),
-            fused=self.fuse_rollout_and_update, **roles,
+            iteration=k, tau=tau, penalty_lambda=penalty_lambda, prompt_length=P, labels=labels, answered=answered,
+            reward_step=reward_step, fused=self.fuse_rollout_and_update, **roles,
         )
 
         # --- score (fused x-steps: the update's forward pass of r_x scores), advantages (fused: the update's)
@@ -716,17 +776,28 @@ class BilevelTrainer(Trainer):
             "completions/truncated_prompts": float(stats.truncated_prompts),
             **stats.seconds,
         }
-        if labels is not None:  # a labelled iteration (every one unless label_every > 1)
+        answered_means = {}  # means over the answered pairs: weighted by each process's count when gathered
+        if labels is not None:  # a labelled iteration (every one unless label_every > 1) with answers
             if self.objective.against_reference:
                 d = theta.score - rollout.ref.score
             else:
                 d = theta.score[0::2] - theta.score[1::2]
             s = (torch.sign(d) + 1) / 2
-            m["objective/upper_loss"] = self.objective.value(rollout.pair_loss, labels)
-            m["objective/pair_nll"] = rollout.pair_loss.mean()
-            m["objective/pref_accuracy"] = (labels * s + (1 - labels) * (1 - s)).mean()
+            a = rollout.answered_pairs
+            y, pair_loss = labels[a], rollout.pair_loss[a]
+            if len(y):
+                answered_means["objective/upper_loss"] = answered_value(self.objective, rollout.pair_loss, labels, a)
+                answered_means["objective/pair_nll"] = pair_loss.mean()
+                answered_means["objective/pref_accuracy"] = (y * s[a] + (1 - y) * (1 - s[a])).mean()
+                if self.objective.against_reference:
+                    answered_means["objective/win_rate"] = y.mean()
+            else:  # none here, some on another process
+                answered_means = dict.fromkeys(("objective/upper_loss", "objective/pair_nll", "objective/pref_accuracy")
+                                               + (("objective/win_rate",) if self.objective.against_reference else ()),
+                                               0.0)
+            m.update({key: float(v) * len(y) for key, v in answered_means.items()})
+            m["oracle/pairs_answered"] = float(len(y))
             if self.objective.against_reference:
-                m["objective/win_rate"] = labels.mean()
                 m["reward/ref_mean"] = rollout.ref.score.mean()
         if self.args.method in PENALIZED_THETA_METHODS:
             m["objective/lambda"] = rollout.penalty_lambda
@@ -752,12 +823,18 @@ class BilevelTrainer(Trainer):
         if self.completion_logger is not None and self.state.global_step % max(1, int(self.args.logging_steps)) == 0:
             # theta's row i is in pair i (against the reference's row i) or in pair i // 2 (theta's own pairs)
             pair_of = (lambda i: i) if self.objective.against_reference else (lambda i: i // 2)
+            shown = None if labels is None else [y if ok else None  # None: no answer for that pair
+                                                 for y, ok in zip(labels.tolist(), rollout.answered_pairs.tolist())]
             self.completion_logger.write(self.completion_logger.rows(
                 self.state.global_step, stats.prompts, stats.texts["theta"], theta.score.tolist(), oracle_scores,
-                None if labels is None else labels.tolist(), pair_of))
-        self._rollout_metrics = self._gather_mean(m)
+                shown, pair_of))
+        gathered = self._gather_mean(m)
+        if answered_means:  # mean over processes of (count * mean) / mean of counts = the mean over all answered
+            count = gathered.pop("oracle/pairs_answered")
+            gathered.update({key: gathered[key] / count for key in answered_means})
+        self._rollout_metrics = gathered
         self._rollout_metrics["completions/truncated_prompts"] *= self.accelerator.num_processes  # a count: sum
-        self._rollout_metrics["oracle/queries"] = float(self.oracle_queries)
+        self._rollout_metrics.update(self.oracle_counts.metrics())
 
     def _react(self, rollout: Rollout) -> None:
         """What the rollout's metrics change for the next iteration: the guards' counts and repairs, the adaptive
@@ -766,6 +843,20 @@ class BilevelTrainer(Trainer):
         m.update(self.guard.check(m, rollout.iteration))
         if self.adaptive_tau is not None:
             self.adaptive_tau.update(m["policy_theta/kl"])
+
+    @contextlib.contextmanager
+    def _full_parameters(self):
+        """Under FSDP2, every parameter gathered whole for the work that runs outside the wrapper's forward (sampling,
+        the rollout's no-grad passes, evaluation), and sharded again after; elsewhere nothing."""
+        model = self.model_wrapped
+        if not (self.is_fsdp_enabled and callable(getattr(model, "unshard", None))):
+            yield
+            return
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
 
     def _gather_mean(self, metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
         names = sorted(metrics)
@@ -785,7 +876,15 @@ class BilevelTrainer(Trainer):
         m = self._micro_step % S  # set by training_step
         if m == 0 or self._buffer is None:
             t0 = time.perf_counter()
-            self._buffer = self.generate_and_score([row["prompt"] for row in inputs])
+            # a resync of phi the last rollout asked for, on the parameters the optimizer holds (under FSDP2 the
+            # shards: what is written into the gathered ones is dropped when they are sharded again)
+            self.guard.before_rollout(self.accelerator.unwrap_model(self.model), self.optimizer)
+            try:
+                with self._full_parameters():
+                    self._buffer = self.generate_and_score([row["prompt"] for row in inputs])
+            except OracleFailureError as err:  # saved here, outside the rollout's gathered parameters
+                err.checkpoint = self._checkpoint_for_oracle_failure()
+                raise
             if not self._buffer.fused:
                 self._log_rollout(self._buffer)
                 self._react(self._buffer)
@@ -920,7 +1019,7 @@ class BilevelTrainer(Trainer):
             pair_loss = self._pair_loss(scores, batch.labels) if "theta" in scores else None
             loss_x = reward_model_loss(
                 self.objective, self.args.method, pair_loss, batch.labels, scores.get("theta"), scores.get("phi"),
-                batch.penalty_lambda, batch.tau, g=batch.theta.g,
+                batch.penalty_lambda, batch.tau, g=batch.theta.g, answered=batch.answered,
             )
             _check_finite(f"reward-model loss (objective {self.objective.name!r})", loss_x, k)
             if loss_x.ndim != 0:
@@ -960,7 +1059,8 @@ class BilevelTrainer(Trainer):
         device = self.accelerator.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.args.seed + self.accelerator.process_index)
-            return self._evaluate_prompts(dataset, metric_key_prefix)
+            with self._full_parameters():
+                return self._evaluate_prompts(dataset, metric_key_prefix)
 
     def _evaluate_prompts(self, dataset: Any, metric_key_prefix: str) -> dict[str, float]:
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -1002,7 +1102,9 @@ class BilevelTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        save_roles(self.accelerator.unwrap_model(self.model), output_dir)
+        # FSDP: the module holds shards, so each role is written from the whole state dict that save_model gathered
+        save_roles(self.accelerator.unwrap_model(self.model), output_dir,
+                   state_dict=state_dict if self.is_fsdp_enabled else None)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         if self.reward_processing_class is not None:
@@ -1026,6 +1128,7 @@ class BilevelTrainer(Trainer):
             "tau": tau,
             "lambda": penalty_lambda,
             "oracle_queries": self.oracle_queries,
+            "oracle_counts": self.oracle_counts.state_dict(),
             "oracle_state": state_fn() if callable(state_fn) else None,
             "guard": self.guard.record.state_dict(),
             "adaptive_tau": self.adaptive_tau.value if self.adaptive_tau is not None else None,
@@ -1033,6 +1136,12 @@ class BilevelTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)  # every process writes its own oracle RNG state
         with open(os.path.join(output_dir, STATE_NAME.format(rank=self.accelerator.process_index)), "w") as fh:
             json.dump(state, fh)
+
+    def _checkpoint_for_oracle_failure(self) -> str:
+        """A checkpoint at the iteration boundary where the oracle gave up (the model as the last update left it, the
+        oracle counts with this iteration's drops), so that the stopped run resumes; returns its folder."""
+        self._save_checkpoint(self.model, trial=None)
+        return os.path.join(self._get_output_dir(trial=None), f"checkpoint-{self.state.global_step}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -1047,7 +1156,13 @@ class BilevelTrainer(Trainer):
             )
 
         try:  # a missing, truncated or corrupt file: load_roles names it
-            load_roles(unwrapped, resume_from_checkpoint)
+            if self.is_fsdp_enabled:  # sharded parameters: the whole model that accelerate saved beside the roles
+                from accelerate.utils import load_fsdp_model
+
+                load_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator, self.model_wrapped,
+                                resume_from_checkpoint)
+            elif not self.is_deepspeed_enabled:  # DeepSpeed has loaded the model from its own checkpoint
+                load_roles(unwrapped, resume_from_checkpoint)
         except (OSError, ValueError, KeyError) as err:
             raise corrupt(str(err)) from err
         try:
@@ -1055,7 +1170,9 @@ class BilevelTrainer(Trainer):
                 state = json.load(fh)
         except (OSError, ValueError) as err:
             raise corrupt(f"cannot read {path} ({type(err).__name__}: {err})") from err
-        self.oracle_queries = int(state["oracle_queries"])
+        counts = state.get("oracle_counts")  # a checkpoint from before the counts: every query answered
+        self.oracle_counts = (OracleCounts.from_state_dict(counts) if counts is not None else
+                              OracleCounts(asked=int(state["oracle_queries"]), answered=int(state["oracle_queries"])))
         self.guard.record = GuardRecord.from_state_dict(state.get("guard"))
         if self.adaptive_tau is not None and state.get("adaptive_tau") is not None:
             self.adaptive_tau.value = float(state["adaptive_tau"])
@@ -1063,3 +1180,8 @@ class BilevelTrainer(Trainer):
         if state["oracle_state"] is not None and callable(load_fn):
             load_fn(state["oracle_state"])
         self._buffer, self._micro_step = None, None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:  # Trainer skips _load_from_checkpoint there
+            self._load_from_checkpoint(checkpoint)

@@ -32,10 +32,11 @@ class RewardTrustRegion(TrainerCallback):
     @torch.no_grad()
     def _scores(self) -> torch.Tensor:
         buf = self.trainer._buffer  # every role's rows share one width, as in the rollout's own scoring pass
-        return self._model().reward_forward(
-            torch.cat([buf.completions(r).reward_input_ids for r in buf.generators]),
-            torch.cat([buf.completions(r).reward_attention_mask for r in buf.generators]),
-        )
+        with self.trainer._full_parameters():  # FSDP2: r_x whole for this pass outside the wrapper's forward
+            return self._model().reward_forward(
+                torch.cat([buf.completions(r).reward_input_ids for r in buf.generators]),
+                torch.cat([buf.completions(r).reward_attention_mask for r in buf.generators]),
+            )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         params = [p for p in self._model().role_parameters()["reward"] if p.grad is not None]

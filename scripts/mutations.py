@@ -285,7 +285,8 @@ MUTATIONS: list[Mutation] = [
       ["tests/test_coupled_sampling.py"], "coupled sampling ignores the temperature"),
     # ------------------------------------------------------------------------------------------ trainer: reward model
     M("reward_loss_x_part_dropped", TRAINER,
-      "loss = objective.x_loss(pair_loss, labels)", "loss = 0.0 * objective.x_loss(pair_loss, labels)",
+      "loss = answered_x_loss(objective, pair_loss, labels, answered)",
+      "loss = 0.0 * answered_x_loss(objective, pair_loss, labels, answered)",
       [MATH, BANDIT_TRAINER], "reward model's loss without grad_x f"),
     M("reward_loss_theta_sign", TRAINER,
       "loss = loss - lambda_k * r_theta.mean()", "loss = loss + lambda_k * r_theta.mean()",
@@ -294,19 +295,20 @@ MUTATIONS: list[Mutation] = [
       "loss = loss + lambda_k * r_phi.mean()", "loss = loss - lambda_k * r_phi.mean()",
       [MATH, BANDIT_TRAINER], "hypergradient's phi term with the wrong sign"),
     M("reward_loss_penalty_in_partial_sgd", TRAINER,
-      "        if method in PENALTY_METHODS:\n            loss = loss - lambda_k", "        if True:\n            loss = loss - lambda_k",
+      "        if method in PENALTY_METHODS:  # the lower-level gap: every completion, answered or not\n"
+      "            loss = loss - lambda_k", "        if True:\n            loss = loss - lambda_k",
       [MATH, LM_PSGD], "partial_sgd's reward loss gets the -lambda * mean r_x(theta) term"),
     M("covariance_not_centered", TRAINER,
-      "loss = loss + ((g - g.mean()) * r_theta).sum()", "loss = loss + (g * r_theta).sum()",
+      "loss = loss + ((g_a - g_a.mean()) * r_a).sum()", "loss = loss + (g_a * r_a).sum()",
       [MATH, BANDIT_TRAINER], "covariance term without centering g (a biased estimate)"),
     M("covariance_sign", TRAINER,
-      "loss = loss + ((g - g.mean()) * r_theta).sum()", "loss = loss - ((g - g.mean()) * r_theta).sum()",
+      "loss = loss + ((g_a - g_a.mean()) * r_a).sum()", "loss = loss - ((g_a - g_a.mean()) * r_a).sum()",
       [MATH, BANDIT_TRAINER, "tests/test_testbed.py"], "covariance term with the wrong sign"),
     M("reward_positions_ignored", MODELING,
       'extra = {"position_ids": position_ids_from_mask(attention_mask)} if self._reward_positions else {}',
       "extra = {}", [MATH], "r_x reads left-padded prompts at shifted positions"),
     M("covariance_tau_multiplies", TRAINER,
-      "/ (max(len(g) - 1, 1) * tau_k)", "* tau_k / max(len(g) - 1, 1)",
+      "/ (max(len(g_a) - 1, 1) * tau_k)", "* tau_k / max(len(g_a) - 1, 1)",
       [MATH, BANDIT_TRAINER], "covariance term multiplied by tau instead of divided"),
     M("reward_step_every_epoch", TRAINER,
       'reward_step=epoch == 0 and buf.reward_step', 'reward_step=buf.reward_step',
@@ -368,7 +370,7 @@ MUTATIONS: list[Mutation] = [
       [MATH, ERRORS_MASKS, ERRORS_EMPTY, SCRIPTS], "completion mask stops before the eos token"),
     # ------------------------------------------------------------------------------------------ trainer: metrics
     M("pref_accuracy_inverted", TRAINER,
-      "(labels * s + (1 - labels) * (1 - s)).mean()", "(labels * (1 - s) + (1 - labels) * s).mean()",
+      "(y * s[a] + (1 - y) * (1 - s[a])).mean()", "(y * (1 - s[a]) + (1 - y) * s[a]).mean()",
       [MATH], "objective/pref_accuracy is one minus the accuracy"),
     M("penalty_gap_sign", TRAINER,
       'm["objective/penalty_gap"] = j_phi.mean() - j_theta.mean()', 'm["objective/penalty_gap"] = j_theta.mean() - j_phi.mean()',
@@ -376,9 +378,8 @@ MUTATIONS: list[Mutation] = [
     M("kl_metric_per_token", TRAINER,
       '* c.mask).sum(1).mean()', '* c.mask).mean()',
       [MATH], "policy_*/kl is a per-token mean instead of the per-sequence KL"),
-    M("oracle_queries_counts_completions", TRAINER,
-      "self.oracle_queries += len(side_a) * self.accelerator.num_processes",
-      "self.oracle_queries += len(prompts) * n * self.accelerator.num_processes",
+    M("oracle_queries_counts_completions", "bilevel_rlhf/oracle_calls.py",
+      "return OracleCounts(asked=n, answered=answered,", "return OracleCounts(asked=2 * n, answered=answered,",
       [MATH, LM_EVAL], "oracle/queries counts completions instead of labelled pairs"),
     # ------------------------------------------------------------------------------------------ modeling
     M("value_read_one_late", MODELING,
@@ -708,4 +709,19 @@ MUTATIONS += [
       "else (lambda i: i // 2)", "else (lambda i: i)",
       [EVAL_TESTS + "::test_log_completions_writes_what_was_sampled_labelled_and_scored"],
       "a logged completion shows another pair's label"),
+]
+
+# ---------------------------------------------------------------------------------------------------- failing oracles
+FAILURES = "tests/test_oracle_failures.py"
+MASKED_LOSSES = FAILURES + "::test_losses_with_abstained_pairs_are_those_of_the_answered_pairs_alone"
+MUTATIONS += [
+    M("abstained_pairs_in_x_loss", OBJECTIVES,
+      "    return objective.x_loss(pair_loss[answered], labels[answered])", "    return objective.x_loss(pair_loss, labels)",
+      [MASKED_LOSSES], "x's loss includes the pairs the oracle did not answer"),
+    M("abstained_pairs_in_covariance", TRAINER,
+      "            g_a, r_a = g[rows], r_theta[rows]", "            g_a, r_a = g, r_theta",
+      [MASKED_LOSSES], "the covariance x-gradient includes completions without an oracle term"),
+    M("abstentions_not_counted", "bilevel_rlhf/oracle_calls.py",
+      "abstained=0 if self.dropped else n - answered", "abstained=0",
+      [FAILURES + "::test_fault_injection_run_finishes_and_counts_every_query"], "abstained pairs go uncounted"),
 ]

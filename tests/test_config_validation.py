@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 45 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 51 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 51 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 57 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-51 + 3 + 4 = 58 validated conditions.
+57 + 3 + 4 = 64 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -43,6 +43,11 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
     ("nested_inner_steps", dict(nested_inner_steps=0), [dict(nested_inner_steps=1)]),
     ("label_every", dict(label_every=0), [dict(label_every=1)]),
     ("num_completions_to_print", dict(num_completions_to_print=0), [dict(num_completions_to_print=1)]),
+    ("oracle_retries", dict(oracle_retries=-1), [dict(oracle_retries=0)]),
+    ("oracle_timeout", dict(oracle_timeout=0.0), [dict(oracle_timeout=EPS), dict(oracle_timeout=None)]),
+    ("oracle_retry_backoff", dict(oracle_retry_backoff=-EPS), [dict(oracle_retry_backoff=0.0)]),
+    ("oracle_max_consecutive_failures", dict(oracle_max_consecutive_failures=0),
+     [dict(oracle_max_consecutive_failures=1)]),
     ("objective", dict(objective="reward_nll"), [dict(objective=o) for o in OBJECTIVES]),
     ("objective_weight", dict(objective_weight=-EPS), [dict(objective_weight=0.0)]),
     # method="covariance" divides by tau: tau_init = 0 is allowed for the other methods only
@@ -51,6 +56,8 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
       dict(method="penalized_covariance", tau_init=EPS, tau_min=0.0)]),
     ("tracking_tolerance", dict(tracking_tolerance=-EPS), [dict(tracking_tolerance=0.0)]),
     ("tracking_patience", dict(tracking_patience=0), [dict(tracking_patience=1)]),
+    ("reward_head_init", dict(reward_head_init="xavier"), [dict(reward_head_init="zero")]),
+    ("value_head_init", dict(value_head_init="xavier"), [dict(value_head_init="zero")]),
     ("reward_trust_region", dict(reward_trust_region=-EPS), [dict(reward_trust_region=0.0)]),
     ("reward_trust_region", dict(reward_trust_region=1.0, tau_init=0.0, tau_min=0.0),
      [dict(reward_trust_region=1.0, tau_init=EPS, tau_min=0.0), dict(reward_trust_region=0.0, tau_init=0.0, tau_min=0.0)]),
@@ -261,4 +268,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 58  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 64  # see the module docstring

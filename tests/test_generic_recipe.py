@@ -116,3 +116,31 @@ def test_the_comparison_runs_bilevel_and_trl_on_the_generic_task(tiny_model, tmp
         assert [r["train_queries"] for r in records] == [0, 4, 8], name
     load_script("protocol_report").main([str(out), "--output_dir", str(out / "report")])
     assert "online_dpo (beta 0.1)" in (out / "report" / "report.md").read_text()
+
+
+def test_a_fresh_reward_head_starts_at_zero_and_a_given_one_is_kept(tiny_model, tmp_path):
+    """`reward_head_init="zero"`: the head the recipe adds scores every sequence 0 (the lower level's target starts
+    at the reference); `"random"` (the default) does not; a saved one-output classifier passed as the reward model
+    is kept."""
+    import torch
+    from trl import ModelConfig
+
+    from bilevel_rlhf import BilevelConfig
+    from bilevel_rlhf.recipe import load_models
+
+    def scores(init: str, reward_path=None):
+        args = BilevelConfig(output_dir=str(tmp_path / "run"), reward_head_init=init, use_cpu=True, report_to="none")
+        models = load_models(tiny_model, reward_path, args, ModelConfig())
+        enc = models["tokenizer"](PROMPTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            return models["reward_model"](**enc).logits.squeeze(-1), models["reward_model"]
+
+    zero, _ = scores("zero")
+    assert torch.count_nonzero(zero) == 0
+    random, model = scores("random")
+    assert random.std() > 1e-3
+    model.save_pretrained(tmp_path / "rm")
+    kept, _ = scores("zero", str(tmp_path / "rm"))
+    torch.testing.assert_close(kept, random)
+    with pytest.raises(ValueError, match="reward_head_init"):
+        BilevelConfig(output_dir=str(tmp_path / "run"), reward_head_init="xavier")

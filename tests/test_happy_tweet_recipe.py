@@ -54,7 +54,11 @@ def test_recipe_end_to_end_writes_every_artifact(trained_run):
     assert AutoModelForSequenceClassification.from_pretrained(out / "reward_model").config.num_labels == 1
     assert (out / "value_heads.safetensors").is_file()
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8"}
-    assert list(out.glob("runs/*/events.out.tfevents.*"))
+    events = b"".join(f.read_bytes() for f in out.glob("runs/*/events.out.tfevents.*"))
+    # log_completions (on in the recipe's config): theta's samples as a text table, and in completions.jsonl
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert rows and {r["step"] for r in rows} == {0, 4}
+    assert b"completions" in events and all(r["completion"].replace("|", "\\|").encode() in events for r in rows)
 
 
 def test_resume_after_sigterm_equals_uninterrupted(tiny_model, trained_run, tmp_path, monkeypatch):

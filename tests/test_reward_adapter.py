@@ -159,3 +159,9 @@ def test_bad_combinations_are_refused(tmp_path):
                        make_config(tmp_path, reward_adapter=True), data, processing_class=tok, peft_config=LORA)
     with pytest.raises(ValueError, match="reward_model is required"):
         BilevelTrainer(make_policy(tok), None, happy_oracle(), make_config(tmp_path), data, processing_class=tok)
+
+
+def test_the_adapter_head_starts_at_zero_when_asked(tmp_path):
+    """`reward_head_init="zero"`: r_x = 0 at x_0, so theta's first target is the reference; random by default."""
+    assert torch.count_nonzero(_trainer(tmp_path, reward_head_init="zero").model.reward_model.score.weight) == 0
+    assert torch.count_nonzero(_trainer(tmp_path).model.reward_model.score.weight) > 0

@@ -272,3 +272,15 @@ def test_fixed_tau_keeps_tau_and_schedules_decay(tmp_path):
                           penalty_lambda_horizon=10, penalty_lambda_max=3.0)
     assert single.schedule(10) == pytest.approx((0.1, 2.0))
     assert single.schedule(1000) == pytest.approx((0.05, 3.0))
+
+
+def test_zero_critics_start_at_v_zero_and_learn(tmp_path):
+    """`value_head_init="zero"`: both critics give V = 0 everywhere before training and move with it; `"random"`
+    (the default) does not start at 0."""
+    tok = make_tokenizer()
+    trainer = make_trainer(tmp_path, tok, max_steps=2, value_head_init="zero")
+    heads = (trainer.model.value_theta, trainer.model.value_phi)
+    assert all(torch.count_nonzero(p) == 0 for head in heads for p in head.parameters())
+    trainer.train()
+    assert all(torch.count_nonzero(head.summary.weight) > 0 for head in heads)
+    assert torch.count_nonzero(make_trainer(tmp_path, tok, max_steps=2).model.value_theta.summary.weight) > 0
