@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import rl_utils
+from .judges import JudgeOracle, PairwiseJudge
 from .modeling import position_ids_from_mask
 
 __all__ = ["EvalRecord", "PolicyEvaluator", "distinct_n", "sequence_kl"]
@@ -141,8 +142,10 @@ class PolicyEvaluator:
     Args:
         prompts: the held-out prompts (strings), never trained on.
         tokenizer: the policy's tokenizer (left padding is set on a copy of its settings for generation).
-        oracle: a preference oracle (`bilevel_rlhf.PreferenceOracle`, or any `oracle(prompts, a, b) -> labels`);
-            its `score(prompts, completions)`, when it has one, gives `score` and judges the win rate.
+        oracle: a preference oracle (`bilevel_rlhf.PreferenceOracle`, or any `oracle(prompts, a, b) -> labels`, NaN
+            where it abstains), or a pairwise judge (`bilevel_rlhf.PairwiseJudge`, wrapped in a `JudgeOracle` seeded
+            with `seed`); its `score(prompts, completions)`, when it has one, gives `score` and judges the win rate.
+            Pairs without an answer are left out of the win rate.
         num_samples: completions per prompt (>= 1).
         max_new_tokens: completion length limit (>= 1).
         batch_size: rows per generation batch (>= 1).
@@ -157,6 +160,8 @@ class PolicyEvaluator:
                             ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PolicyEvaluator: {name} must be an integer >= 1, got {value!r}")
+        if not callable(oracle) and isinstance(oracle, PairwiseJudge):
+            oracle = JudgeOracle(oracle, seed=seed)
         if not callable(oracle) and not callable(getattr(oracle, "score", None)):
             raise TypeError(f"PolicyEvaluator: the oracle must be callable or have `score`, got {type(oracle).__name__}")
         self.prompts, self.tokenizer, self.oracle = list(prompts), tokenizer, oracle
@@ -237,12 +242,13 @@ class PolicyEvaluator:
             texts, kl, lengths = self._samples(policy, ref, device)
         scores = self._scores(texts)
         wins = self._wins(texts, scores)
+        wins = wins[~np.isnan(wins)]  # pairs the oracle abstained on
         nan = float("nan")
         return EvalRecord(
             step=int(step), train_queries=None if train_queries is None else int(train_queries),
             score=float(scores.mean()) if scores is not None else nan,
             score_se=_standard_error(scores) if scores is not None else nan,
-            win_rate=float(wins.mean()), win_rate_se=_standard_error(wins),
+            win_rate=float(wins.mean()) if len(wins) else nan, win_rate_se=_standard_error(wins) if len(wins) else nan,
             kl=float(kl.mean()), kl_se=_standard_error(kl),
             distinct_1=distinct_n(texts, 1), distinct_2=distinct_n(texts, 2), length=float(lengths.mean()),
             num_completions=len(texts), eval_queries=self.eval_queries,

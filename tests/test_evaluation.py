@@ -209,3 +209,35 @@ def test_callback_with_lora_actors_measures_against_the_bare_base(tmp_path):
         tmp_path, tok=tok, peft_config=lora, **{**CONFIG, "max_steps": 4, "actor_learning_rate": 3e-2})
     records = read_eval_records(tmp_path / "watched" / "out")
     assert [r.step for r in records] == [0, 2, 4] and records[0].kl == 0.0 and records[-1].kl > 1e-4
+
+
+def test_a_judge_that_abstains_leaves_those_pairs_out_of_the_win_rate():
+    """A TRL-style pairwise judge as the evaluator's oracle: wrapped (seeded order shuffling, verdicts mapped back),
+    its -1s left out of the win rate, which is the mean over the answered pairs; a judge that always abstains gives
+    NaN."""
+
+    def key(text):
+        return (len(text), text)
+
+    class Judge:  # TRL's signature: 0 = the first completion preferred; abstains on every `every`-th pair
+        def __init__(self, every: int):
+            self.every, self.seen = every, []
+
+        def judge(self, prompts, completions, shuffle_order=True):
+            self.seen.append([list(pair) for pair in completions])
+            return [-1 if i % self.every == 0 else (0 if key(a) >= key(b) else 1) for i, (a, b) in enumerate(completions)]
+
+    tok = make_tokenizer()
+    policy, ref = make_policy(tok, seed=0), make_policy(tok, seed=1)
+    ev = PolicyEvaluator(PROMPTS, tok, Judge(every=2), num_samples=2)
+    rec = ev.evaluate(policy, ref)
+    (pairs,) = ev._judge.judge.seen  # the copy the evaluator asked: one call, 8 pairs
+    ref_texts = ev._reference[0]
+    wins = []
+    for i, (a, b) in enumerate(pairs):
+        mine = b if a == ref_texts[i] else a  # the policy's completion, whichever side it was shown on
+        if i % 2 and mine != ref_texts[i]:
+            wins.append(float(key(mine) > key(ref_texts[i])))
+    assert len(pairs) == 8 and rec.eval_queries == 8 and len(wins) == 4  # no policy text equals its opponent here
+    assert rec.win_rate == pytest.approx(np.mean(wins))
+    assert math.isnan(PolicyEvaluator(PROMPTS, tok, Judge(every=1), num_samples=2).evaluate(policy, ref).win_rate)
