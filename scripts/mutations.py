@@ -725,3 +725,13 @@ MUTATIONS += [
       "abstained=0 if self.dropped else n - answered", "abstained=0",
       [FAILURES + "::test_fault_injection_run_finishes_and_counts_every_query"], "abstained pairs go uncounted"),
 ]
+MUTATIONS += [
+    M("eval_win_rate_counts_abstentions", "bilevel_rlhf/evaluation.py",
+      "        wins = wins[~np.isnan(wins)]  # pairs the oracle abstained on\n", "",
+      [EVAL_TESTS + "::test_a_judge_that_abstains_leaves_those_pairs_out_of_the_win_rate"],
+      "the evaluation's win rate averages the judge's abstentions in"),
+    M("fresh_reward_head_not_zeroed", "bilevel_rlhf/modeling.py",
+      "                module.weight.zero_()", "                pass",
+      ["tests/test_generic_recipe.py::test_a_fresh_reward_head_starts_at_zero_and_a_given_one_is_kept"],
+      "reward_head_init='zero' leaves the recipe's new head random"),
+]
