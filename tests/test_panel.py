@@ -89,3 +89,23 @@ def test_panel_run_records_the_exact_outcome_and_the_guards(tmp_path):
         assert 0 <= rec[f"{role}_entropy"] <= np.log(spec.num_completions) + 1e-9
         assert rec[f"{role}_kl_to_target"] >= 0
     assert rec["collapsed"] == []
+
+
+def test_exact_descent_script_follows_the_closed_form_hypergradient():
+    """scripts/exact_descent.py: from x = 0, Phi_tau and the hypergradient's norm at the checkpoints are those of
+    plain gradient steps recomputed here."""
+    descent = load_script("exact_descent")
+    rows = descent.main(["--panel", "3", "--instance", "1", "--lrs", "0.5", "--steps", "100"])
+    spec = panel.draw_panel(3, 0)[1]
+    _, problem = panel.build_instance(spec)
+    obj = dict(objective=spec.objective, weight=0.1)
+    x = np.zeros(len(problem.scores))
+    expected = {}
+    for k in range(101):
+        g = problem.exact_hypergradient(x, spec.tau, **obj)
+        expected[k] = (problem.phi_tau(x, spec.tau, **obj), np.linalg.norm(g))
+        x = x - 0.5 * g
+    assert [r["step"] for r in rows] == [0, 100]
+    for r in rows:
+        assert (r["phi_tau"], r["grad_norm"]) == pytest.approx(expected[r["step"]])
+    assert rows[-1]["phi_tau"] < rows[0]["phi_tau"]
