@@ -21,6 +21,7 @@ LAMBDA_SCHEDULES = ("constant", "polynomial")
 LR_SCHEDULES = ("constant", "polynomial")
 REWARD_HEAD_INITS = ("zero", "random")
 VALUE_HEAD_INITS = ("zero", "random")
+ADVANTAGE_ESTIMATORS = ("gae", "rloo")
 
 
 @dataclass
@@ -198,6 +199,12 @@ class BilevelConfig(TrainingArguments):
             GAE lambda in [0, 1] (not the penalty lambda).
         whiten_rewards (`bool`, *optional*, defaults to `False`):
             Rescale the per-token rewards to unit variance before GAE.
+        advantage_estimator (`str`, *optional*, defaults to `"gae"`):
+            `"gae"`: per-token rewards (the KL penalty at each token, the terminal reward at the last) and GAE on the
+            critic's values. `"rloo"`: one advantage per completion, its KL-penalized return minus the mean return of
+            the other `num_generations - 1` completions of its prompt (Kool et al. 2019; TRL's RLOO), given to every
+            token; the critics are not used (no value loss). Needs `num_generations >= 2`, and `objective="win_rate"`
+            when theta is penalized (with `"preference_nll"` a completion's verdict is shared with its baseline).
         value_head_init (`str`, *optional*, defaults to `"random"`):
             How the critics (linear value heads on the actors' last hidden states) start: `"random"`, small random
             weights, whose values on a trained trunk are of order 1 per token, so that until the critic has learned
@@ -336,6 +343,11 @@ class BilevelConfig(TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount in [0, 1]."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda in [0, 1]."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Rescale per-token rewards before GAE."})
+    advantage_estimator: str = field(
+        default="gae",
+        metadata={"help": f"One of {ADVANTAGE_ESTIMATORS}: GAE on the critic's values, or each completion's return "
+                  "against its prompt's other completions (rloo, num_generations >= 2)."},
+    )
     value_head_init: str = field(
         default="random",
         metadata={"help": f"The critics' start, one of {VALUE_HEAD_INITS}: `random` (small random weights) or `zero` "
@@ -477,6 +489,15 @@ class BilevelConfig(TrainingArguments):
         need(self.vf_coef >= 0, "vf_coef", ">= 0")
         need(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
         need(0 <= self.lam <= 1, "lam", "in [0, 1]")
+        need(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator", f"one of {ADVANTAGE_ESTIMATORS}")
+        need(self.advantage_estimator != "rloo" or self.num_generations >= 2, "num_generations",
+             f">= 2 with advantage_estimator='rloo' (each completion's baseline is its prompt's other "
+             "completions)")
+        need(self.advantage_estimator != "rloo" or self.objective == "win_rate"
+             or self.method not in PENALIZED_THETA_METHODS, "advantage_estimator",
+             f"'gae' with method={self.method!r} and objective={self.objective!r}: rloo's baseline for a completion of "
+             "theta is its pair's other completion, which shares its verdict g, so theta's gradient would be biased "
+             "(use objective='win_rate')")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", ">= 1")
         need(
             self.steps_per_generation >= 1 and self.steps_per_generation % self.gradient_accumulation_steps == 0,

@@ -65,6 +65,8 @@ def load_run(run_dir: str | os.PathLike) -> RunCurve:
         for key, tag in (("reward_head_init", "zero r_x head"), ("value_head_init", "zero critics")):
             if bilevel.get(key, "random") == "zero":  # another start is another method on the frontier
                 method = f"{method}, {tag}"
+        if bilevel.get("advantage_estimator", "gae") != "gae":  # another estimator is another method
+            method = f"{method}, {bilevel['advantage_estimator']} advantages"
     setting = method if weight is None else f"{method} ({name} {weight:g})"
     return RunCurve(run_dir.name, method, setting, summary.get("seed"), records)
 

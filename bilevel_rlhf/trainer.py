@@ -603,10 +603,17 @@ class BilevelTrainer(Trainer):
         return enc["input_ids"].to(ids.device), enc["attention_mask"].to(ids.device)
 
     def _advantages(self, score, logprobs, ref_logprobs, values, mask, tau):
-        """Per-token reward -tau * penalty_t (+ score at the last token), GAE, whitened advantages."""
+        """Per-token reward -tau * penalty_t (+ score at the last token), GAE, whitened advantages. With
+        `advantage_estimator="rloo"`: each completion's return minus the mean of its prompt's other completions'."""
         a = self.args
         maskf = mask.float()
         penalty = token_kl_penalty(logprobs, ref_logprobs, a.regularization) * maskf
+        if a.advantage_estimator == "rloo":
+            returns = (score - tau * penalty.sum(1)).view(-1, a.num_generations)  # rows of one prompt are adjacent
+            baseline = (returns.sum(1, keepdim=True) - returns) / (a.num_generations - 1)
+            advantages = (returns - baseline).reshape(-1, 1) * maskf
+            # no critic: its targets are its own values, and the value loss is switched off in `_ppo_loss`
+            return masked_whiten(advantages, maskf), values * maskf, penalty.sum(1)
         rewards = -tau * penalty
         last = mask.sum(1) - 1
         rewards[torch.arange(len(last), device=mask.device), last] += score
@@ -998,7 +1005,8 @@ class BilevelTrainer(Trainer):
             "approxkl": 0.5 * masked_mean(log_ratio.detach() ** 2, mask),
             "clipfrac": masked_mean((torch.abs(ratio.detach() - 1) > a.cliprange).float(), mask),
         }
-        return pg_loss + a.vf_coef * vf_loss, stats
+        vf_coef = 0.0 if a.advantage_estimator == "rloo" else a.vf_coef  # rloo: the critic is not used
+        return pg_loss + vf_coef * vf_loss, stats
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The summed loss of the parts of `inputs` (a `LossInputs`; a bare `Rollout` means all its parts) from one

@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 51 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 57 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 54 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 60 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-57 + 3 + 4 = 64 validated conditions.
+60 + 3 + 4 = 67 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -58,6 +58,11 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
     ("tracking_patience", dict(tracking_patience=0), [dict(tracking_patience=1)]),
     ("reward_head_init", dict(reward_head_init="xavier"), [dict(reward_head_init="zero")]),
     ("value_head_init", dict(value_head_init="xavier"), [dict(value_head_init="zero")]),
+    ("advantage_estimator", dict(advantage_estimator="vtrace"), [dict(advantage_estimator="rloo", objective="win_rate")]),
+    # rloo with theta's own pairs: a completion's baseline shares its verdict (biased for a penalized theta)
+    ("advantage_estimator", dict(advantage_estimator="rloo", objective="preference_nll", method="single_loop"),
+     [dict(advantage_estimator="rloo", objective="win_rate", method="single_loop"),
+      dict(advantage_estimator="rloo", objective="preference_nll", method="partial_sgd")]),
     ("reward_trust_region", dict(reward_trust_region=-EPS), [dict(reward_trust_region=0.0)]),
     ("reward_trust_region", dict(reward_trust_region=1.0, tau_init=0.0, tau_min=0.0),
      [dict(reward_trust_region=1.0, tau_init=EPS, tau_min=0.0), dict(reward_trust_region=0.0, tau_init=0.0, tau_min=0.0)]),
@@ -92,6 +97,9 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
     ("temperature", dict(temperature=0.0), [dict(temperature=EPS)]),
     ("top_k", dict(top_k=-1), [dict(top_k=0)]),
     ("top_p", dict(top_p=0.0), [dict(top_p=1.0), dict(top_p=EPS)]),
+    # rloo's baseline is the prompt's other completions: 2 at least (win_rate allows 1 otherwise)
+    ("num_generations", dict(num_generations=1, objective="win_rate", advantage_estimator="rloo"),
+     [dict(num_generations=2, advantage_estimator="rloo", objective="win_rate"), dict(num_generations=1, objective="win_rate")]),
     ("num_generations", dict(num_generations=3),  # odd pairs nothing with preference_nll; win_rate pairs each one
      [dict(num_generations=2), dict(num_generations=4), dict(num_generations=1, objective="win_rate")]),
     ("num_eval_generations", dict(num_eval_generations=0), [dict(num_eval_generations=1)]),
@@ -268,4 +276,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 64  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 67  # see the module docstring

@@ -139,15 +139,20 @@ def theta_logit_gradient(trainer: BilevelTrainer, prompts: int) -> np.ndarray:
 
 
 @pytest.mark.filterwarnings("ignore:penalized_policy")  # a strict local maximum is stationary too
-def test_theta_is_stationary_at_the_penalized_optimum(tmp_path):
+@pytest.mark.parametrize("estimator, objective", [("gae", "preference_nll"), ("gae", "win_rate"), ("rloo", "win_rate")])
+def test_theta_is_stationary_at_the_penalized_optimum(tmp_path, estimator, objective):
     """theta maximizes J_tau - f / lambda: at the exact penalized policy its expected policy gradient vanishes, and at
-    the penalized policy of another lambda (what a g off by a factor would aim at) it does not."""
+    the penalized policy of another lambda (what a g off by a factor would aim at) it does not. With either
+    advantage estimator: GAE on the critic, or each completion against its prompt's other one (rloo: win_rate only,
+    where a completion's verdict does not depend on its baseline's completion)."""
     x = np.random.default_rng(2).normal(size=K)
-    lam, prompts, rollouts = 2.0, 1024, 10
+    lam, prompts, rollouts, w = 2.0, 1024, 10, 0.3
     means = {}
-    for target in (lam, 2 * lam):
-        trainer = make_trainer(tmp_path / str(target), x, lam, prompts)
-        theta = bandit.penalized_policy(x, target, TAU, PROBLEM.log_pi_ref, PROBLEM.scores, PROBLEM.temperature)
+    for target in (lam, 4 * lam):
+        trainer = make_trainer(tmp_path / str(target), x, lam, prompts, advantage_estimator=estimator,
+                               objective=objective, objective_weight=w)
+        theta = bandit.penalized_policy(x, target, TAU, PROBLEM.log_pi_ref, PROBLEM.scores, PROBLEM.temperature,
+                                        objective=objective, weight=w)
         set_logits(trainer.model.policy_theta, np.log(theta))
         set_logits(trainer.model.policy_phi, np.log(bandit.soft_optimal_policy(x, PROBLEM.log_pi_ref, TAU)))
         torch.manual_seed(11)
@@ -155,7 +160,7 @@ def test_theta_is_stationary_at_the_penalized_optimum(tmp_path):
         means[target] = (grads.mean(0), grads.std(0, ddof=1) / np.sqrt(rollouts))
     mean, se = means[lam]
     assert np.all(np.abs(mean) <= 5 * se + 1e-6), (mean, se)
-    other, other_se = means[2 * lam]
+    other, other_se = means[4 * lam]
     assert np.linalg.norm(other) > 8 * np.linalg.norm(other_se), (other, other_se)
 
 

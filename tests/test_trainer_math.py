@@ -162,17 +162,21 @@ def test_ppo_loss_equals_hand_computed_values(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- rollout buffer
 @pytest.mark.parametrize(
-    "method, regularization, whiten_rewards, fused, objective",
-    [("single_loop", "kl", False, False, "preference_nll"), ("single_loop", "entropy", True, False, "preference_nll"),
-     ("single_loop", "kl", False, True, "preference_nll"), ("partial_sgd", "kl", False, False, "preference_nll"),
-     ("single_loop", "kl", False, False, "win_rate"), ("covariance", "entropy", False, True, "win_rate"),
-     ("penalized_covariance", "kl", False, False, "win_rate")],
+    "method, regularization, whiten_rewards, fused, objective, estimator",
+    [("single_loop", "kl", False, False, "preference_nll", "gae"),
+     ("single_loop", "entropy", True, False, "preference_nll", "gae"),
+     ("single_loop", "kl", False, True, "preference_nll", "gae"), ("partial_sgd", "kl", False, False, "preference_nll", "gae"),
+     ("single_loop", "kl", False, False, "win_rate", "gae"), ("covariance", "entropy", False, True, "win_rate", "gae"),
+     ("penalized_covariance", "kl", False, False, "win_rate", "gae"),
+     ("penalized_covariance", "kl", False, False, "win_rate", "rloo"),
+     ("covariance", "entropy", False, True, "preference_nll", "rloo")],
 )
 def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, regularization, whiten_rewards, fused,
-                                                              objective):
+                                                              objective, estimator):
     kw = dict(num_iterations=1, steps_per_generation=1, per_device_train_batch_size=8) if fused else {}
     trainer = make_trainer(tmp_path, method=method, regularization=regularization, whiten_rewards=whiten_rewards,
-                           temperature=0.8, objective=objective, objective_weight=0.3, **kw)
+                           temperature=0.8, objective=objective, objective_weight=0.3, advantage_estimator=estimator,
+                           **kw)
     assert trainer.fuse_rollout_and_update == fused
     k = 3
     (buf,), (step,) = micro_steps(trainer, iteration=k)
@@ -247,7 +251,15 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
             flat = np.concatenate([rw for rw, _, _ in per_row])
             mean, std = flat.mean(), np.sqrt(flat.var(ddof=1) + 1e-8)
             per_row = [((rw - mean) / std + mean, v, pen) for rw, v, pen in per_row]
-        gae = [gae_reverse_scan(rw, v, GAMMA, GAE_LAMBDA) for rw, v, _ in per_row]
+        if estimator == "rloo":
+            # one advantage per completion: its return minus the mean of its prompt's other completion's (n = 2),
+            # on every token; the critic's targets are its own values
+            n = trainer.args.num_generations
+            ret = np.array([terminal[i] - tau * pen.sum() for i, (_, _, pen) in enumerate(per_row)]).reshape(-1, n)
+            loo = (ret - (ret.sum(1, keepdims=True) - ret) / (n - 1)).reshape(-1)
+            gae = [(np.full(len(v), loo[i]), v) for i, (_, v, _) in enumerate(per_row)]
+        else:
+            gae = [gae_reverse_scan(rw, v, GAMMA, GAE_LAMBDA) for rw, v, _ in per_row]
         flat = np.concatenate([a for a, _ in gae])
         mean, std = flat.mean(), np.sqrt(flat.var(ddof=1) + 1e-8)
         for i, ((adv, ret), (_, _, pen)) in enumerate(zip(gae, per_row)):
@@ -256,6 +268,9 @@ def test_rollout_buffer_matches_an_independent_recomputation(tmp_path, method, r
             np.testing.assert_allclose(buf.completions(r).returns[i, :L].double().numpy(), ret, atol=1e-4)
             assert buf.completions(r).seq_penalty[i].item() == pytest.approx(pen.sum(), abs=1e-4)
             assert not buf.completions(r).advantages[i, L:].any() and not buf.completions(r).returns[i, L:].any()
+        # the micro-step's backward pass reached the critic through its value loss, except with rloo (no critic)
+        critic_grads = [p.grad for p in model.value_head(r).parameters() if p.grad is not None]
+        assert any(g.any() for g in critic_grads) == (estimator == "gae")
 
 
 def test_each_epoch_partitions_the_rollout_and_only_the_first_trains_x(tmp_path):
