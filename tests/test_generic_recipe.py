@@ -93,7 +93,7 @@ def test_the_example_config_parses():
 
 
 def test_the_comparison_runs_bilevel_and_trl_on_the_generic_task(tiny_model, tmp_path, monkeypatch):
-    """scripts/compare_happy_tweet.py --recipe generic: the default and OnlineDPO on a JSONL task with a module human,
+    """scripts/compare.py --recipe generic: the default and OnlineDPO on a JSONL task with a module human,
     the same budget, both evaluated by the protocol; protocol_report reads them."""
     from script_loader import load_script
 
@@ -106,7 +106,7 @@ def test_the_comparison_runs_bilevel_and_trl_on_the_generic_task(tiny_model, tmp
         "eval_protocol_prompts: 2\neval_protocol_samples: 1\ndisable_tqdm: true\n")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "cmp"
-    load_script("compare_happy_tweet").main(
+    load_script("compare").main(
         ["--recipe", "generic", "--config", str(tmp_path / "task.yaml"), "--methods", "penalized_covariance",
          "online_dpo", "--queries", "8", "--eval_every_queries", "4", "--output_dir", str(out)])
     for name in ("penalized_covariance_win_rate-seed0", "online_dpo-seed0"):

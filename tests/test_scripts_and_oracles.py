@@ -351,7 +351,7 @@ def test_compare_script_end_to_end(tiny_model, tmp_path, monkeypatch):
     budget, the table is the aggregate of the per-run results, and completed runs are skipped on a second call."""
     from bilevel_rlhf.happy_tweet import evaluate
 
-    compare = load_script("compare_happy_tweet")
+    compare = load_script("compare")
     out = tmp_path / "cmp"
     # the recipe's YAML with 4 prompts per iteration: the script scales the micro-batch (completions) per objective
     config = tmp_path / "config.yaml"

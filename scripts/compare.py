@@ -1,10 +1,10 @@
 """Compare the bilevel methods with TRL's OnlineDPO and RLOO on the happy-tweet task (or any task of the generic
 recipe), same oracle budget and seeds.
 
-    python scripts/compare_happy_tweet.py                              # 1 seed, defaults of recipes/happy_tweet/config.yaml
-    python scripts/compare_happy_tweet.py --seeds 0 1 2 --queries 1600 --output_dir outputs/compare
-    python scripts/compare_happy_tweet.py --methods single_loop rloo -- --actor_learning_rate 1e-4   # recipe overrides
-    python scripts/compare_happy_tweet.py --recipe generic --config recipes/movie_reviews/config.yaml \
+    python scripts/compare.py                              # 1 seed, defaults of recipes/happy_tweet/config.yaml
+    python scripts/compare.py --seeds 0 1 2 --queries 1600 --output_dir outputs/compare
+    python scripts/compare.py --methods single_loop rloo -- --actor_learning_rate 1e-4   # recipe overrides
+    python scripts/compare.py --recipe generic --config recipes/movie_reviews/config.yaml \
         --methods penalized_covariance partial_sgd online_dpo --seeds 0 1 2 --queries 1600 --eval_every_queries 160
 
 With `--recipe generic` the runs use the generic recipe (`bilevel-rlhf`) and its config's prompts, model and human,
