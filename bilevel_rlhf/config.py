@@ -89,6 +89,11 @@ class BilevelConfig(TrainingArguments):
             most delta (`bilevel_rlhf.trust_region`): the actors' target moves by a bounded tilt per step, whatever
             tau_k. 0 turns the cap off (as `max_grad_norm`); a cap needs `tau_init > 0`. Not applied under
             DeepSpeed, whose engine steps inside backward (a warning says so).
+        hypergradient_warmup_ratio (`float`, *optional*, defaults to `0.0`):
+            Covariance methods: over this fraction of the run's iterations, the weight of x's covariance term rises
+            linearly from 0 to 1, so that x's step goes from the partial gradient of standard RLHF (`partial_sgd`)
+            to the full hypergradient estimate, which it is for the rest of the run (a continuation: the bilevel
+            correction starts from where standard RLHF leads). 0: the hypergradient from the first iteration.
         collapse_entropy_fraction (`float`, *optional*, defaults to `0.1`):
             An actor whose mean token entropy falls below this fraction of its first rollout's is reported as
             collapsed (`CollapseWarning`); 0 turns the check off.
@@ -270,6 +275,11 @@ class BilevelConfig(TrainingArguments):
         default=0.5, metadata={"help": "Cap on each x step's change of r_x / tau_k on the rollout, >= 0 (0: off)."}
     )
     phi_resync: bool = field(default=False, metadata={"help": "Copy theta into phi when phi has lost track."})
+    hypergradient_warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Covariance methods: fraction of the run over which x's covariance term's weight rises from "
+                  "0 to 1, in [0, 1] (0: off)."},
+    )
     collapse_entropy_fraction: float = field(
         default=0.1, metadata={"help": "Entropy floor, as a fraction of the first rollout's, in [0, 1)."}
     )
@@ -441,6 +451,11 @@ class BilevelConfig(TrainingArguments):
         need(self.reward_head_init in REWARD_HEAD_INITS, "reward_head_init", f"one of {REWARD_HEAD_INITS}")
         need(self.value_head_init in VALUE_HEAD_INITS, "value_head_init", f"one of {VALUE_HEAD_INITS}")
         need(self.reward_trust_region >= 0, "reward_trust_region", ">= 0 (0: no cap)")
+        need(0 <= self.hypergradient_warmup_ratio <= 1, "hypergradient_warmup_ratio", "in [0, 1]")
+        need(self.hypergradient_warmup_ratio == 0 or self.method in COVARIANCE_METHODS, "hypergradient_warmup_ratio",
+             f"0 with method={self.method!r}: it ramps in the covariance term of {COVARIANCE_METHODS}")
+        need(self.hypergradient_warmup_ratio == 0 or self.max_steps > 0, "hypergradient_warmup_ratio",
+             "0 without max_steps > 0 (it is a fraction of the run's iterations)")
         need(self.reward_trust_region == 0 or self.tau_init > 0, "reward_trust_region",
              "0 when tau_init = 0 (the cap is on r_x / tau_k)")
         need(0 <= self.collapse_entropy_fraction < 1, "collapse_entropy_fraction", "in [0, 1)")

@@ -67,6 +67,8 @@ def load_run(run_dir: str | os.PathLike) -> RunCurve:
                 method = f"{method}, {tag}"
         if bilevel.get("advantage_estimator", "gae") != "gae":  # another estimator is another method
             method = f"{method}, {bilevel['advantage_estimator']} advantages"
+        if bilevel.get("hypergradient_warmup_ratio", 0):
+            method = f"{method}, warmup {bilevel['hypergradient_warmup_ratio']:g}"
     setting = method if weight is None else f"{method} ({name} {weight:g})"
     return RunCurve(run_dir.name, method, setting, summary.get("seed"), records)
 

@@ -58,3 +58,8 @@ def lr_factor(k: int, schedule: str, decay: float, horizon: float) -> float:
     if schedule == "polynomial":
         return (1.0 + k / horizon) ** (-decay)
     raise ValueError(f"learning-rate schedule must be constant or polynomial, got {schedule!r}")
+
+
+def warmup_weight(k: int, warmup_iterations: float) -> float:
+    """Weight of the covariance term at iteration k: min(1, k / K) over a warmup of K iterations (K = 0: 1)."""
+    return 1.0 if warmup_iterations <= 0 else min(1.0, k / warmup_iterations)

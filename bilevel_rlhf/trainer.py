@@ -76,7 +76,7 @@ from .rl_utils import (
     sample_completions,
     token_kl_penalty,
 )
-from .schedules import AdaptiveTau, lambda_at, lr_factor, tau_at
+from .schedules import AdaptiveTau, lambda_at, lr_factor, tau_at, warmup_weight
 from .trust_region import RewardTrustRegion
 
 STATE_NAME = "bilevel_state_rank{rank}.json"
@@ -114,6 +114,7 @@ def reward_model_loss(
     tau_k: float,
     g: torch.Tensor | None = None,
     answered: torch.Tensor | None = None,
+    covariance_weight: float = 1.0,
 ) -> torch.Tensor:
     """Loss of the reward model x; its gradient is the hypergradient estimate h_k. With f's x-part F = `objective`'s
     `x_loss(pair_loss, labels)` on the answered pairs (`answered`, [pairs] bool; None: all):
@@ -121,7 +122,8 @@ def reward_model_loss(
         covariance, penalized_covariance:
                       F + (1/tau_k) * sum_i (g_i - mean g) r_x(y_i) / (N - 1), y_i theta's N completions in
                       answered pairs, g detached:
-                      the lambda -> infinity limit of the penalty, (1/tau) Cov(grad_x r_x, g);
+                      the lambda -> infinity limit of the penalty, (1/tau) Cov(grad_x r_x, g); the covariance
+                      term times `covariance_weight` (below 1 during `hypergradient_warmup_ratio`);
         partial_sgd:  F alone.
     It is a theta term plus a phi term, so the phi term (``r_phi``) and the theta term (``pair_loss``, ``r_theta``)
     may each be None: the trainer runs r_x on each actor's completions in turn.
@@ -136,7 +138,7 @@ def reward_model_loss(
             rows = answered_completions(answered, objective.against_reference)
             g_a, r_a = g[rows], r_theta[rows]
             if len(g_a):
-                loss = loss + ((g_a - g_a.mean()) * r_a).sum() / (max(len(g_a) - 1, 1) * tau_k)
+                loss = loss + covariance_weight * ((g_a - g_a.mean()) * r_a).sum() / (max(len(g_a) - 1, 1) * tau_k)
     if r_phi is not None:
         loss = loss + lambda_k * r_phi.mean()
     return loss
@@ -424,6 +426,12 @@ class BilevelTrainer(Trainer):
     @property
     def micro_steps_per_iteration(self) -> int:
         return self.args.num_iterations * self.args.steps_per_generation
+
+    def covariance_weight(self, k: int) -> float:
+        """Weight of x's covariance term at iteration k: rises from 0 to 1 over `hypergradient_warmup_ratio` of the
+        run's iterations."""
+        a = self.args
+        return warmup_weight(k, a.hypergradient_warmup_ratio * a.max_steps / a.steps_per_iteration)
 
     def schedule(self, k: int) -> tuple[float, float]:
         """(tau_k, lambda_k) at iteration k."""
@@ -808,6 +816,8 @@ class BilevelTrainer(Trainer):
                 m["reward/ref_mean"] = rollout.ref.score.mean()
         if self.args.method in PENALIZED_THETA_METHODS:
             m["objective/lambda"] = rollout.penalty_lambda
+        if self.args.hypergradient_warmup_ratio > 0:
+            m["objective/covariance_weight"] = self.covariance_weight(rollout.iteration)
         if rollout.phi is not None:
             phi = rollout.phi
             m["reward/phi_mean"] = phi.score.mean()
@@ -1028,6 +1038,7 @@ class BilevelTrainer(Trainer):
             loss_x = reward_model_loss(
                 self.objective, self.args.method, pair_loss, batch.labels, scores.get("theta"), scores.get("phi"),
                 batch.penalty_lambda, batch.tau, g=batch.theta.g, answered=batch.answered,
+                covariance_weight=self.covariance_weight(k),
             )
             _check_finite(f"reward-model loss (objective {self.objective.name!r})", loss_x, k)
             if loss_x.ndim != 0:

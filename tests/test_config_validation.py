@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 54 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 60 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 57 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 63 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-60 + 3 + 4 = 67 validated conditions.
+63 + 3 + 4 = 70 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -64,6 +64,14 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
      [dict(advantage_estimator="rloo", objective="win_rate", method="single_loop"),
       dict(advantage_estimator="rloo", objective="preference_nll", method="partial_sgd")]),
     ("reward_trust_region", dict(reward_trust_region=-EPS), [dict(reward_trust_region=0.0)]),
+    ("hypergradient_warmup_ratio", dict(hypergradient_warmup_ratio=-EPS, max_steps=8, method="covariance"),
+     [dict(hypergradient_warmup_ratio=0.0), dict(hypergradient_warmup_ratio=1.0, max_steps=8, method="covariance")]),
+    ("hypergradient_warmup_ratio", dict(hypergradient_warmup_ratio=0.5, max_steps=8, method="partial_sgd"),
+     [dict(hypergradient_warmup_ratio=0.5, max_steps=8, method="covariance"),
+      dict(hypergradient_warmup_ratio=0.0, method="partial_sgd")]),
+    # max_steps -1 (epochs): the run's length is not known when the config is built
+    ("hypergradient_warmup_ratio", dict(hypergradient_warmup_ratio=0.5, method="penalized_covariance"),
+     [dict(hypergradient_warmup_ratio=0.5, max_steps=8, method="penalized_covariance")]),
     ("reward_trust_region", dict(reward_trust_region=1.0, tau_init=0.0, tau_min=0.0),
      [dict(reward_trust_region=1.0, tau_init=EPS, tau_min=0.0), dict(reward_trust_region=0.0, tau_init=0.0, tau_min=0.0)]),
     ("collapse_entropy_fraction", dict(collapse_entropy_fraction=1.0),
@@ -122,6 +130,7 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
 # the other side of two-sided conditions (the same need(...), another way to fail it)
 OTHER_SIDE: list[tuple[str, dict]] = [
     ("tau_min", dict(tau_min=-EPS)),
+    ("hypergradient_warmup_ratio", dict(hypergradient_warmup_ratio=1.0 + EPS, max_steps=8, method="covariance")),
     ("top_p", dict(top_p=1.0 + EPS)),
     ("num_generations", dict(num_generations=0, objective="win_rate")),  # < 1
     ("steps_per_generation", dict(steps_per_generation=0)),  # < 1 (0 is a multiple of everything)
@@ -276,4 +285,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 67  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 70  # see the module docstring

@@ -89,9 +89,9 @@ def test_report_script_on_written_runs(tmp_path):
     assert load_run(tmp_path / "penalized_covariance-seed0").setting == "penalized_covariance, tau constant (tau_0 0.1)"
     (tmp_path / "penalized_covariance-seed0" / "bilevel_config.json").write_text(
         json.dumps({"tau_init": 0.1, "reward_head_init": "zero", "value_head_init": "zero",
-                    "advantage_estimator": "rloo"}))
+                    "advantage_estimator": "rloo", "hypergradient_warmup_ratio": 0.5}))
     assert (load_run(tmp_path / "penalized_covariance-seed0").setting
-            == "penalized_covariance, zero r_x head, zero critics, rloo advantages (tau_0 0.1)")
+            == "penalized_covariance, zero r_x head, zero critics, rloo advantages, warmup 0.5 (tau_0 0.1)")
     (tmp_path / "penalized_covariance-seed0" / "bilevel_config.json").write_text(json.dumps({"tau_init": 0.1}))
     # a run still training (callback records, no summary yet) is left out of the report
     (tmp_path / "online_dpo-seed9").mkdir()

@@ -507,7 +507,7 @@ def test_reward_model_loss_equals_hand_computed_values():
     def loss(method, objective=nll, **kw):
         args = dict(pair_loss=pair_loss, r_theta=r_theta, r_phi=None, g=None) | kw
         return reward_model_loss(objective, method, args["pair_loss"], labels, args["r_theta"], args["r_phi"], lam,
-                                 tau, g=args["g"]).item()
+                                 tau, g=args["g"], covariance_weight=kw.get("weight", 1.0)).item()
 
     # penalty methods: f + lambda (mean r_x(phi) - mean r_x(theta)) = f + 3 (1.0 - 0.25), in two parts
     assert loss("single_loop", r_phi=r_phi) == pytest.approx(f + 3 * 0.75, rel=1e-6)
@@ -518,6 +518,9 @@ def test_reward_model_loss_equals_hand_computed_values():
     g = torch.tensor([2.0, 0.0, 1.0, 1.0])
     assert loss("covariance", g=g) == pytest.approx(f + (1.0 * 1.0 - 1.0 * 0.0) / (3 * tau), rel=1e-6)
     assert loss("penalized_covariance", g=g) == pytest.approx(f + (1.0 * 1.0 - 1.0 * 0.0) / (3 * tau), rel=1e-6)
+    # during the hypergradient warmup the covariance term is weighted: 0 is partial_sgd's loss
+    assert loss("penalized_covariance", g=g, weight=0.25) == pytest.approx(f + 0.25 / (3 * tau), rel=1e-6)
+    assert loss("covariance", g=g, weight=0.0) == pytest.approx(f, rel=1e-6)
     # win_rate: x's part of f is w * the BT-NLL
     assert loss("partial_sgd", objective=WinRate(0.3)) == pytest.approx(0.3 * f, rel=1e-6)
 
@@ -564,6 +567,26 @@ def test_logged_losses_equal_their_recomputation(tmp_path):
         assert vf.item() > 1e-3
         assert metrics[f"value_{r}/loss"] == pytest.approx(vf.item(), rel=1e-4)
     assert metrics["value/loss"] == pytest.approx((metrics["value_theta/loss"] + metrics["value_phi/loss"]) / 2)
+
+
+def test_the_covariance_weight_ramps_over_the_warmup_and_reaches_the_loss(tmp_path):
+    """hypergradient_warmup_ratio 0.5 of 8 iterations: weight k / 4, then 1; logged, and in x's loss."""
+    trainer = make_trainer(tmp_path, method="penalized_covariance", objective="win_rate", max_steps=32,
+                           hypergradient_warmup_ratio=0.5)
+    assert trainer.args.steps_per_iteration == 4
+    assert [trainer.covariance_weight(k) for k in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    (buf,), (step,) = micro_steps(trainer, iteration=1)
+    batch = step[0].batch
+    trainer._step_metrics = {}
+    computed = trainer.compute_loss(trainer.model, LossInputs(batch, ("reward/theta",)))
+    expected = reward_model_loss(trainer.objective, "penalized_covariance", batch.pair_loss, batch.labels,
+                                 batch.theta.score, None, batch.penalty_lambda, batch.tau, g=batch.theta.g,
+                                 covariance_weight=0.25)
+    full = reward_model_loss(trainer.objective, "penalized_covariance", batch.pair_loss, batch.labels,
+                             batch.theta.score, None, batch.penalty_lambda, batch.tau, g=batch.theta.g)
+    assert computed.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(full.item() - expected.item()) > 1e-3  # the weight matters on this batch
+    assert trainer._rollout_metrics["objective/covariance_weight"] == 0.25
 
 
 def test_schedules_equal_hand_computed_values():
