@@ -90,7 +90,8 @@ class BilevelConfig(TrainingArguments):
             tau_k. 0 turns the cap off (as `max_grad_norm`); a cap needs `tau_init > 0`. Not applied under
             DeepSpeed, whose engine steps inside backward (a warning says so).
         hypergradient_warmup_ratio (`float`, *optional*, defaults to `0.0`):
-            Covariance methods: over this fraction of the run's iterations, the weight of x's covariance term rises
+            Covariance methods: over this fraction of the run's iterations (from `max_steps`, or from the epochs
+            when `max_steps` is not set), the weight of x's covariance term rises
             linearly from 0 to 1, so that x's step goes from the partial gradient of standard RLHF (`partial_sgd`)
             to the full hypergradient estimate, which it is for the rest of the run (a continuation: the bilevel
             correction starts from where standard RLHF leads). 0: the hypergradient from the first iteration.
@@ -454,8 +455,6 @@ class BilevelConfig(TrainingArguments):
         need(0 <= self.hypergradient_warmup_ratio <= 1, "hypergradient_warmup_ratio", "in [0, 1]")
         need(self.hypergradient_warmup_ratio == 0 or self.method in COVARIANCE_METHODS, "hypergradient_warmup_ratio",
              f"0 with method={self.method!r}: it ramps in the covariance term of {COVARIANCE_METHODS}")
-        need(self.hypergradient_warmup_ratio == 0 or self.max_steps > 0, "hypergradient_warmup_ratio",
-             "0 without max_steps > 0 (it is a fraction of the run's iterations)")
         need(self.reward_trust_region == 0 or self.tau_init > 0, "reward_trust_region",
              "0 when tau_init = 0 (the cap is on r_x / tau_k)")
         need(0 <= self.collapse_entropy_fraction < 1, "collapse_entropy_fraction", "in [0, 1)")

@@ -431,7 +431,8 @@ class BilevelTrainer(Trainer):
         """Weight of x's covariance term at iteration k: rises from 0 to 1 over `hypergradient_warmup_ratio` of the
         run's iterations."""
         a = self.args
-        return warmup_weight(k, a.hypergradient_warmup_ratio * a.max_steps / a.steps_per_iteration)
+        steps = self.state.max_steps if self.state.max_steps > 0 else a.max_steps  # the loop's count, epochs resolved
+        return warmup_weight(k, a.hypergradient_warmup_ratio * steps / a.steps_per_iteration)
 
     def schedule(self, k: int) -> tuple[float, float]:
         """(tau_k, lambda_k) at iteration k."""

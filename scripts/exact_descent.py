@@ -1,8 +1,11 @@
-"""Exact hypergradient descent on one instance of the testbed panel: x <- x - lr * grad Phi_tau(x) from x = 0, with
-the closed-form hypergradient (`MultiTokenProblem.exact_hypergradient`), no sampling. It shows the landscape a method
-that follows the hypergradient meets: where Phi_tau is flat, any such method crawls, however good its estimate.
+"""Exact hypergradient descent on one instance of the testbed panel from x = 0, with the closed-form hypergradient
+(`MultiTokenProblem.exact_hypergradient`), no sampling: plain steps x <- x - lr * grad Phi_tau(x), or Adam's
+normalized steps (`--optimizer adam`, as the trainer steps x: torch's AdamW, betas 0.9 / 0.999, no weight decay). It
+shows the landscape a method that follows the hypergradient meets: where Phi_tau is flat, plain steps crawl, while
+Adam's keep their size as long as the direction is known.
 
     python scripts/exact_descent.py --instance 22 --lrs 0.01 0.1 1 --steps 20000
+    python scripts/exact_descent.py --instance 22 --optimizer adam --lrs 0.01 --steps 360
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import warnings
 
 import numpy as np
+import torch
 
 from bilevel_rlhf import panel
 
@@ -23,6 +27,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--weight", type=float, default=0.1, help="objective_weight of win_rate")
+    p.add_argument("--optimizer", choices=["gd", "adam"], default="gd", help="plain steps (gd) or Adam's")
     args = p.parse_args(argv)
     specs = panel.draw_panel(args.panel, args.panel_seed)
     if not 0 <= args.instance < len(specs):
@@ -41,12 +46,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         checkpoints = sorted({0, 100, 1000, 5000, args.steps} & set(range(args.steps + 1)))
         rows = []
         for lr in args.lrs:
-            x = np.zeros(len(problem.scores))
+            x = torch.zeros(len(problem.scores), dtype=torch.float64, requires_grad=True)
+            adam = torch.optim.AdamW([x], lr=lr, weight_decay=0.0) if args.optimizer == "adam" else None
             for k in range(args.steps + 1):
-                g = grad(x)
+                g = grad(x.detach().numpy())
                 if k in checkpoints:
-                    rows.append({"lr": lr, "step": k, "phi_tau": phi(x), "grad_norm": float(np.linalg.norm(g))})
-                x = x - lr * g
+                    rows.append({"lr": lr, "step": k, "phi_tau": phi(x.detach().numpy()),
+                                 "grad_norm": float(np.linalg.norm(g))})
+                if adam is None:
+                    with torch.no_grad():
+                        x -= lr * torch.from_numpy(g)
+                else:
+                    x.grad = torch.from_numpy(g)
+                    adam.step()
     print("| lr | step | Phi_tau | norm of the hypergradient |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['lr']:g} | {r['step']} | {r['phi_tau']:.4f} | {r['grad_norm']:.1e} |")

@@ -109,3 +109,23 @@ def test_exact_descent_script_follows_the_closed_form_hypergradient():
     for r in rows:
         assert (r["phi_tau"], r["grad_norm"]) == pytest.approx(expected[r["step"]])
     assert rows[-1]["phi_tau"] < rows[0]["phi_tau"]
+
+
+def test_exact_descent_script_takes_adams_steps():
+    """--optimizer adam: Adam's steps on the exact hypergradient, recomputed here by hand (bias-corrected moments,
+    betas 0.9 / 0.999, eps 1e-8): the first step moves every coordinate by lr against the gradient's sign."""
+    descent = load_script("exact_descent")
+    rows = descent.main(["--panel", "3", "--instance", "1", "--optimizer", "adam", "--lrs", "0.05", "--steps", "100"])
+    spec = panel.draw_panel(3, 0)[1]
+    _, problem = panel.build_instance(spec)
+    obj = dict(objective=spec.objective, weight=0.1)
+    x, m, v = (np.zeros(len(problem.scores)) for _ in range(3))
+    for k in range(100):
+        g = problem.exact_hypergradient(x, spec.tau, **obj)
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        step = 0.05 * (m / (1 - 0.9 ** (k + 1))) / (np.sqrt(v / (1 - 0.999 ** (k + 1))) + 1e-8)
+        if k == 0:
+            np.testing.assert_allclose(np.abs(step[g != 0]), 0.05, rtol=1e-4)  # up to eps
+        x = x - step
+    assert rows[-1]["step"] == 100
+    assert rows[-1]["phi_tau"] == pytest.approx(problem.phi_tau(x, spec.tau, **obj), abs=1e-9)

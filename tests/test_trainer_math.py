@@ -587,6 +587,11 @@ def test_the_covariance_weight_ramps_over_the_warmup_and_reaches_the_loss(tmp_pa
     assert computed.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(full.item() - expected.item()) > 1e-3  # the weight matters on this batch
     assert trainer._rollout_metrics["objective/covariance_weight"] == 0.25
+    # a run by epochs (max_steps -1): the warmup is a fraction of the training loop's step count
+    by_epochs = make_trainer(tmp_path / "epochs", method="penalized_covariance", objective="win_rate",
+                             hypergradient_warmup_ratio=0.25)
+    by_epochs.state.max_steps = 64  # set by the training loop from the epochs before the first step
+    assert [by_epochs.covariance_weight(k) for k in (0, 2, 4, 5)] == [0.0, 0.5, 1.0, 1.0]
 
 
 def test_schedules_equal_hand_computed_values():
