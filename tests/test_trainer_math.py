@@ -154,6 +154,12 @@ def test_ppo_loss_equals_hand_computed_values(tmp_path):
     assert stats["clipfrac"].item() == pytest.approx(4 / 5)  # |r - 1| > 0.2 at tokens 2-5
     logr = np.log([1.1, 1.5, 0.5, 0.5, 1.5])
     assert stats["approxkl"].item() == pytest.approx(0.5 * np.mean(logr**2), rel=1e-9)
+    # rloo advantages: no critic, no value loss (the statistic is still computed)
+    trainer.args.advantage_estimator = "rloo"
+    rloo_loss, rloo_stats = trainer._ppo_loss(new, old)
+    assert rloo_loss.item() == pytest.approx(0.36, abs=1e-9)
+    assert rloo_stats["value_loss"].item() == pytest.approx(0.328, abs=1e-9)
+    trainer.args.advantage_estimator = "gae"
     # gradient in the log-probs: -A r / N where the unclipped term is active, 0 where the clip is (tokens 2 and 4)
     (grad,) = torch.autograd.grad(loss, new_lp)
     expected = np.array([-1.1, 0.0, -0.5, 0.0, 3.0, 0.0]) / 5
