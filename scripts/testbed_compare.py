@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--out", default="outputs/testbed_compare.json")
     p.add_argument("--panel", type=int, default=0, help="run on this many instances drawn by --panel_seed")
     p.add_argument("--panel_seed", type=int, default=0)
+    p.add_argument("--instances", type=int, nargs="+", default=None,
+                   help="--panel: run only these instances of the drawn panel (by index)")
     p.add_argument("--resume", action="store_true", help="--panel: skip the runs already in --out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -284,6 +286,11 @@ def print_panel_table(rows: list[dict], iterations: int, n_instances: int, seeds
 
 def main_panel(args: argparse.Namespace) -> None:
     specs = panel.draw_panel(args.panel, args.panel_seed)
+    if args.instances is not None:
+        bad = sorted(set(args.instances) - {s.index for s in specs})
+        if bad:
+            raise SystemExit(f"--instances: {bad} not in the panel's indices 0-{len(specs) - 1}")
+        specs = [s for s in specs if s.index in set(args.instances)]
     state = {"references": [], "runs": []}
     if args.resume and os.path.isfile(args.out):
         with open(args.out) as fh:

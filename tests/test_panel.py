@@ -91,6 +91,28 @@ def test_panel_run_records_the_exact_outcome_and_the_guards(tmp_path):
     assert rec["collapsed"] == []
 
 
+def test_panel_runs_only_the_chosen_instances(tmp_path, monkeypatch, capsys):
+    """--instances: the drawn panel's chosen indices only (their references and runs); an index outside it is
+    refused before any run."""
+    import json
+    import sys
+
+    compare = load_script("testbed_compare")
+    out = tmp_path / "panel.json"
+    base = ["testbed_compare.py", "--panel", "8", "--seeds", "0", "--iterations", "1", "--prompts", "4",
+            "--methods", "partial_sgd", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*base, "--instances", "8"])
+    with pytest.raises(SystemExit, match=r"--instances: \[8\] not in the panel's indices 0-7"):
+        compare.main()
+    assert not out.exists()
+    spec = next(s for s in panel.draw_panel(8, seed=0) if s.max_length <= 2)
+    monkeypatch.setattr(sys, "argv", [*base, "--instances", str(spec.index)])
+    compare.main()
+    state = json.loads(out.read_text())
+    assert [r["index"] for r in state["references"]] == [spec.index]
+    assert [(r["instance"], r["method"]) for r in state["runs"]] == [(spec.index, "partial_sgd")]
+
+
 def test_exact_descent_script_follows_the_closed_form_hypergradient():
     """scripts/exact_descent.py: from x = 0, Phi_tau and the hypergradient's norm at the checkpoints are those of
     plain gradient steps recomputed here."""
