@@ -617,12 +617,13 @@ class BilevelTrainer(Trainer):
         a = self.args
         maskf = mask.float()
         penalty = token_kl_penalty(logprobs, ref_logprobs, a.regularization) * maskf
+        seq_penalty = penalty.sum(1)
         if a.advantage_estimator == "rloo":
-            returns = (score - tau * penalty.sum(1)).view(-1, a.num_generations)  # rows of one prompt are adjacent
+            returns = (score - tau * seq_penalty).view(-1, a.num_generations)  # rows of one prompt are adjacent
             baseline = (returns.sum(1, keepdim=True) - returns) / (a.num_generations - 1)
             advantages = (returns - baseline).reshape(-1, 1) * maskf
             # no critic: its targets are its own values, and the value loss is switched off in `_ppo_loss`
-            return masked_whiten(advantages, maskf), values * maskf, penalty.sum(1)
+            return masked_whiten(advantages, maskf), values * maskf, seq_penalty
         rewards = -tau * penalty
         last = mask.sum(1) - 1
         rewards[torch.arange(len(last), device=mask.device), last] += score
@@ -630,7 +631,7 @@ class BilevelTrainer(Trainer):
             rewards = masked_whiten(rewards, maskf, shift_mean=False)
         advantages, returns = compute_gae(rewards, values, maskf, a.gamma, a.lam)
         advantages = masked_whiten(advantages, maskf)
-        return advantages, returns, penalty.sum(1)
+        return advantages, returns, seq_penalty
 
     def _pair_loss(self, scores: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """r_x's BT-NLL of each labelled pair: theta's completion i against the reference's completion i, or theta's

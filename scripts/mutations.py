@@ -740,7 +740,7 @@ MUTATIONS += [
       'need(self.advantage_estimator != "rloo" or self.objective == "win_rate"', 'need(True or self.objective == "win_rate"',
       [CONFIG], "BilevelConfig accepts rloo advantages for a penalized theta with preference_nll (a biased gradient)"),
     M("rloo_return_without_kl", TRAINER,
-      "returns = (score - tau * penalty.sum(1)).view(-1, a.num_generations)",
+      "returns = (score - tau * seq_penalty).view(-1, a.num_generations)",
       "returns = score.view(-1, a.num_generations)",
       [MATH + "::test_rollout_buffer_matches_an_independent_recomputation"],
       "rloo advantages from the terminal reward alone, without the KL penalty"),
