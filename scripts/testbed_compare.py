@@ -210,7 +210,9 @@ def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: a
     if name in ("single_loop", "fixed_tau", "nested_loop", "penalized_covariance"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            targets["theta"] = problem.penalized_policy(x, args.penalty_lambda, spec.tau, **obj)
+            # the run's own lambda at its last iteration: a method's override and schedule, not --penalty_lambda
+            _, lam = trainer.schedule(args.iterations - 1)
+            targets["theta"] = problem.penalized_policy(x, lam, spec.tau, **obj)
     if trainer.model.policy_phi is not None:
         targets["phi"] = pi_star
     collapsed = []

@@ -91,6 +91,26 @@ def test_panel_run_records_the_exact_outcome_and_the_guards(tmp_path):
     assert rec["collapsed"] == []
 
 
+def test_panel_run_scores_the_penalized_theta_against_its_own_lambda(monkeypatch):
+    """A method's penalty_lambda override sets the penalized theta's target in the record, not --penalty_lambda."""
+    import argparse
+
+    compare = load_script("testbed_compare")
+    spec = next(s for s in panel.draw_panel(8, seed=0) if s.max_length <= 2)
+    seen = []
+    original = testbed.MultiTokenProblem.penalized_policy
+
+    def spy(self, x, lam, tau, **kw):
+        seen.append(lam)
+        return original(self, x, lam, tau, **kw)
+
+    monkeypatch.setattr(testbed.MultiTokenProblem, "penalized_policy", spy)
+    args = argparse.Namespace(prompts=4, iterations=2, weight=0.1, penalty_lambda=2.0, actor_lr=3e-3, critic_lr=1e-2,
+                              reward_lr=1e-2, crn=False)
+    compare.run_panel_instance(spec, "penalized_covariance@penalty_lambda=0.7", 0, args)
+    assert seen == [0.7]
+
+
 def test_panel_runs_only_the_chosen_instances(tmp_path, monkeypatch, capsys):
     """--instances: the drawn panel's chosen indices only (their references and runs); an index outside it is
     refused before any run."""
