@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from script_loader import load_script
 
-from bilevel_rlhf import panel, testbed
+from bilevel_rlhf import bandit, panel, testbed
 
 
 def test_panel_is_a_function_of_its_seed_and_covers_every_axis():
@@ -171,3 +171,30 @@ def test_exact_descent_script_takes_adams_steps():
         x = x - step
     assert rows[-1]["step"] == 100
     assert rows[-1]["phi_tau"] == pytest.approx(problem.phi_tau(x, spec.tau, **obj), abs=1e-9)
+
+
+@pytest.mark.parametrize("objective", ["win_rate", "preference_nll"])
+def test_ideal_actor_script_estimates_the_exact_hypergradient(objective):
+    """scripts/ideal_actor.py: the trainer's x-loss on completions drawn from pi*_tau(x) averages to the closed form,
+    grad_x f for partial_sgd and the whole hypergradient for covariance (noiseless labels, as the panel's oracle)."""
+    import dataclasses
+
+    ideal = load_script("ideal_actor")
+    drawn = next(s for s in panel.draw_panel(8, seed=0) if s.num_completions <= 16)
+    spec = dataclasses.replace(drawn, objective=objective)
+    _, problem = panel.build_instance(spec)
+    x = np.random.default_rng(1).normal(0.0, 0.3, len(problem.scores))
+    pi = problem.soft_optimal_policy(x, spec.tau)
+    g_x, _ = bandit.upper_loss_grads(x, pi, problem.scores, problem.temperature, objective=objective, weight=0.1,
+                                     log_pi_ref=problem.log_pi_ref)
+    exact = {"partial_sgd": g_x, "covariance": problem.exact_hypergradient(x, spec.tau, objective=objective)}
+    rng = np.random.default_rng(0)
+    for method, target in exact.items():
+        mean = np.mean([ideal.sampled_gradient(problem, x, pi, method, spec.tau, 1.0, objective, 0.1, prompts=20_000,
+                                               rng=rng) for _ in range(10)], axis=0)
+        np.testing.assert_allclose(mean, target, atol=0.02 * np.abs(target).max())
+    rows = ideal.main(["--panel", "8", "--instance", str(spec.index), "--methods", "covariance", "--seeds", "0",
+                       "--iterations", "2", "--every", "1"])
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[0]["phi_tau"] == pytest.approx(problem.phi_tau(np.zeros(len(problem.scores)), spec.tau,
+                                                               objective=drawn.objective))
