@@ -21,6 +21,7 @@ from bilevel_rlhf import panel
 from bilevel_rlhf.bandit import preference_matrix
 from bilevel_rlhf.objectives import get_objective
 from bilevel_rlhf.rl_utils import bradley_terry_loss
+from bilevel_rlhf.schedules import warmup_weight
 from bilevel_rlhf.trainer import reward_model_loss
 
 METHODS = ("partial_sgd", "covariance", "penalized_covariance")
@@ -38,7 +39,8 @@ def actor_distribution(problem, x: np.ndarray, method: str, tau: float, lam: flo
 
 
 def sampled_gradient(problem, x: np.ndarray, pi: np.ndarray, method: str, tau: float, lam: float, objective: str,
-                     weight: float, prompts: int, rng: np.random.Generator, labels: str = "probability") -> np.ndarray:
+                     weight: float, prompts: int, rng: np.random.Generator, labels: str = "probability",
+                     covariance_weight: float = 1.0) -> np.ndarray:
     """One iteration's x-gradient: 2 * `prompts` completions of theta drawn from `pi` (and as many of the reference
     for win_rate), labelled, through the trainer's x-loss."""
     obj = get_objective(objective, weight)
@@ -55,7 +57,8 @@ def sampled_gradient(problem, x: np.ndarray, pi: np.ndarray, method: str, tau: f
     lab = torch.tensor(label)
     pair_loss = bradley_terry_loss(xt[torch.as_tensor(a)], xt[torch.as_tensor(b)], lab)
     g = obj.completion_values(pair_loss, lab).detach()
-    loss = reward_model_loss(obj, method, pair_loss, lab, xt[torch.as_tensor(y)], None, lam, tau, g=g)
+    loss = reward_model_loss(obj, method, pair_loss, lab, xt[torch.as_tensor(y)], None, lam, tau, g=g,
+                             covariance_weight=covariance_weight)
     (grad,) = torch.autograd.grad(loss, xt)
     return grad.numpy()
 
@@ -80,7 +83,9 @@ def run(problem, spec, method: str, seed: int, args: argparse.Namespace) -> list
             break
         pi = actor_distribution(problem, xn, method, spec.tau, args.penalty_lambda, **obj)
         x.grad = torch.from_numpy(sampled_gradient(problem, xn, pi, method, spec.tau, args.penalty_lambda,
-                                                   prompts=args.prompts, rng=rng, labels=args.labels, **obj))
+                                                   prompts=args.prompts, rng=rng, labels=args.labels,
+                                                   covariance_weight=warmup_weight(k, args.warmup * args.iterations),
+                                                   **obj))
         adam.step()
     return rows
 
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--every", type=int, default=120, help="print Phi_tau every this many iterations")
     p.add_argument("--prompts", type=int, default=64, help="prompts per iteration (2 completions each)")
     p.add_argument("--reward_lr", type=float, default=1e-2)
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="hypergradient_warmup_ratio: the covariance term's weight rises 0 -> 1 over this fraction")
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--penalty_lambda", type=float, default=1.0)
     p.add_argument("--weight", type=float, default=0.1, help="objective_weight of win_rate")

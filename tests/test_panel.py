@@ -198,3 +198,31 @@ def test_ideal_actor_script_estimates_the_exact_hypergradient(objective):
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert rows[0]["phi_tau"] == pytest.approx(problem.phi_tau(np.zeros(len(problem.scores)), spec.tau,
                                                                objective=drawn.objective))
+
+
+def test_ideal_actor_warmup_ramps_the_covariance_term(monkeypatch):
+    """--warmup r: the covariance term's weight rises as min(1, k / (r * iterations)); at weight 0 covariance's
+    x-gradient is partial_sgd's on the same draws, at weight 1 it is not."""
+    ideal = load_script("ideal_actor")
+    spec = next(s for s in panel.draw_panel(8, seed=0) if s.num_completions <= 16)
+    _, problem = panel.build_instance(spec)
+    x = np.random.default_rng(1).normal(0.0, 0.3, len(problem.scores))
+    pi = problem.soft_optimal_policy(x, spec.tau)
+
+    def grad(method, weight):
+        return ideal.sampled_gradient(problem, x, pi, method, spec.tau, 1.0, spec.objective, 0.1, prompts=32,
+                                      rng=np.random.default_rng(3), covariance_weight=weight)
+
+    np.testing.assert_array_equal(grad("covariance", 0.0), grad("partial_sgd", 1.0))
+    assert not np.allclose(grad("covariance", 1.0), grad("partial_sgd", 1.0))
+    weights = []
+    original = ideal.sampled_gradient
+
+    def spy(*args, covariance_weight=1.0, **kwargs):
+        weights.append(covariance_weight)
+        return original(*args, covariance_weight=covariance_weight, **kwargs)
+
+    monkeypatch.setattr(ideal, "sampled_gradient", spy)
+    ideal.main(["--panel", "8", "--instance", str(spec.index), "--methods", "covariance", "--seeds", "0",
+                "--iterations", "4", "--warmup", "0.5"])
+    assert weights == [0.0, 0.5, 1.0, 1.0]
