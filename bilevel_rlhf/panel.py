@@ -7,7 +7,7 @@ what a method's robustness depends on:
 - the vocabulary and length: (C, L) from :data:`SIZES`; L = 1 is the one-token bandit (a content token or the empty
   completion), the degenerate member;
 - the reference's peakedness: pi_ref's entropy over the completions, as a fraction of log N (nearly uniform at 0.92,
-  very peaked at 0.2), set by :func:`scale_logits`: flatter than the random model by scaling its whole logits down,
+  very peaked at 0.2; capped at the flattest that scaling the drawn policy's logits reaches), set by :func:`scale_logits`: flatter than the random model by scaling its whole logits down,
   more peaked by scaling up only the per-token bias (lm_head's column on the constant hidden dimension). Scaling the
   whole head up would also scale how much every weight moves the logits, so one actor step size could not serve the
   family: at the testbed's step size such a policy collapses in its first Adam step under every method;
@@ -21,7 +21,7 @@ combination of score kind and objective three times.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ SIZES = ((8, 1), (2, 3), (3, 2), (4, 2), (3, 3), (5, 2), (4, 3))  # (num_content
 OBJECTIVES = ("preference_nll", "win_rate")
 ENTROPY_RANGE = (0.2, 0.92)  # pi_ref's entropy as a fraction of log N
 TAU_RANGE = (0.1, 1.0)
+FLATTEST_LOG_FACTOR = -4.0  # the whole logits scaled by e^-4 at the flattest
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def draw_panel(n: int = 24, seed: int = 0) -> list[InstanceSpec]:
     u_entropy = (rng.permutation(n) + rng.uniform(size=n)) / n
     u_tau = (rng.permutation(n) + rng.uniform(size=n)) / n
     lo, hi = ENTROPY_RANGE
-    return [
+    specs = [
         InstanceSpec(
             index=i, seed=int(rng.integers(2**31)), num_content=sizes[i][0], max_length=sizes[i][1],
             entropy_fraction=round(float(lo + (hi - lo) * u_entropy[i]), 3), scores=kinds[i],
@@ -91,6 +92,19 @@ def draw_panel(n: int = 24, seed: int = 0) -> list[InstanceSpec]:
         )
         for i in range(n)
     ]
+    # a near-uniform target can lie above what flattening the logits reaches for the drawn policy (its completions'
+    # lengths stay unequally likely): capped there
+    return [_within_reach(spec) for spec in specs]
+
+
+def _within_reach(spec: InstanceSpec) -> InstanceSpec:
+    """`spec`, with its entropy fraction capped just below the flattest reference :func:`build_instance` reaches."""
+    model = testbed.make_policy(seed=spec.seed, num_content=spec.num_content, max_length=spec.max_length)
+    completions, _ = testbed.enumerate_completions(spec.num_content, spec.max_length)
+    scale_logits(model, float(np.exp(FLATTEST_LOG_FACTOR)))
+    log_p = testbed.sequence_log_probs(model, testbed.make_tokenizer(spec.num_content), completions)
+    cap = np.floor(1000 * (entropy(log_p) - 0.005) / np.log(len(completions))) / 1000
+    return replace(spec, entropy_fraction=float(cap)) if spec.entropy_fraction > cap else spec
 
 
 def entropy(log_p: np.ndarray) -> float:
@@ -145,8 +159,11 @@ def build_instance(spec: InstanceSpec) -> tuple[torch.nn.Module, testbed.MultiTo
         scale_logits(model, float(np.exp(log_factor)), bias_only=bias_only)
         return entropy(testbed.sequence_log_probs(model, tok, completions))
 
-    # entropy falls as the logits grow; bisection on log(factor): up to e^6 for the bias, down to e^-4 for the whole
-    lo, hi = (0.0, 6.0) if bias_only else (-4.0, 0.0)
+    # entropy falls as the logits grow; bisection on log(factor): up to e^6 (then e^12) for the bias, down to e^-4
+    # for the whole
+    lo, hi = (0.0, 6.0) if bias_only else (FLATTEST_LOG_FACTOR, 0.0)
+    if bias_only and entropy_at(hi) > target:  # a draw whose biases are close together: scale them further
+        lo, hi = 6.0, 12.0
     if not entropy_at(hi) <= target <= entropy_at(lo):
         raise RuntimeError(f"{spec.name}: entropy target {target:.3f} out of reach of the logit scale")
     for _ in range(60):

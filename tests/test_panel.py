@@ -41,6 +41,17 @@ def test_instance_has_the_target_entropy_and_a_proper_reference(index):
     assert problem.temperature == spec.oracle_temperature
 
 
+@pytest.mark.parametrize("seed, index", [(1, 7), (6, 1)])
+def test_every_drawn_instance_is_built_at_its_target_entropy(seed, index):
+    """Draws at the edges of what scaling the logits reaches: a very peaked target for a policy whose biases are close
+    together (scaled past e^6), and a near-uniform target above the flattest reference of its shape (capped in
+    `draw_panel` just below it, not refused by `build_instance`)."""
+    spec = panel.draw_panel(24, seed=seed)[index]
+    _, problem = panel.build_instance(spec)
+    assert panel.entropy(problem.log_pi_ref) == pytest.approx(spec.entropy_fraction * np.log(spec.num_completions),
+                                                              abs=0.01)
+
+
 def test_score_kinds_have_their_shape():
     rng = np.random.default_rng(0)
     few = panel.draw_scores("few_winners", 200, rng)
