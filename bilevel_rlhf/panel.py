@@ -28,7 +28,8 @@ import torch
 
 from . import testbed
 
-__all__ = ["SCORE_KINDS", "SIZES", "InstanceSpec", "draw_panel", "build_instance", "scale_logits", "entropy"]
+__all__ = ["SCORE_KINDS", "SIZES", "InstanceSpec", "draw_panel", "drawn_instance", "build_instance", "scale_logits",
+           "entropy"]
 
 SCORE_KINDS = ("gaussian", "heavy_tailed", "few_winners", "near_ties")
 SIZES = ((8, 1), (2, 3), (3, 2), (4, 2), (3, 3), (5, 2), (4, 3))  # (num_content, max_length); N = 9 .. 85
@@ -95,6 +96,14 @@ def draw_panel(n: int = 24, seed: int = 0) -> list[InstanceSpec]:
     # a near-uniform target can lie above what flattening the logits reaches for the drawn policy (its completions'
     # lengths stay unequally likely): capped there
     return [_within_reach(spec) for spec in specs]
+
+
+def drawn_instance(n: int, seed: int, index: int) -> InstanceSpec:
+    """Instance `index` of `draw_panel(n, seed)`."""
+    specs = draw_panel(n, seed)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+        raise ValueError(f"instance must be one of the panel's indices 0-{n - 1}, got {index!r}")
+    return specs[index]
 
 
 def _within_reach(spec: InstanceSpec) -> InstanceSpec:

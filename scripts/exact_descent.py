@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--weight", type=float, default=0.1, help="objective_weight of win_rate")
     p.add_argument("--optimizer", choices=["gd", "adam"], default="gd", help="plain steps (gd) or Adam's")
     args = p.parse_args(argv)
-    specs = panel.draw_panel(args.panel, args.panel_seed)
-    if not 0 <= args.instance < len(specs):
-        raise SystemExit(f"--instance must be in [0, {len(specs) - 1}], got {args.instance}")
-    spec = specs[args.instance]
+    try:
+        spec = panel.drawn_instance(args.panel, args.panel_seed, args.instance)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
     _, problem = panel.build_instance(spec)
     obj = dict(objective=spec.objective, weight=args.weight)
     phi = lambda x: problem.phi_tau(x, spec.tau, **obj)  # noqa: E731

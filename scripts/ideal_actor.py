@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--labels", choices=["probability", "bradley_terry"], default="probability",
                    help="the oracle's expected label (as the panel's oracle) or a sampled one")
     args = p.parse_args(argv)
-    specs = panel.draw_panel(args.panel, args.panel_seed)
-    if not 0 <= args.instance < len(specs):
-        raise SystemExit(f"--instance must be in [0, {len(specs) - 1}], got {args.instance}")
-    spec = specs[args.instance]
+    try:
+        spec = panel.drawn_instance(args.panel, args.panel_seed, args.instance)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
     _, problem = panel.build_instance(spec)
     print(spec)
     rows = [r for m in args.methods for s in args.seeds for r in run(problem, spec, m, s, args)]

@@ -237,3 +237,11 @@ def test_ideal_actor_warmup_ramps_the_covariance_term(monkeypatch):
     ideal.main(["--panel", "8", "--instance", str(spec.index), "--methods", "covariance", "--seeds", "0",
                 "--iterations", "4", "--warmup", "0.5"])
     assert weights == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_scripts_refuse_an_instance_outside_the_panel():
+    """exact_descent.py and ideal_actor.py name the flag and the panel's indices."""
+    for name in ("exact_descent", "ideal_actor"):
+        with pytest.raises(SystemExit, match=r"--instance must be one of the panel's indices 0-2, got 3"):
+            load_script(name).main(["--panel", "3", "--instance", "3"])
+    assert panel.drawn_instance(3, 0, 1) == panel.draw_panel(3, 0)[1]
