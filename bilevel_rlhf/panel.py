@@ -7,10 +7,11 @@ what a method's robustness depends on:
 - the vocabulary and length: (C, L) from :data:`SIZES`; L = 1 is the one-token bandit (a content token or the empty
   completion), the degenerate member;
 - the reference's peakedness: pi_ref's entropy over the completions, as a fraction of log N (nearly uniform at 0.92,
-  very peaked at 0.2; capped at the flattest that scaling the drawn policy's logits reaches), set by :func:`scale_logits`: flatter than the random model by scaling its whole logits down,
-  more peaked by scaling up only the per-token bias (lm_head's column on the constant hidden dimension). Scaling the
-  whole head up would also scale how much every weight moves the logits, so one actor step size could not serve the
-  family: at the testbed's step size such a policy collapses in its first Adam step under every method;
+  very peaked at 0.2; capped at the flattest that scaling the drawn policy's logits reaches), set by
+  :func:`scale_logits`: flatter than the random model by scaling its whole logits down, more peaked by scaling up
+  only the per-token bias (lm_head's column on the constant hidden dimension). Scaling the whole head up would also
+  scale how much every weight moves the logits, so one actor step size could not serve the family: at the testbed's
+  step size such a policy collapses in its first Adam step under every method;
 - the score table (:data:`SCORE_KINDS`): Gaussian, heavy-tailed (Student t, 2 degrees of freedom, clipped at 5), a few winners
   well above a flat field, near-ties;
 - tau (log-uniform on [0.1, 1]), the oracle's Bradley-Terry temperature (1 or 0.5) and the objective.
@@ -100,10 +101,9 @@ def draw_panel(n: int = 24, seed: int = 0) -> list[InstanceSpec]:
 
 def drawn_instance(n: int, seed: int, index: int) -> InstanceSpec:
     """Instance `index` of `draw_panel(n, seed)`."""
-    specs = draw_panel(n, seed)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
         raise ValueError(f"instance must be one of the panel's indices 0-{n - 1}, got {index!r}")
-    return specs[index]
+    return draw_panel(n, seed)[index]
 
 
 def _within_reach(spec: InstanceSpec) -> InstanceSpec:
