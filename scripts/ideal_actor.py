@@ -40,13 +40,16 @@ def actor_distribution(problem, x: np.ndarray, method: str, tau: float, lam: flo
 
 def sampled_gradient(problem, x: np.ndarray, pi: np.ndarray, method: str, tau: float, lam: float, objective: str,
                      weight: float, prompts: int, rng: np.random.Generator, labels: str = "probability",
-                     covariance_weight: float = 1.0) -> np.ndarray:
+                     covariance_weight: float = 1.0, sample_temperature: float = 1.0) -> np.ndarray:
     """One iteration's x-gradient: 2 * `prompts` completions of theta drawn from `pi` (and as many of the reference
-    for win_rate), labelled, through the trainer's x-loss."""
+    for win_rate), labelled, through the trainer's x-loss. With `sample_temperature` T != 1 the labelled completions
+    are drawn from q ∝ pi^(1/T) instead, and the x-loss's sample means become means weighted by pi / q (self-normalized
+    importance weights): the same expectation, with the completions that pi makes rare sampled more often."""
     obj = get_objective(objective, weight)
     P = preference_matrix(problem.scores, problem.temperature)
     n = 2 * prompts
-    y = rng.choice(len(pi), size=n, p=pi)
+    q = pi if sample_temperature == 1.0 else pi ** (1.0 / sample_temperature) / (pi ** (1.0 / sample_temperature)).sum()
+    y = rng.choice(len(pi), size=n, p=q)
     if obj.against_reference:
         a, b = y, rng.choice(len(pi), size=n, p=np.exp(problem.log_pi_ref) / np.exp(problem.log_pi_ref).sum())
     else:
@@ -57,10 +60,29 @@ def sampled_gradient(problem, x: np.ndarray, pi: np.ndarray, method: str, tau: f
     lab = torch.tensor(label)
     pair_loss = bradley_terry_loss(xt[torch.as_tensor(a)], xt[torch.as_tensor(b)], lab)
     g = obj.completion_values(pair_loss, lab).detach()
-    loss = reward_model_loss(obj, method, pair_loss, lab, xt[torch.as_tensor(y)], None, lam, tau, g=g,
-                             covariance_weight=covariance_weight)
+    if sample_temperature == 1.0:
+        loss = reward_model_loss(obj, method, pair_loss, lab, xt[torch.as_tensor(y)], None, lam, tau, g=g,
+                                 covariance_weight=covariance_weight)
+    else:
+        loss = weighted_x_loss(obj, method, pair_loss, lab, xt[torch.as_tensor(y)], g, pi[y] / q[y], tau,
+                               covariance_weight)
     (grad,) = torch.autograd.grad(loss, xt)
     return grad.numpy()
+
+
+def weighted_x_loss(obj, method: str, pair_loss: torch.Tensor, labels: torch.Tensor, r_theta: torch.Tensor,
+                    g: torch.Tensor, ratio: np.ndarray, tau: float, covariance_weight: float) -> torch.Tensor:
+    """`reward_model_loss` for partial_sgd and the covariance methods with each sample mean replaced by a mean weighted
+    by the self-normalized importance weights `ratio` = pi / q of theta's completions (a pair's weight: its
+    completion's against the reference, the product of its two completions' otherwise)."""
+    ratio = torch.as_tensor(ratio)
+    pair_w = ratio if obj.against_reference else ratio[0::2] * ratio[1::2]
+    pair_w = pair_w / pair_w.sum()
+    loss = obj.x_loss(pair_loss * pair_w * len(pair_w), labels)  # x_loss is a constant times the pairs' mean
+    if method in ("covariance", "penalized_covariance"):
+        w = pair_w if obj.against_reference else pair_w.repeat_interleave(2) / 2
+        loss = loss + covariance_weight * (w * (g - (w * g).sum()) * r_theta).sum() / tau
+    return loss
 
 
 def run(problem, spec, method: str, seed: int, args: argparse.Namespace) -> list[dict]:
@@ -85,6 +107,7 @@ def run(problem, spec, method: str, seed: int, args: argparse.Namespace) -> list
         x.grad = torch.from_numpy(sampled_gradient(problem, xn, pi, method, spec.tau, args.penalty_lambda,
                                                    prompts=args.prompts, rng=rng, labels=args.labels,
                                                    covariance_weight=warmup_weight(k, args.warmup * args.iterations),
+                                                   sample_temperature=args.sample_temperature,
                                                    **obj))
         adam.step()
     return rows
@@ -103,12 +126,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--reward_lr", type=float, default=1e-2)
     p.add_argument("--warmup", type=float, default=0.0,
                    help="hypergradient_warmup_ratio: the covariance term's weight rises 0 -> 1 over this fraction")
+    p.add_argument("--sample_temperature", type=float, default=1.0,
+                   help="label completions drawn from pi^(1/T), reweighted by importance weights (1: from pi)")
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--penalty_lambda", type=float, default=1.0)
     p.add_argument("--weight", type=float, default=0.1, help="objective_weight of win_rate")
     p.add_argument("--labels", choices=["probability", "bradley_terry"], default="probability",
                    help="the oracle's expected label (as the panel's oracle) or a sampled one")
     args = p.parse_args(argv)
+    if not args.sample_temperature >= 1.0:
+        raise SystemExit(f"--sample_temperature must be >= 1 (a flatter sample than theta's), got {args.sample_temperature}")
     try:
         spec = panel.drawn_instance(args.panel, args.panel_seed, args.instance)
     except ValueError as e:

@@ -187,7 +187,8 @@ def test_exact_descent_script_takes_adams_steps():
 @pytest.mark.parametrize("objective", ["win_rate", "preference_nll"])
 def test_ideal_actor_script_estimates_the_exact_hypergradient(objective):
     """scripts/ideal_actor.py: the trainer's x-loss on completions drawn from pi*_tau(x) averages to the closed form,
-    grad_x f for partial_sgd and the whole hypergradient for covariance (noiseless labels, as the panel's oracle)."""
+    grad_x f for partial_sgd and the whole hypergradient for covariance (noiseless labels, as the panel's oracle); so
+    does its importance-weighted form on completions drawn from a flatter distribution."""
     import dataclasses
 
     ideal = load_script("ideal_actor")
@@ -201,9 +202,11 @@ def test_ideal_actor_script_estimates_the_exact_hypergradient(objective):
     exact = {"partial_sgd": g_x, "covariance": problem.exact_hypergradient(x, spec.tau, objective=objective)}
     rng = np.random.default_rng(0)
     for method, target in exact.items():
-        mean = np.mean([ideal.sampled_gradient(problem, x, pi, method, spec.tau, 1.0, objective, 0.1, prompts=20_000,
-                                               rng=rng) for _ in range(10)], axis=0)
-        np.testing.assert_allclose(mean, target, atol=0.02 * np.abs(target).max())
+        for temperature in (1.0, 3.0):  # 3: drawn from pi^(1/3), importance-weighted back to pi
+            mean = np.mean([ideal.sampled_gradient(problem, x, pi, method, spec.tau, 1.0, objective, 0.1,
+                                                   prompts=20_000, rng=rng, sample_temperature=temperature)
+                            for _ in range(10)], axis=0)
+            np.testing.assert_allclose(mean, target, atol=0.02 * np.abs(target).max(), err_msg=f"{method} {temperature}")
     rows = ideal.main(["--panel", "8", "--instance", str(spec.index), "--methods", "covariance", "--seeds", "0",
                        "--iterations", "2", "--every", "1"])
     assert [r["iteration"] for r in rows] == [0, 1, 2]
