@@ -19,6 +19,7 @@ import torch
 
 from bilevel_rlhf import panel
 from bilevel_rlhf.bandit import preference_matrix
+from bilevel_rlhf.config import COVARIANCE_METHODS
 from bilevel_rlhf.objectives import get_objective
 from bilevel_rlhf.rl_utils import bradley_terry_loss
 from bilevel_rlhf.schedules import warmup_weight
@@ -48,7 +49,8 @@ def sampled_gradient(problem, x: np.ndarray, pi: np.ndarray, method: str, tau: f
     obj = get_objective(objective, weight)
     P = preference_matrix(problem.scores, problem.temperature)
     n = 2 * prompts
-    q = pi if sample_temperature == 1.0 else pi ** (1.0 / sample_temperature) / (pi ** (1.0 / sample_temperature)).sum()
+    q = pi ** (1.0 / sample_temperature)
+    q = q / q.sum()
     y = rng.choice(len(pi), size=n, p=q)
     if obj.against_reference:
         a, b = y, rng.choice(len(pi), size=n, p=np.exp(problem.log_pi_ref) / np.exp(problem.log_pi_ref).sum())
@@ -79,7 +81,7 @@ def weighted_x_loss(obj, method: str, pair_loss: torch.Tensor, labels: torch.Ten
     pair_w = ratio if obj.against_reference else ratio[0::2] * ratio[1::2]
     pair_w = pair_w / pair_w.sum()
     loss = obj.x_loss(pair_loss * pair_w * len(pair_w), labels)  # x_loss is a constant times the pairs' mean
-    if method in ("covariance", "penalized_covariance"):
+    if method in COVARIANCE_METHODS:
         w = pair_w if obj.against_reference else pair_w.repeat_interleave(2) / 2
         loss = loss + covariance_weight * (w * (g - (w * g).sum()) * r_theta).sum() / tau
     return loss
@@ -91,19 +93,18 @@ def run(problem, spec, method: str, seed: int, args: argparse.Namespace) -> list
     obj = dict(objective=spec.objective, weight=args.weight)
     x = torch.zeros(len(problem.scores), dtype=torch.float64, requires_grad=True)
     adam = torch.optim.AdamW([x], lr=args.reward_lr, betas=(0.9, args.adam_beta2), weight_decay=0.0)
+    top = np.argsort(-problem.scores)[:3]
     rows = []
     for k in range(args.iterations + 1):
         xn = x.detach().numpy().copy()
+        pi = actor_distribution(problem, xn, method, spec.tau, args.penalty_lambda, **obj)
         if k % args.every == 0 or k == args.iterations:
-            pi = actor_distribution(problem, xn, method, spec.tau, args.penalty_lambda, **obj)
-            top = np.argsort(-problem.scores)[:3]
             rows.append({"method": method, "seed": seed, "iteration": k, "phi_tau": problem.phi_tau(xn, spec.tau, **obj),
                          "mode": int(pi.argmax()), "mode_probability": float(pi.max()),
                          # how often a rollout holds one of the three best-scored completions
                          "top3_per_iteration": float(2 * args.prompts * pi[top].sum())})
         if k == args.iterations:
             break
-        pi = actor_distribution(problem, xn, method, spec.tau, args.penalty_lambda, **obj)
         x.grad = torch.from_numpy(sampled_gradient(problem, xn, pi, method, spec.tau, args.penalty_lambda,
                                                    prompts=args.prompts, rng=rng, labels=args.labels,
                                                    covariance_weight=warmup_weight(k, args.warmup * args.iterations),
