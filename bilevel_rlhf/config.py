@@ -95,6 +95,12 @@ class BilevelConfig(TrainingArguments):
             linearly from 0 to 1, so that x's step goes from the partial gradient of standard RLHF (`partial_sgd`)
             to the full hypergradient estimate, which it is for the rest of the run (a continuation: the bilevel
             correction starts from where standard RLHF leads). 0: the hypergradient from the first iteration.
+        exploration_temperature (`float`, *optional*, defaults to `1.0`):
+            T >= 1. On a labelled iteration each of theta's completions is sampled, with probability 1/2, at
+            `temperature * T` instead of `temperature`, and every estimate over theta's completions (x's loss, theta's
+            policy and value losses) is weighted by pi(y) / q_mix(y) <= 2 (`bilevel_rlhf.exploration`): the same
+            expectations, with the completions theta makes rare labelled more often. 1: off. Needs `top_k=0` and
+            `top_p=1`.
         collapse_entropy_fraction (`float`, *optional*, defaults to `0.1`):
             An actor whose mean token entropy falls below this fraction of its first rollout's is reported as
             collapsed (`CollapseWarning`); 0 turns the check off.
@@ -281,6 +287,11 @@ class BilevelConfig(TrainingArguments):
         metadata={"help": "Covariance methods: fraction of the run over which x's covariance term's weight rises from "
                   "0 to 1, in [0, 1] (0: off)."},
     )
+    exploration_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Labelled iterations: half of theta's completions sampled at temperature * this, "
+                  "importance-weighted back, >= 1 (1: off)."},
+    )
     collapse_entropy_fraction: float = field(
         default=0.1, metadata={"help": "Entropy floor, as a fraction of the first rollout's, in [0, 1)."}
     )
@@ -457,6 +468,9 @@ class BilevelConfig(TrainingArguments):
              f"0 with method={self.method!r}: it ramps in the covariance term of {COVARIANCE_METHODS}")
         need(self.reward_trust_region == 0 or self.tau_init > 0, "reward_trust_region",
              "0 when tau_init = 0 (the cap is on r_x / tau_k)")
+        need(self.exploration_temperature >= 1, "exploration_temperature", ">= 1 (1: off)")
+        need(self.exploration_temperature == 1 or (self.top_k == 0 and self.top_p == 1), "exploration_temperature",
+             f"1 with top_k={self.top_k}, top_p={self.top_p}: its importance weights need top_k=0 and top_p=1")
         need(0 <= self.collapse_entropy_fraction < 1, "collapse_entropy_fraction", "in [0, 1)")
         need(self.num_completions_to_print >= 1, "num_completions_to_print", ">= 1")
         need(self.oracle_retries >= 0, "oracle_retries", ">= 0")

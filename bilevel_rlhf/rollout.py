@@ -33,6 +33,8 @@ class Completions:
     reward_input_ids: torch.Tensor  # r_x's inputs for the same rows (re-tokenized when r_x has its own tokenizer)
     reward_attention_mask: torch.Tensor
     ref_logprobs: torch.Tensor | None = None  # [N, T] the reference's log-probs (KL regularization)
+    # [N] importance weight of each row (its pair's pi / q_mix: `bilevel_rlhf.exploration`); None: every row 1
+    weight: torch.Tensor | None = None
     # stage 2: scored
     score: torch.Tensor | None = None  # [N] r_x
     terminal: torch.Tensor | None = None  # [N] the reward the actor maximizes at its last token

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-__all__ = ["GumbelNoise", "coupled_sampling_processors"]
+__all__ = ["GumbelNoise", "RowTemperature", "coupled_sampling_processors"]
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct (seed, t) give distinct generator seeds
 
@@ -51,13 +51,29 @@ class GumbelNoise(LogitsProcessor):
         return torch.log_softmax(scores.double(), dim=-1) + gumbel
 
 
+class RowTemperature(LogitsProcessor):
+    """Divides row i's logits by its own temperature `temperatures[i]` (`TemperatureLogitsWarper`, per row)."""
+
+    def __init__(self, temperatures: torch.Tensor):
+        self.temperatures = temperatures
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.temperatures):
+            raise ValueError(f"RowTemperature: {scores.shape[0]} rows, {len(self.temperatures)} temperatures")
+        return scores / self.temperatures.to(scores.device, scores.dtype)[:, None]
+
+
 def coupled_sampling_processors(
-    seed: int | list[int], prompt_length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    seed: int | list[int], prompt_length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    row_temperatures: torch.Tensor | None = None,
 ) -> LogitsProcessorList:
     """The processors that make greedy decoding sample exactly like `generate(do_sample=True, temperature, top_k,
-    top_p)`: the same warpers in the same order, then the shared Gumbel noise (one seed per block of rows)."""
+    top_p)`: the same warpers in the same order, then the shared Gumbel noise (one seed per block of rows). With
+    `row_temperatures` ([rows]), row i samples at `temperature * row_temperatures[i]`."""
     processors = LogitsProcessorList()
-    if temperature != 1.0:
+    if row_temperatures is not None:
+        processors.append(RowTemperature(temperature * row_temperatures))
+    elif temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))
     if top_k and top_k > 0:
         processors.append(TopKLogitsWarper(top_k))

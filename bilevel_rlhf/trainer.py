@@ -51,6 +51,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import stacked_adapters, supports_stacked_adapters
 from .completion_log import CompletionLogger
+from .exploration import draw_row_temperatures, mixture_weights, pair_row_weights
 from .config import COVARIANCE_METHODS, PENALIZED_THETA_METHODS, PENALTY_METHODS, BilevelConfig
 from .guards import GuardRecord, TrackingGuard
 from .modeling import CONFIG_NAME, REWARD_ADAPTER, AdapterRewardModel, BilevelModel, load_roles, save_roles
@@ -115,6 +116,7 @@ def reward_model_loss(
     g: torch.Tensor | None = None,
     answered: torch.Tensor | None = None,
     covariance_weight: float = 1.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss of the reward model x; its gradient is the hypergradient estimate h_k. With f's x-part F = `objective`'s
     `x_loss(pair_loss, labels)` on the answered pairs (`answered`, [pairs] bool; None: all):
@@ -125,20 +127,30 @@ def reward_model_loss(
                       the lambda -> infinity limit of the penalty, (1/tau) Cov(grad_x r_x, g); the covariance
                       term times `covariance_weight` (below 1 during `hypergradient_warmup_ratio`);
         partial_sgd:  F alone.
+    With `weights` ([N], each theta completion's importance weight: `bilevel_rlhf.exploration`), each mean over
+    theta's completions or pairs is weighted: F on the weighted pair losses (exact for an `x_loss` that is a mean of
+    them, as the built-in objectives' are), the covariance's mean of g a weighted mean.
     It is a theta term plus a phi term, so the phi term (``r_phi``) and the theta term (``pair_loss``, ``r_theta``)
     may each be None: the trainer runs r_x on each actor's completions in turn.
     """
     loss = torch.zeros((), device=labels.device)
     if pair_loss is not None:
         answered = torch.ones_like(labels, dtype=torch.bool) if answered is None else answered
+        if weights is not None:  # a pair's weight is carried by each of its completions
+            pair_loss = pair_loss * (weights if objective.against_reference else weights[0::2])
         loss = answered_x_loss(objective, pair_loss, labels, answered)
         if method in PENALTY_METHODS:  # the lower-level gap: every completion, answered or not
-            loss = loss - lambda_k * r_theta.mean()
+            loss = loss - lambda_k * (r_theta.mean() if weights is None else (weights * r_theta).mean())
         elif method in COVARIANCE_METHODS:  # Cov(r_x, g) over the completions that have a g
             rows = answered_completions(answered, objective.against_reference)
             g_a, r_a = g[rows], r_theta[rows]
             if len(g_a):
-                loss = loss + covariance_weight * ((g_a - g_a.mean()) * r_a).sum() / (max(len(g_a) - 1, 1) * tau_k)
+                if weights is None:
+                    centred = g_a - g_a.mean()
+                else:
+                    w_a = weights[rows]
+                    centred = w_a * (g_a - (w_a * g_a).sum() / w_a.sum().clamp_min(1e-12))
+                loss = loss + covariance_weight * (centred * r_a).sum() / (max(len(g_a) - 1, 1) * tau_k)
     if r_phi is not None:
         loss = loss + lambda_k * r_phi.mean()
     return loss
@@ -558,6 +570,31 @@ class BilevelTrainer(Trainer):
                                                tok.pad_token_id, tok.eos_token_id, **sampling)
         return completion
 
+    @torch.no_grad()
+    def _generate_exploring(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, noise_seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """theta's completions [N, T], each row drawn at `temperature` or `temperature * exploration_temperature`
+        (probability 1/2 each, by Gumbel-max), and each completion's importance weight pi / q_mix [N] from the
+        generation's own logits (`bilevel_rlhf.exploration`)."""
+        a, tok = self.args, self.processing_class
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        seed = int(torch.randint(0, 2**62, ())) if noise_seed is None else noise_seed
+        rows = draw_row_temperatures(len(prompt_ids), a.exploration_temperature, prompt_ids.device)
+        processors = coupled_sampling_processors(seed, prompt_ids.shape[1], a.temperature, a.top_k, a.top_p,
+                                                 row_temperatures=rows)
+        with unwrapped.actor("theta") as policy:
+            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                  max_new_tokens=a.max_completion_length, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, do_sample=False, logits_processor=processors,
+                                  temperature=None, top_k=None, top_p=None, output_logits=True,
+                                  return_dict_in_generate=True)
+        completion = out.sequences[:, prompt_ids.shape[1]:]
+        mask = self._completion_mask(completion)
+        weights = mixture_weights(torch.stack(out.logits, 1), completion, mask, a.temperature,
+                                  a.exploration_temperature)
+        return torch.where(mask.bool(), completion, tok.pad_token_id), weights
+
     def _stacks_roles(self, unwrapped: BilevelModel, roles: list[str]) -> bool:
         """Whether `roles` generate in one batch (`_generate_stacked`): LoRA actors on one base, more than one role,
         and adapters that `bilevel_rlhf.adapters.stacked_adapters` computes exactly."""
@@ -692,6 +729,7 @@ class BilevelTrainer(Trainer):
         self.guard.before_rollout(unwrapped, self.optimizer)  # a resync the last rollout asked for
         actors = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
         labelled = self.is_labelled_iteration(k)
+        exploring = labelled and a.exploration_temperature != 1.0
         # the reference also generates when the objective compares theta's completions with its own
         generators = actors + (["ref"] if self.objective.against_reference and labelled else [])
         n = a.num_generations
@@ -705,11 +743,15 @@ class BilevelTrainer(Trainer):
         # reference never does, so that its completions stay independent of theta's in the pairs they form
         seed = int(torch.randint(0, 2**62, ())) if a.common_random_numbers else None
         stacked = self._stacks_roles(unwrapped, generators)
-        if stacked:  # LoRA actors: every role's rows in one batch of the shared base
+        weights = None
+        if stacked and not exploring:  # LoRA actors: every role's rows in one batch of the shared base
             completions = self._generate_stacked(generators, rep_ids, rep_mask, seed)
         else:
             completions = {r: self._generate(r, rep_ids, rep_mask, noise_seed=seed if r != "ref" else None)
-                           for r in generators}
+                           for r in generators if not (exploring and r == "theta")}
+            if exploring:
+                completions["theta"], weights = self._generate_exploring(rep_ids, rep_mask, noise_seed=seed)
+                weights = pair_row_weights(weights, self.objective.against_reference)
         masks = {r: self._completion_mask(c) for r, c in completions.items()}
         T = max(c.shape[1] for c in completions.values())
         for r in generators:  # a common width T, pad after each first eos (as _generate returns them), masked out
@@ -756,7 +798,8 @@ class BilevelTrainer(Trainer):
         roles = {}
         for r in generators:
             reward_ids, reward_mask = self._reward_inputs(ids[r], attention[r])
-            roles[r] = Completions(ids[r], attention[r], masks[r], reward_ids, reward_mask, ref_logprobs=ref_logprobs.get(r))
+            roles[r] = Completions(ids[r], attention[r], masks[r], reward_ids, reward_mask, ref_logprobs=ref_logprobs.get(r),
+                                   weight=weights if r == "theta" else None)
         rollout = Rollout(
             iteration=k, tau=tau, penalty_lambda=penalty_lambda, prompt_length=P, labels=labels, answered=answered,
             reward_step=reward_step, fused=self.fuse_rollout_and_update, **roles,
@@ -1000,17 +1043,19 @@ class BilevelTrainer(Trainer):
         return batch
 
     def _ppo_loss(self, new: dict[str, torch.Tensor], old: Completions) -> tuple[torch.Tensor, dict]:
-        """PPO-clip policy loss + vf_coef * clipped value loss, masked token means."""
+        """PPO-clip policy loss + vf_coef * clipped value loss, masked token means (each row's tokens weighted by its
+        importance weight under exploration)."""
         a = self.args
         mask = old.mask.float()
+        w = 1.0 if old.weight is None else old.weight[:, None]
         log_ratio = new["logprobs"] - old.logprobs
         ratio = torch.exp(log_ratio)
         adv = old.advantages
         pg_losses = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - a.cliprange, 1 + a.cliprange))
-        pg_loss = masked_mean(pg_losses, mask)
+        pg_loss = masked_mean(w * pg_losses, mask)
         v_clipped = old.values + torch.clamp(new["values"] - old.values, -a.cliprange_value, a.cliprange_value)
         vf_losses = torch.max((new["values"] - old.returns) ** 2, (v_clipped - old.returns) ** 2)
-        vf_loss = 0.5 * masked_mean(vf_losses, mask)
+        vf_loss = 0.5 * masked_mean(w * vf_losses, mask)
         stats = {
             "policy_loss": pg_loss.detach(),
             "value_loss": vf_loss.detach(),
@@ -1040,7 +1085,7 @@ class BilevelTrainer(Trainer):
             loss_x = reward_model_loss(
                 self.objective, self.args.method, pair_loss, batch.labels, scores.get("theta"), scores.get("phi"),
                 batch.penalty_lambda, batch.tau, g=batch.theta.g, answered=batch.answered,
-                covariance_weight=self.covariance_weight(k),
+                covariance_weight=self.covariance_weight(k), weights=batch.theta.weight,
             )
             _check_finite(f"reward-model loss (objective {self.objective.name!r})", loss_x, k)
             if loss_x.ndim != 0:
