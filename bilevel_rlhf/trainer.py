@@ -869,6 +869,9 @@ class BilevelTrainer(Trainer):
             j_phi = phi.score - tau * phi.seq_penalty
             j_theta = theta.score - tau * theta.seq_penalty
             m["objective/penalty_gap"] = j_phi.mean() - j_theta.mean()
+        if theta.weight is not None:  # exploration: the share of theta's sample its importance weights keep
+            w = theta.weight
+            m["exploration/effective_sample_fraction"] = w.sum() ** 2 / (len(w) * (w**2).sum())
         for r in rollout.actors:
             c, completion_ids = rollout.completions(r), stats.completion_ids[r]
             m[f"policy_{r}/entropy"] = masked_mean(c.entropy, c.mask.float())

@@ -58,12 +58,15 @@ def test_a_pairs_weight_reaches_both_completions():
 
 
 def test_rollouts_explore_on_labelled_iterations_only(tmp_path):
-    trainer, _ = _trainer(tmp_path, prompts=16, label_every=2)
+    trainer, _ = _trainer(tmp_path, prompts=16, label_every=2, fuse_rollout_and_update=False)
     trainer.state.global_step = 0
     labelled = trainer.generate_and_score([T.PROMPT] * 16)
     assert labelled.labels is not None and labelled.theta.weight is not None
     w = labelled.theta.weight
     torch.testing.assert_close(w[0::2], w[1::2])  # preference_nll: theta's pairs (2i, 2i + 1)
+    trainer._log_rollout(labelled)
+    ess = trainer._rollout_metrics["exploration/effective_sample_fraction"]
+    assert ess == pytest.approx(float(w.sum() ** 2 / (len(w) * (w**2).sum())), rel=1e-5) and 0 < ess < 1
     trainer.state.global_step = trainer.args.steps_per_iteration  # k = 1: unlabelled
     unlabelled = trainer.generate_and_score([T.PROMPT] * 16)
     assert unlabelled.labels is None and unlabelled.theta.weight is None
