@@ -62,15 +62,25 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """Normalize ``x`` to zero mean and unit variance using only the entries where ``mask`` is 1.
 
     As in TRL's PPO: ``(x - mean) / sqrt(var + 1e-8)`` with the unbiased masked variance; with
     ``shift_mean=False`` the mean is added back (only the scale changes; used for rewards).
-    Entries where ``mask`` is 0 are set to 0 in the output.
+    Entries where ``mask`` is 0 are set to 0 in the output. With ``weights`` (the shape of ``x``, e.g. importance
+    weights), the mean and the variance are weighted means over the masked entries (Bessel-corrected by their count).
     """
     m = _as_float_mask(mask, x)
-    mean, var = masked_mean(x, m), masked_var(x, m)
+    if weights is None:
+        mean, var = masked_mean(x, m), masked_var(x, m)
+    else:
+        w = m * _as_float_mask(weights, x, "weights")
+        mean = (x * w).sum() / w.sum().clamp_min(1e-12)
+        count = m.sum()
+        if count.item() < 2:
+            raise ValueError(f"masked_whiten: the variance needs at least 2 selected entries, got {count.item():g}")
+        var = (((x - mean) ** 2) * w).sum() / w.sum().clamp_min(1e-12) * count / (count - 1)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

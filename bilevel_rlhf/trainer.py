@@ -648,11 +648,13 @@ class BilevelTrainer(Trainer):
         enc = self.reward_processing_class(texts, padding=True, return_tensors="pt")
         return enc["input_ids"].to(ids.device), enc["attention_mask"].to(ids.device)
 
-    def _advantages(self, score, logprobs, ref_logprobs, values, mask, tau):
+    def _advantages(self, score, logprobs, ref_logprobs, values, mask, tau, weights=None):
         """Per-token reward -tau * penalty_t (+ score at the last token), GAE, whitened advantages. With
-        `advantage_estimator="rloo"`: each completion's return minus the mean of its prompt's other completions'."""
+        `advantage_estimator="rloo"`: each completion's return minus the mean of its prompt's other completions'.
+        With importance `weights` ([N], exploration) the whitening's mean and scale are theta's, weighted back."""
         a = self.args
         maskf = mask.float()
+        w = None if weights is None else weights[:, None].expand_as(maskf)
         penalty = token_kl_penalty(logprobs, ref_logprobs, a.regularization) * maskf
         seq_penalty = penalty.sum(1)
         if a.advantage_estimator == "rloo":
@@ -660,14 +662,14 @@ class BilevelTrainer(Trainer):
             baseline = (returns.sum(1, keepdim=True) - returns) / (a.num_generations - 1)
             advantages = (returns - baseline).reshape(-1, 1) * maskf
             # no critic: its targets are its own values, and the value loss is switched off in `_ppo_loss`
-            return masked_whiten(advantages, maskf), values * maskf, seq_penalty
+            return masked_whiten(advantages, maskf, weights=w), values * maskf, seq_penalty
         rewards = -tau * penalty
         last = mask.sum(1) - 1
         rewards[torch.arange(len(last), device=mask.device), last] += score
         if a.whiten_rewards:
-            rewards = masked_whiten(rewards, maskf, shift_mean=False)
+            rewards = masked_whiten(rewards, maskf, shift_mean=False, weights=w)
         advantages, returns = compute_gae(rewards, values, maskf, a.gamma, a.lam)
-        advantages = masked_whiten(advantages, maskf)
+        advantages = masked_whiten(advantages, maskf, weights=w)
         return advantages, returns, seq_penalty
 
     def _pair_loss(self, scores: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -712,7 +714,7 @@ class BilevelTrainer(Trainer):
         _check_finite(f"{role} log-probabilities", out["logprobs"], rollout.iteration)
         _check_finite(f"{role} values", out["values"], rollout.iteration)
         advantages, returns, seq_penalty = self._advantages(
-            c.terminal, out["logprobs"], c.ref_logprobs, out["values"], c.mask, rollout.tau
+            c.terminal, out["logprobs"], c.ref_logprobs, out["values"], c.mask, rollout.tau, weights=c.weight
         )
         c = dataclasses.replace(c, logprobs=out["logprobs"], values=out["values"], entropy=out["entropy"],
                                 advantages=advantages, returns=returns, seq_penalty=seq_penalty)

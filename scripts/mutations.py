@@ -182,7 +182,7 @@ MUTATIONS: list[Mutation] = [
       "compute_gae(rewards, values, maskf, a.gamma, a.lam)", "compute_gae(rewards, values, maskf, a.lam, a.gamma)",
       [MATH, LM_SINGLE], "GAE called with the discount and the GAE lambda swapped"),
     M("advantages_not_whitened", TRAINER,
-      "advantages = masked_whiten(advantages, maskf)", "advantages = advantages",
+      "advantages = masked_whiten(advantages, maskf, weights=w)", "advantages = advantages",
       [MATH, LM_SINGLE], "advantages are not whitened"),
     M("token_reward_sign", TRAINER,
       "rewards = -tau * penalty", "rewards = tau * penalty",
@@ -779,4 +779,8 @@ MUTATIONS += [
       ["tests/test_exploration.py::test_a_pairs_weight_reaches_both_completions",
        "tests/test_testbed.py::test_the_trainers_x_gradient_is_unbiased_on_the_multi_token_testbed"],
       "a completion carries its own weight, not its pair's"),
+    M("exploration_whitening_unweighted", TRAINER,
+      "advantages = masked_whiten(advantages, maskf, weights=w)", "advantages = masked_whiten(advantages, maskf)",
+      ["tests/test_exploration.py::test_thetas_advantages_are_whitened_with_its_weights"],
+      "under exploration the advantages are centred on the flatter sample's mean, not theta's"),
 ]

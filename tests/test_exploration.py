@@ -12,6 +12,7 @@ from datasets import Dataset
 from bilevel_rlhf import BilevelConfig, BilevelTrainer
 from bilevel_rlhf import testbed as T
 from bilevel_rlhf.exploration import pair_row_weights
+from bilevel_rlhf.rl_utils import masked_mean, masked_whiten
 
 torch.set_num_threads(1)  # tiny models on shared cores
 
@@ -100,3 +101,25 @@ def test_exploration_temperature_is_validated(tmp_path):
         BilevelConfig(output_dir=str(tmp_path), exploration_temperature=0.5)
     with pytest.raises(ValueError, match="exploration_temperature.*top_k"):
         BilevelConfig(output_dir=str(tmp_path), exploration_temperature=2.0, top_k=50)
+
+
+def test_weighted_whitening_centres_theta_weighted_back():
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 4), (torch.rand(6, 4) < 0.8).float()
+    mask[:, 0] = 1
+    w = torch.rand(6, 1).expand(6, 4)
+    out = masked_whiten(x, mask, weights=w)
+    assert float((out * w * mask).sum()) == pytest.approx(0.0, abs=1e-5)  # the weighted mean is removed
+    assert float((out**2 * w * mask).sum() / (w * mask).sum()) == pytest.approx(
+        float((mask.sum() - 1) / mask.sum()), rel=1e-4)  # unit weighted variance (Bessel-corrected by the count)
+    torch.testing.assert_close(masked_whiten(x, mask, weights=torch.ones_like(x)), masked_whiten(x, mask))
+    assert bool((out[mask == 0] == 0).all())
+
+
+def test_thetas_advantages_are_whitened_with_its_weights(tmp_path):
+    trainer, _ = _trainer(tmp_path, prompts=16, fuse_rollout_and_update=False)
+    theta = trainer.generate_and_score([T.PROMPT] * 16).theta
+    w = theta.weight[:, None] * theta.mask
+    assert float((theta.advantages * w).sum() / w.sum()) == pytest.approx(0.0, abs=1e-5)
+    assert abs(float(masked_mean(theta.advantages, theta.mask))) > 1e-3  # the unweighted mean is not what is removed
+
