@@ -98,9 +98,9 @@ class BilevelConfig(TrainingArguments):
         exploration_temperature (`float`, *optional*, defaults to `1.0`):
             T >= 1. On a labelled iteration each of theta's completions is sampled, with probability 1/2, at
             `temperature * T` instead of `temperature`, and every estimate over theta's completions (x's loss, theta's
-            policy and value losses) is weighted by pi(y) / q_mix(y) <= 2 (`bilevel_rlhf.exploration`): the same
-            expectations, with the completions theta makes rare labelled more often. 1: off. Needs `top_k=0` and
-            `top_p=1`.
+            policy and value losses, its advantages' whitening) is weighted by pi(y) / q_mix(y) < 2
+            (`bilevel_rlhf.exploration`): the same expectations, with the completions theta makes rare labelled more
+            often. 1: off. Needs `top_k=0` and `top_p=1`.
         collapse_entropy_fraction (`float`, *optional*, defaults to `0.1`):
             An actor whose mean token entropy falls below this fraction of its first rollout's is reported as
             collapsed (`CollapseWarning`); 0 turns the check off.

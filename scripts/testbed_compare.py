@@ -35,6 +35,7 @@ from transformers import PrinterCallback
 
 from bilevel_rlhf import BilevelConfig, BilevelTrainer
 from bilevel_rlhf import panel, testbed
+from bilevel_rlhf.config import PENALIZED_THETA_METHODS, PENALTY_METHODS
 
 
 def run(method: str, objective: str, seed: int, args: argparse.Namespace) -> dict:
@@ -182,8 +183,7 @@ def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: a
             per_device_train_batch_size=2 * args.prompts, num_generations=2, max_completion_length=L,
             max_prompt_length=2, tau_init=spec.tau, tau_schedule="constant", penalty_lambda=args.penalty_lambda,
             actor_learning_rate=args.actor_lr, critic_learning_rate=args.critic_lr, reward_learning_rate=args.reward_lr,
-            max_steps=args.iterations, common_random_numbers=args.crn and name not in ("covariance", "partial_sgd",
-                                                                                     "penalized_covariance"),
+            max_steps=args.iterations, common_random_numbers=args.crn and name in PENALTY_METHODS,  # two actors
             use_cpu=True, report_to="none", disable_tqdm=True, logging_steps=10**9, save_strategy="no",
             vf_coef=0.1, gamma=1.0, lam=0.95,
         )
@@ -207,7 +207,7 @@ def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: a
               "warnings": sorted({type(w.message).__name__ for w in caught
                                   if type(w.message).__name__ in ("TrackingWarning", "CollapseWarning")})}
     targets = {"theta": pi_star}
-    if name in ("single_loop", "fixed_tau", "nested_loop", "penalized_covariance"):
+    if name in PENALIZED_THETA_METHODS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # the run's own lambda at its last iteration: a method's override and schedule, not --penalty_lambda
