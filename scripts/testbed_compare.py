@@ -212,7 +212,11 @@ def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: a
             warnings.simplefilter("ignore")
             # the run's own lambda at its last iteration: a method's override and schedule, not --penalty_lambda
             _, lam = trainer.schedule(args.iterations - 1)
-            targets["theta"] = problem.penalized_policy(x, lam, spec.tau, **obj)
+            try:
+                targets["theta"] = problem.penalized_policy(x, lam, spec.tau, **obj)
+            except RuntimeError as err:  # lam * tau small: the penalized objective has no maximum where Newton ends
+                # scored against pi*_tau(x), the penalized optimum's lambda -> infinity limit, and said so
+                record["theta_target_note"] = f"pi*_tau(x): {err}"
     if trainer.model.policy_phi is not None:
         targets["phi"] = pi_star
     collapsed = []

@@ -122,6 +122,25 @@ def test_panel_run_scores_the_penalized_theta_against_its_own_lambda(monkeypatch
     assert seen == [0.7]
 
 
+def test_panel_run_without_a_penalized_optimum_is_scored_against_pi_star(monkeypatch):
+    """Where the penalized objective has no maximum at the learned x (lam * tau small), the run keeps its record: the
+    penalized theta is scored against pi*_tau(x), and the record says so."""
+    import argparse
+
+    compare = load_script("testbed_compare")
+    spec = next(s for s in panel.draw_panel(8, seed=0) if s.max_length <= 2)
+
+    def no_maximum(self, x, lam, tau, **kw):
+        raise RuntimeError("penalized_policy: the stationary point found is not a local maximum")
+
+    monkeypatch.setattr(testbed.MultiTokenProblem, "penalized_policy", no_maximum)
+    args = argparse.Namespace(prompts=4, iterations=2, weight=0.1, penalty_lambda=2.0, actor_lr=3e-3, critic_lr=1e-2,
+                              reward_lr=1e-2, crn=False)
+    rec = compare.run_panel_instance(spec, "penalized_covariance", 0, args)
+    assert "not a local maximum" in rec["theta_target_note"] and np.isfinite(rec["phi_tau"])
+    assert rec["theta_kl_to_target"] >= 0 and rec["theta_target_entropy"] > 0
+
+
 def test_panel_runs_only_the_chosen_instances(tmp_path, monkeypatch, capsys):
     """--instances: the drawn panel's chosen indices only (their references and runs); an index outside it is
     refused before any run."""
