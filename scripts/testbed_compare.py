@@ -206,6 +206,10 @@ def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: a
               "phi_tau": problem.phi_tau(x, spec.tau, **obj), "guard": trainer.guard.record.state_dict(),
               "warnings": sorted({type(w.message).__name__ for w in caught
                                   if type(w.message).__name__ in ("TrackingWarning", "CollapseWarning")})}
+    kept = [h["exploration/effective_sample_fraction"] for h in trainer.state.log_history
+            if "exploration/effective_sample_fraction" in h]  # logged rollouts only: logging_steps=1 for all
+    if kept:
+        record["effective_sample_fraction"] = {"mean": float(np.mean(kept)), "min": float(np.min(kept))}
     targets = {"theta": pi_star}
     if name in PENALIZED_THETA_METHODS:
         with warnings.catch_warnings():

@@ -141,6 +141,19 @@ def test_panel_run_without_a_penalized_optimum_is_scored_against_pi_star(monkeyp
     assert rec["theta_kl_to_target"] >= 0 and rec["theta_target_entropy"] > 0
 
 
+def test_an_exploring_panel_run_records_what_its_weights_kept():
+    import argparse
+
+    compare = load_script("testbed_compare")
+    spec = next(s for s in panel.draw_panel(8, seed=0) if s.max_length <= 2)
+    args = argparse.Namespace(prompts=4, iterations=2, weight=0.1, penalty_lambda=2.0, actor_lr=3e-3, critic_lr=1e-2,
+                              reward_lr=1e-2, crn=False)
+    rec = compare.run_panel_instance(spec, "penalized_covariance@exploration_temperature=4,logging_steps=1", 0, args)
+    kept = rec["effective_sample_fraction"]
+    assert 0 < kept["min"] <= kept["mean"] <= 1
+    assert "effective_sample_fraction" not in compare.run_panel_instance(spec, "penalized_covariance", 0, args)
+
+
 def test_panel_runs_only_the_chosen_instances(tmp_path, monkeypatch, capsys):
     """--instances: the drawn panel's chosen indices only (their references and runs); an index outside it is
     refused before any run."""
