@@ -51,8 +51,8 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import stacked_adapters, supports_stacked_adapters
 from .completion_log import CompletionLogger
-from .exploration import draw_row_temperatures, mixture_weights, pair_row_weights
 from .config import COVARIANCE_METHODS, PENALIZED_THETA_METHODS, PENALTY_METHODS, BilevelConfig
+from .exploration import draw_row_temperatures, mixture_weights, pair_row_weights
 from .guards import GuardRecord, TrackingGuard
 from .modeling import CONFIG_NAME, REWARD_ADAPTER, AdapterRewardModel, BilevelModel, load_roles, save_roles
 from .judges import JudgeOracle, PairwiseJudge
