@@ -74,13 +74,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     m = _as_float_mask(mask, x)
     if weights is None:
         mean, var = masked_mean(x, m), masked_var(x, m)
-    else:
+    else:  # under a float mask masked_mean and masked_var are weighted; Bessel's factor counts the entries
         w = m * _as_float_mask(weights, x, "weights")
-        mean = (x * w).sum() / w.sum().clamp_min(1e-12)
         count = m.sum()
         if count.item() < 2:
             raise ValueError(f"masked_whiten: the variance needs at least 2 selected entries, got {count.item():g}")
-        var = (((x - mean) ** 2) * w).sum() / w.sum().clamp_min(1e-12) * count / (count - 1)
+        mean, var = masked_mean(x, w), masked_var(x, w, unbiased=False) * count / (count - 1)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
