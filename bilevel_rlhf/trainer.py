@@ -482,7 +482,7 @@ class BilevelTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """AdamW with one parameter group per role: actor, critic, reward (three step sizes)."""
         if self.optimizer is None:
-            groups = self.accelerator.unwrap_model(self.model).role_parameters()
+            groups = self._unwrapped_model().role_parameters()
             a = self.args
             self.optimizer = torch.optim.AdamW(
                 [
@@ -560,7 +560,7 @@ class BilevelTrainer(Trainer):
         `noise_seed`, sampled by Gumbel-max with the noise of that seed (`bilevel_rlhf.sampling`): the same
         distribution, shared noise."""
         a, tok = self.args, self.processing_class
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self._unwrapped_model()
         if noise_seed is None:
             sampling = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         else:
@@ -578,7 +578,7 @@ class BilevelTrainer(Trainer):
         (probability 1/2 each, by Gumbel-max), and each completion's importance weight pi / q_mix [N] from the
         generation's own logits (`bilevel_rlhf.exploration`)."""
         a, tok = self.args, self.processing_class
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self._unwrapped_model()
         seed = int(torch.randint(0, 2**62, ())) if noise_seed is None else noise_seed
         rows = draw_row_temperatures(len(prompt_ids), a.exploration_temperature, prompt_ids.device)
         processors = coupled_sampling_processors(seed, prompt_ids.shape[1], a.temperature, a.top_k, a.top_p,
@@ -612,7 +612,7 @@ class BilevelTrainer(Trainer):
         block has a seed of its own. So each role's samples are those of its own `_generate` call with that seed."""
         a, tok = self.args, self.processing_class
         seeds = [crn_seed if crn_seed is not None and r != "ref" else int(torch.randint(0, 2**62, ())) for r in roles]
-        peft_model = self.accelerator.unwrap_model(self.model).policy_theta
+        peft_model = self._unwrapped_model().policy_theta
         n = prompt_ids.shape[0]
         with stacked_adapters(peft_model, [r for r in roles if r != "ref"], n):
             completion, _ = sample_completions(
@@ -727,7 +727,7 @@ class BilevelTrainer(Trainer):
         a, tok = self.args, self.processing_class
         k = self.state.global_step // a.steps_per_iteration
         tau, penalty_lambda = self.schedule(k)
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self._unwrapped_model()
         self.guard.before_rollout(unwrapped, self.optimizer)  # a resync the last rollout asked for
         actors = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
         labelled = self.is_labelled_iteration(k)
@@ -911,6 +911,14 @@ class BilevelTrainer(Trainer):
         if self.adaptive_tau is not None:
             self.adaptive_tau.update(m["policy_theta/kl"])
 
+    def _unwrapped_model(self) -> BilevelModel:
+        """`accelerator.unwrap_model(self.model)`, kept while `self.model` is the same object: accelerate's unwrap
+        re-reads installed packages' metadata on every call (milliseconds), and the rollout asks several times per
+        iteration."""
+        if getattr(self, "_unwrapped_of", None) is not self.model:
+            self._unwrapped_of, self._unwrapped = self.model, self.accelerator.unwrap_model(self.model)
+        return self._unwrapped
+
     @contextlib.contextmanager
     def _full_parameters(self):
         """Under FSDP2, every parameter gathered whole for the work that runs outside the wrapper's forward (sampling,
@@ -945,7 +953,7 @@ class BilevelTrainer(Trainer):
             t0 = time.perf_counter()
             # a resync of phi the last rollout asked for, on the parameters the optimizer holds (under FSDP2 the
             # shards: what is written into the gathered ones is dropped when they are sharded again)
-            self.guard.before_rollout(self.accelerator.unwrap_model(self.model), self.optimizer)
+            self.guard.before_rollout(self._unwrapped_model(), self.optimizer)
             try:
                 with self._full_parameters():
                     self._buffer = self.generate_and_score([row["prompt"] for row in inputs])
@@ -1134,7 +1142,7 @@ class BilevelTrainer(Trainer):
                 return self._evaluate_prompts(dataset, metric_key_prefix)
 
     def _evaluate_prompts(self, dataset: Any, metric_key_prefix: str) -> dict[str, float]:
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self._unwrapped_model()
         shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
         r_sum, o_sum, count = 0.0, 0.0, 0
         bs = self.args.per_device_eval_batch_size
@@ -1174,7 +1182,7 @@ class BilevelTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         # FSDP: the module holds shards, so each role is written from the whole state dict that save_model gathered
-        save_roles(self.accelerator.unwrap_model(self.model), output_dir,
+        save_roles(self._unwrapped_model(), output_dir,
                    state_dict=state_dict if self.is_fsdp_enabled else None)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -1215,7 +1223,7 @@ class BilevelTrainer(Trainer):
         return os.path.join(self._get_output_dir(trial=None), f"checkpoint-{self.state.global_step}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self._unwrapped_model()
         path = os.path.join(resume_from_checkpoint, STATE_NAME.format(rank=self.accelerator.process_index))
         if not os.path.isfile(path):
             path = os.path.join(resume_from_checkpoint, STATE_NAME.format(rank=0))

@@ -27,7 +27,7 @@ class RewardTrustRegion(TrainerCallback):
         self._before = None
 
     def _model(self):
-        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+        return self.trainer._unwrapped_model()
 
     @torch.no_grad()
     def _scores(self) -> torch.Tensor:
