@@ -22,6 +22,7 @@ LR_SCHEDULES = ("constant", "polynomial")
 REWARD_HEAD_INITS = ("zero", "random")
 VALUE_HEAD_INITS = ("zero", "random")
 ADVANTAGE_ESTIMATORS = ("gae", "rloo")
+KL_ESTIMATORS = ("k1", "exact")
 
 
 @dataclass
@@ -217,6 +218,13 @@ class BilevelConfig(TrainingArguments):
             the other `num_generations - 1` completions of its prompt (Kool et al. 2019; TRL's RLOO), given to every
             token; the critics are not used (no value loss). Needs `num_generations >= 2`, and `objective="win_rate"`
             when theta is penalized (with `"preference_nll"` a completion's verdict is shared with its baseline).
+        kl_estimator (`str`, *optional*, defaults to `"k1"`):
+            How the actors' KL penalty (`regularization="kl"`) enters their loss. `"k1"`: `log pi - log pi_ref` of
+            each sampled token in the per-token reward (TRL's PPO). `"exact"`: at every visited state the KL of the
+            whole next-token distributions, `sum_v pi_v (log pi_v - log pi_ref,v)`, as a differentiable loss term, and
+            in the returns the exact KL of the states that follow: the same expected gradient, without the sampling
+            noise of one token, and a pull towards pi_ref on every token of the vocabulary, sampled or not. The
+            rollout keeps the reference's full next-token log-probabilities (`[N, T, vocab]` per actor).
         value_head_init (`str`, *optional*, defaults to `"random"`):
             How the critics (linear value heads on the actors' last hidden states) start: `"random"`, small random
             weights, whose values on a trained trunk are of order 1 per token, so that until the critic has learned
@@ -370,6 +378,11 @@ class BilevelConfig(TrainingArguments):
         metadata={"help": f"One of {ADVANTAGE_ESTIMATORS}: GAE on the critic's values, or each completion's return "
                   "against its prompt's other completions (rloo, num_generations >= 2)."},
     )
+    kl_estimator: str = field(
+        default="k1",
+        metadata={"help": f"One of {KL_ESTIMATORS}: the sampled token's log-ratio in the reward (k1), or the exact KL "
+                  "of the next-token distributions as a loss term and in the returns (exact)."},
+    )
     value_head_init: str = field(
         default="random",
         metadata={"help": f"The critics' start, one of {VALUE_HEAD_INITS}: `random` (small random weights) or `zero` "
@@ -518,6 +531,11 @@ class BilevelConfig(TrainingArguments):
         need(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
         need(0 <= self.lam <= 1, "lam", "in [0, 1]")
         need(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator", f"one of {ADVANTAGE_ESTIMATORS}")
+        need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}")
+        need(self.kl_estimator == "k1" or self.regularization == "kl", "kl_estimator",
+             "'k1' with regularization='entropy' (the exact KL is to the reference)")
+        need(self.kl_estimator == "k1" or not self.whiten_rewards, "kl_estimator",
+             "'k1' with whiten_rewards=True (the exact KL term is weighted in the advantages' units)")
         need(self.advantage_estimator != "rloo" or self.num_generations >= 2, "num_generations",
              f">= 2 with advantage_estimator='rloo' (each completion's baseline is its prompt's other "
              "completions)")

@@ -284,20 +284,27 @@ class BilevelModel(nn.Module):
         temperature: float,
         with_values: bool = True,
         with_entropy: bool = True,
+        ref_log_probs: torch.Tensor | None = None,
+        with_log_probs: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Log-probs of the completion tokens, their entropies and the values V(s_t), each ``[N, T]`` (entropies and
-        values only when asked: each costs a pass over the ``[N, T, vocab]`` logits or the hidden states).
+        values only when asked: each costs a pass over the ``[N, T, vocab]`` logits or the hidden states). Given the
+        reference's next-token log-probs ``ref_log_probs`` ``[N, T, vocab]``, also ``"kl"``, the exact
+        KL(pi(.|s_t) || pi_ref(.|s_t)) of each position ``[N, T]``, with its graph; ``with_log_probs``: the full
+        ``"log_probs"`` ``[N, T, vocab]`` (no graph).
 
         ``input_ids`` = prompt (left-padded to ``prompt_length``) + completion (right-padded to T); token t of the
         completion is predicted at position prompt_length - 1 + t, where V(s_t) is read too.
         """
         with self.actor(role) as model:
             out = _lm_forward(model, input_ids, attention_mask, with_values)
-        return self._completion_outputs(role, out, input_ids, prompt_length, temperature, with_values, with_entropy)
+        return self._completion_outputs(role, out, input_ids, prompt_length, temperature, with_values, with_entropy,
+                                        ref_log_probs, with_log_probs)
 
     def stacked_policy_forward(
         self, roles: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
         temperature: float, with_values: bool = True, with_entropy: bool = True,
+        ref_log_probs: torch.Tensor | None = None,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """`policy_forward` of several LoRA actors in one pass of the shared base (`bilevel_rlhf.adapters`): the rows
         are `len(roles)` equal blocks, block j `roles[j]`'s. No gradients: for the rollout's no-grad passes."""
@@ -312,18 +319,26 @@ class BilevelModel(nn.Module):
             part = SimpleNamespace(logits=out.logits[block],
                                    hidden_states=[out.hidden_states[-1][block]] if with_values else None)
             results[role] = self._completion_outputs(
-                role, part, input_ids[block], prompt_length, temperature, with_values, with_entropy
+                role, part, input_ids[block], prompt_length, temperature, with_values, with_entropy,
+                None if ref_log_probs is None else ref_log_probs[block],
             )
         return results
 
-    def _completion_outputs(self, role, out, input_ids, prompt_length, temperature, with_values, with_entropy):
-        """Log-probs, entropies and values of the completion tokens from the LM outputs `out` of `role`'s rows."""
+    def _completion_outputs(self, role, out, input_ids, prompt_length, temperature, with_values, with_entropy,
+                            ref_log_probs=None, with_log_probs=False):
+        """Log-probs, entropies, values (and the exact KL, the full log-probs: `policy_forward`) of the completion
+        tokens from the LM outputs `out` of `role`'s rows."""
         logits = out.logits[:, prompt_length - 1 : -1].float()
         if temperature != 1.0:  # no [N, T, vocab] copy when there is nothing to scale
             logits = logits / temperature
         log_z = torch.logsumexp(logits, dim=-1)  # [N, T]
         logprobs = logits.gather(-1, input_ids[:, prompt_length:, None]).squeeze(-1) - log_z
         result = {"logprobs": logprobs}
+        if ref_log_probs is not None:
+            log_p = logits - log_z[..., None]
+            result["kl"] = (log_p.exp() * (log_p - ref_log_probs)).sum(-1)
+        if with_log_probs:
+            result["log_probs"] = (logits - log_z[..., None]).detach()
         if with_entropy:
             with torch.no_grad():  # the entropy is only logged: H = log Z - sum_v p_v * logit_v
                 result["entropy"] = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
@@ -355,7 +370,7 @@ class BilevelModel(nn.Module):
             if batch is not None:
                 out[role] = self.policy_forward(
                     role, batch["input_ids"], batch["attention_mask"], prompt_length, temperature,
-                    with_entropy=with_entropy,
+                    with_entropy=with_entropy, ref_log_probs=batch.get("ref_log_probs"),
                 )
         if reward is not None:
             out["reward"] = self.reward_forward(reward["input_ids"], reward["attention_mask"])

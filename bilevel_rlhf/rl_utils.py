@@ -72,6 +72,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     weights), the mean and the variance are weighted means over the masked entries (Bessel-corrected by their count).
     """
     m = _as_float_mask(mask, x)
+    mean, scale = whitening_stats(x, m, weights)
+    whitened = (x - mean) / scale
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * m
+
+
+def whitening_stats(x: torch.Tensor, mask: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the scale ``sqrt(var + 1e-8)`` that `masked_whiten` uses (same arguments)."""
+    m = _as_float_mask(mask, x)
     if weights is None:
         mean, var = masked_mean(x, m), masked_var(x, m)
     else:  # under a float mask masked_mean and masked_var are weighted; Bessel's factor counts the entries
@@ -80,10 +91,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
         if count.item() < 2:
             raise ValueError(f"masked_whiten: the variance needs at least 2 selected entries, got {count.item():g}")
         mean, var = masked_mean(x, w), masked_var(x, w, unbiased=False) * count / (count - 1)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * m
+    return mean, torch.sqrt(var + 1e-8)
 
 
 def compute_gae(
@@ -197,16 +205,20 @@ def sample_completions(
     max_new_tokens: int,
     pad_token_id: int,
     eos_token_id: int | None,
+    output_logits: bool = False,
     **sampling: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Completions of left-padded prompts from `model.generate(**sampling)`: the ids after the prompt, with pad after
-    the first eos, and their `completion_mask`. The trainer's rollout and evaluation and the happy-tweet evaluation all
-    sample through here."""
+    the first eos, and their `completion_mask`; with `output_logits`, also the generation's raw next-token logits
+    ``[N, T, vocab]`` (before any logits processor). The trainer's rollout and evaluation and the happy-tweet
+    evaluation all sample through here."""
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, **sampling)
-    completion = out[:, prompt_ids.shape[1] :]
+                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, output_logits=output_logits,
+                         return_dict_in_generate=output_logits, **sampling)
+    completion = (out.sequences if output_logits else out)[:, prompt_ids.shape[1] :]
     mask = completion_mask(completion, eos_token_id)
-    return torch.where(mask.bool(), completion, pad_token_id), mask
+    completion = torch.where(mask.bool(), completion, pad_token_id)
+    return (completion, mask, torch.stack(out.logits, 1)) if output_logits else (completion, mask)
 
 
 def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:

@@ -33,6 +33,7 @@ class Completions:
     reward_input_ids: torch.Tensor  # r_x's inputs for the same rows (re-tokenized when r_x has its own tokenizer)
     reward_attention_mask: torch.Tensor
     ref_logprobs: torch.Tensor | None = None  # [N, T] the reference's log-probs (KL regularization)
+    ref_log_probs: torch.Tensor | None = None  # [N, T, vocab] its whole next-token distributions (kl_estimator exact)
     # [N] importance weight of each row (its pair's pi / q_mix: `bilevel_rlhf.exploration`); None: every row 1
     weight: torch.Tensor | None = None
     # stage 2: scored
@@ -46,6 +47,7 @@ class Completions:
     advantages: torch.Tensor | None = None  # [N, T] whitened GAE
     returns: torch.Tensor | None = None  # [N, T]
     seq_penalty: torch.Tensor | None = None  # [N] the regularizer summed over the completion
+    kl_coef: torch.Tensor | None = None  # [N] kl_estimator exact: the exact KL's weight in the loss, tau / scale(A)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -56,7 +58,10 @@ class Completions:
                                             if getattr(self, f.name) is not None})
 
     def policy_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.ref_log_probs is not None:  # the actor's pass then gives the exact KL of each position
+            inputs["ref_log_probs"] = self.ref_log_probs
+        return inputs
 
     def reward_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.reward_input_ids, "attention_mask": self.reward_attention_mask}

@@ -75,6 +75,7 @@ from .rl_utils import (
     masked_mean,
     masked_whiten,
     sample_completions,
+    whitening_stats,
     token_kl_penalty,
 )
 from .schedules import AdaptiveTau, lambda_at, lr_factor, tau_at, warmup_weight
@@ -584,16 +585,12 @@ class BilevelTrainer(Trainer):
         processors = coupled_sampling_processors(seed, prompt_ids.shape[1], a.temperature, a.top_k, a.top_p,
                                                  row_temperatures=rows)
         with unwrapped.actor("theta") as policy:
-            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                  max_new_tokens=a.max_completion_length, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, do_sample=False, logits_processor=processors,
-                                  temperature=None, top_k=None, top_p=None, output_logits=True,
-                                  return_dict_in_generate=True)
-        completion = out.sequences[:, prompt_ids.shape[1]:]
-        mask = self._completion_mask(completion)
-        weights = mixture_weights(torch.stack(out.logits, 1), completion, mask, a.temperature,
-                                  a.exploration_temperature)
-        return torch.where(mask.bool(), completion, tok.pad_token_id), weights
+            completion, mask, logits = sample_completions(
+                policy, prompt_ids, prompt_mask, a.max_completion_length, tok.pad_token_id, tok.eos_token_id,
+                output_logits=True, do_sample=False, logits_processor=processors, temperature=None, top_k=None,
+                top_p=None,
+            )
+        return completion, mixture_weights(logits, completion, mask, a.temperature, a.exploration_temperature)
 
     def _stacks_roles(self, unwrapped: BilevelModel, roles: list[str]) -> bool:
         """Whether `roles` generate in one batch (`_generate_stacked`): LoRA actors on one base, more than one role,
@@ -648,29 +645,36 @@ class BilevelTrainer(Trainer):
         enc = self.reward_processing_class(texts, padding=True, return_tensors="pt")
         return enc["input_ids"].to(ids.device), enc["attention_mask"].to(ids.device)
 
-    def _advantages(self, score, logprobs, ref_logprobs, values, mask, tau, weights=None):
+    def _advantages(self, score, logprobs, ref_logprobs, values, mask, tau, weights=None, exact_kl=None):
         """Per-token reward -tau * penalty_t (+ score at the last token), GAE, whitened advantages. With
         `advantage_estimator="rloo"`: each completion's return minus the mean of its prompt's other completions'.
-        With importance `weights` ([N], exploration) the whitening's mean and scale are theta's, weighted back."""
+        With importance `weights` ([N], exploration) the whitening's mean and scale are theta's, weighted back.
+        With `exact_kl` ([N, T], kl_estimator exact) the penalty in token t's reward is the exact KL of state t + 1
+        (state t's own is the loss term's, whose gradient is exact); the last value returned is that term's weight,
+        tau over the whitening's scale, in the units of the whitened advantages."""
         a = self.args
         maskf = mask.float()
         w = None if weights is None else weights[:, None].expand_as(maskf)
         penalty = token_kl_penalty(logprobs, ref_logprobs, a.regularization) * maskf
         seq_penalty = penalty.sum(1)
+        if exact_kl is not None:
+            # E[grad log pi(a_t | s_t) * KL(s_t')] = 0 for t' <= t: only the states after t are credited to a_t
+            penalty = torch.nn.functional.pad((exact_kl * maskf)[:, 1:], (0, 1))
         if a.advantage_estimator == "rloo":
-            returns = (score - tau * seq_penalty).view(-1, a.num_generations)  # rows of one prompt are adjacent
+            returns = (score - tau * penalty.sum(1)).view(-1, a.num_generations)  # rows of one prompt are adjacent
             baseline = (returns.sum(1, keepdim=True) - returns) / (a.num_generations - 1)
             advantages = (returns - baseline).reshape(-1, 1) * maskf
             # no critic: its targets are its own values, and the value loss is switched off in `_ppo_loss`
-            return masked_whiten(advantages, maskf, weights=w), values * maskf, seq_penalty
+            mean, scale = whitening_stats(advantages, maskf, w)
+            return (advantages - mean) / scale * maskf, values * maskf, seq_penalty, tau / scale
         rewards = -tau * penalty
         last = mask.sum(1) - 1
         rewards[torch.arange(len(last), device=mask.device), last] += score
         if a.whiten_rewards:
             rewards = masked_whiten(rewards, maskf, shift_mean=False, weights=w)
         advantages, returns = compute_gae(rewards, values, maskf, a.gamma, a.lam)
-        advantages = masked_whiten(advantages, maskf, weights=w)
-        return advantages, returns, seq_penalty
+        mean, scale = whitening_stats(advantages, maskf, w)  # masked_whiten's, kept for the KL term's weight
+        return (advantages - mean) / scale * maskf, returns, seq_penalty, tau / scale
 
     def _pair_loss(self, scores: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """r_x's BT-NLL of each labelled pair: theta's completion i against the reference's completion i, or theta's
@@ -713,11 +717,14 @@ class BilevelTrainer(Trainer):
         c = rollout.completions(role)
         _check_finite(f"{role} log-probabilities", out["logprobs"], rollout.iteration)
         _check_finite(f"{role} values", out["values"], rollout.iteration)
-        advantages, returns, seq_penalty = self._advantages(
-            c.terminal, out["logprobs"], c.ref_logprobs, out["values"], c.mask, rollout.tau, weights=c.weight
+        exact_kl = out.get("kl")
+        advantages, returns, seq_penalty, kl_coef = self._advantages(
+            c.terminal, out["logprobs"], c.ref_logprobs, out["values"], c.mask, rollout.tau, weights=c.weight,
+            exact_kl=exact_kl,
         )
         c = dataclasses.replace(c, logprobs=out["logprobs"], values=out["values"], entropy=out["entropy"],
-                                advantages=advantages, returns=returns, seq_penalty=seq_penalty)
+                                advantages=advantages, returns=returns, seq_penalty=seq_penalty,
+                                kl_coef=None if exact_kl is None else kl_coef.expand(len(c)))
         return rollout.with_roles(**{role: c})
 
     @torch.no_grad()
@@ -786,22 +793,25 @@ class BilevelTrainer(Trainer):
 
         ids = {r: torch.cat([rep_ids, completions[r]], 1) for r in generators}
         attention = {r: torch.cat([rep_mask, masks[r]], 1) for r in generators}
-        ref_logprobs = {}
+        ref_logprobs, ref_log_probs = {}, {}
         if a.regularization == "kl":
             # stacked: the actors' rows in one pass of the reference; otherwise one role at a time, since the
             # [N, T, vocab] logits are the peak memory of a pass
             ref_groups = [actors] if stacked else [[r] for r in actors]
+            exact = a.kl_estimator == "exact"
             for group in ref_groups:
-                logprobs = unwrapped.policy_forward(
+                out = unwrapped.policy_forward(
                     "ref", torch.cat([ids[r] for r in group]), torch.cat([attention[r] for r in group]), P, a.temperature,
-                    with_values=False, with_entropy=False,
-                )["logprobs"]
-                ref_logprobs.update(zip(group, logprobs.split(len(rep_prompts))))
+                    with_values=False, with_entropy=False, with_log_probs=exact,
+                )
+                ref_logprobs.update(zip(group, out["logprobs"].split(len(rep_prompts))))
+                if exact:
+                    ref_log_probs.update(zip(group, out["log_probs"].split(len(rep_prompts))))
         roles = {}
         for r in generators:
             reward_ids, reward_mask = self._reward_inputs(ids[r], attention[r])
             roles[r] = Completions(ids[r], attention[r], masks[r], reward_ids, reward_mask, ref_logprobs=ref_logprobs.get(r),
-                                   weight=weights if r == "theta" else None)
+                                   ref_log_probs=ref_log_probs.get(r), weight=weights if r == "theta" else None)
         rollout = Rollout(
             iteration=k, tau=tau, penalty_lambda=penalty_lambda, prompt_length=P, labels=labels, answered=answered,
             reward_step=reward_step, fused=self.fuse_rollout_and_update, **roles,
@@ -818,10 +828,11 @@ class BilevelTrainer(Trainer):
             if stacked and len(actors) > 1:  # theta's and phi's old log-probs and values in one pass of the base
                 outs = unwrapped.stacked_policy_forward(
                     tuple(actors), torch.cat([ids[r] for r in actors]), torch.cat([attention[r] for r in actors]), P,
-                    a.temperature,
+                    a.temperature, ref_log_probs=torch.cat([ref_log_probs[r] for r in actors]) if ref_log_probs else None,
                 )
             else:
-                outs = {r: unwrapped.policy_forward(r, ids[r], attention[r], P, a.temperature) for r in actors}
+                outs = {r: unwrapped.policy_forward(r, ids[r], attention[r], P, a.temperature,
+                                                    ref_log_probs=ref_log_probs.get(r)) for r in actors}
             for r in actors:
                 rollout = self.with_advantages(rollout, r, outs[r])
         stats = RolloutStats(rep_prompts, texts, completions, truncated,
@@ -1076,7 +1087,12 @@ class BilevelTrainer(Trainer):
             "clipfrac": masked_mean((torch.abs(ratio.detach() - 1) > a.cliprange).float(), mask),
         }
         vf_coef = 0.0 if a.advantage_estimator == "rloo" else a.vf_coef  # rloo: the critic is not used
-        return pg_loss + vf_coef * vf_loss, stats
+        loss = pg_loss + vf_coef * vf_loss
+        if old.kl_coef is not None:  # kl_estimator exact: each visited state's KL, differentiated exactly
+            kl_loss = masked_mean(w * old.kl_coef[:, None] * new["kl"], mask)
+            stats["kl_loss"] = kl_loss.detach()
+            loss = loss + kl_loss
+        return loss, stats
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The summed loss of the parts of `inputs` (a `LossInputs`; a bare `Rollout` means all its parts) from one

@@ -54,6 +54,7 @@ def expected_keys(trainer: BilevelTrainer, evaluation: bool = False, x_step: boo
         "trust region": a.reward_trust_region > 0 and not trainer.is_deepspeed_enabled,
         "warmup": a.hypergradient_warmup_ratio > 0,
         "exploring": a.exploration_temperature > 1,
+        "exact KL": a.kl_estimator == "exact",
     }
     keys = set()
     for name, conditions in documented_metrics():
@@ -80,7 +81,7 @@ def own_keys(log: dict) -> set[str]:
 
 CONFIGS = [
     dict(method="single_loop", objective="win_rate"),
-    dict(method="partial_sgd", objective="win_rate"),
+    dict(method="partial_sgd", objective="win_rate", kl_estimator="exact"),
     dict(method="covariance", objective="win_rate", label_every=2, exploration_temperature=2.0),
     dict(method="penalized_covariance", objective="preference_nll", reward_trust_region=0.5,
          hypergradient_warmup_ratio=0.5),

@@ -87,10 +87,13 @@ def test_stacked_generation_equals_each_role_generating_alone(tmp_path, crn):
     assert not torch.equal(stacked["theta"], stacked["ref"])
 
 
-def test_the_rollout_of_lora_actors_equals_separate_passes(tmp_path):
+@pytest.mark.parametrize("kl_estimator", ["k1", "exact"])
+def test_the_rollout_of_lora_actors_equals_separate_passes(tmp_path, kl_estimator):
     """generate_and_score with LoRA actors (stacked generation, reference and old log-prob passes): its reference
-    log-probs, old log-probs, values and entropies are those of one pass per role over the same completions."""
-    trainer = _lora_trainer(tmp_path, num_iterations=2)  # not fused: the rollout computes the old log-probs
+    log-probs, old log-probs, values and entropies are those of one pass per role over the same completions; with
+    the exact KL, so are the reference's full distributions and the advantages."""
+    # not fused: the rollout computes the old log-probs
+    trainer = _lora_trainer(tmp_path, num_iterations=2, kl_estimator=kl_estimator)
     model = trainer.model
     assert trainer._stacks_roles(model, ["theta", "phi"])
     rollout = trainer.generate_and_score(PROMPTS[:4])
@@ -105,4 +108,16 @@ def test_the_rollout_of_lora_actors_equals_separate_passes(tmp_path):
             torch.testing.assert_close(c.logprobs[m], own["logprobs"][m], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(c.values[m], own["values"][m], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(c.entropy[m], own["entropy"][m], atol=1e-5, rtol=1e-5)
+            if kl_estimator == "exact":
+                full = model.policy_forward("ref", c.input_ids, c.attention_mask, P, 1.0, with_values=False,
+                                            with_log_probs=True)["log_probs"]
+                torch.testing.assert_close(c.ref_log_probs[m], full[m], atol=1e-5, rtol=1e-5)
+                kl = model.policy_forward(role, c.input_ids, c.attention_mask, P, 1.0, ref_log_probs=full)["kl"]
+                adv, _, _, coef = trainer._advantages(c.terminal, own["logprobs"], c.ref_logprobs, own["values"],
+                                                      c.mask, rollout.tau, exact_kl=kl)
+                torch.testing.assert_close(c.advantages, adv, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(c.kl_coef, coef.expand(len(c)), atol=1e-5, rtol=1e-5)
+                assert bool((kl[m] > 0).all())  # the LoRA actors differ from the base at every state
+            else:
+                assert c.ref_log_probs is None and c.kl_coef is None
     assert not torch.allclose(rollout.theta.logprobs, rollout.phi.logprobs)
