@@ -284,14 +284,14 @@ class BilevelModel(nn.Module):
         temperature: float,
         with_values: bool = True,
         with_entropy: bool = True,
-        ref_log_probs: torch.Tensor | None = None,
-        with_log_probs: bool = False,
+        ref_full_logprobs: torch.Tensor | None = None,
+        with_full_logprobs: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Log-probs of the completion tokens, their entropies and the values V(s_t), each ``[N, T]`` (entropies and
         values only when asked: each costs a pass over the ``[N, T, vocab]`` logits or the hidden states). Given the
-        reference's next-token log-probs ``ref_log_probs`` ``[N, T, vocab]``, also ``"kl"``, the exact
-        KL(pi(.|s_t) || pi_ref(.|s_t)) of each position ``[N, T]``, with its graph; ``with_log_probs``: the full
-        ``"log_probs"`` ``[N, T, vocab]`` (no graph).
+        reference's next-token log-probs ``ref_full_logprobs`` ``[N, T, vocab]``, also ``"kl"``, the exact
+        KL(pi(.|s_t) || pi_ref(.|s_t)) of each position ``[N, T]``, with its graph; with ``with_full_logprobs``, the
+        actor's own ``"full_logprobs"`` ``[N, T, vocab]`` (no graph).
 
         ``input_ids`` = prompt (left-padded to ``prompt_length``) + completion (right-padded to T); token t of the
         completion is predicted at position prompt_length - 1 + t, where V(s_t) is read too.
@@ -299,12 +299,12 @@ class BilevelModel(nn.Module):
         with self.actor(role) as model:
             out = _lm_forward(model, input_ids, attention_mask, with_values)
         return self._completion_outputs(role, out, input_ids, prompt_length, temperature, with_values, with_entropy,
-                                        ref_log_probs, with_log_probs)
+                                        ref_full_logprobs, with_full_logprobs)
 
     def stacked_policy_forward(
         self, roles: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
         temperature: float, with_values: bool = True, with_entropy: bool = True,
-        ref_log_probs: torch.Tensor | None = None,
+        ref_full_logprobs: torch.Tensor | None = None,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """`policy_forward` of several LoRA actors in one pass of the shared base (`bilevel_rlhf.adapters`): the rows
         are `len(roles)` equal blocks, block j `roles[j]`'s. No gradients: for the rollout's no-grad passes."""
@@ -320,12 +320,12 @@ class BilevelModel(nn.Module):
                                    hidden_states=[out.hidden_states[-1][block]] if with_values else None)
             results[role] = self._completion_outputs(
                 role, part, input_ids[block], prompt_length, temperature, with_values, with_entropy,
-                None if ref_log_probs is None else ref_log_probs[block],
+                None if ref_full_logprobs is None else ref_full_logprobs[block],
             )
         return results
 
     def _completion_outputs(self, role, out, input_ids, prompt_length, temperature, with_values, with_entropy,
-                            ref_log_probs=None, with_log_probs=False):
+                            ref_full_logprobs=None, with_full_logprobs=False):
         """Log-probs, entropies, values (and the exact KL, the full log-probs: `policy_forward`) of the completion
         tokens from the LM outputs `out` of `role`'s rows."""
         logits = out.logits[:, prompt_length - 1 : -1].float()
@@ -334,11 +334,12 @@ class BilevelModel(nn.Module):
         log_z = torch.logsumexp(logits, dim=-1)  # [N, T]
         logprobs = logits.gather(-1, input_ids[:, prompt_length:, None]).squeeze(-1) - log_z
         result = {"logprobs": logprobs}
-        if ref_log_probs is not None:
-            log_p = logits - log_z[..., None]
-            result["kl"] = (log_p.exp() * (log_p - ref_log_probs)).sum(-1)
-        if with_log_probs:
-            result["log_probs"] = (logits - log_z[..., None]).detach()
+        if ref_full_logprobs is not None or with_full_logprobs:
+            log_p = logits - log_z[..., None]  # [N, T, vocab]
+            if ref_full_logprobs is not None:
+                result["kl"] = (log_p.exp() * (log_p - ref_full_logprobs)).sum(-1)
+            if with_full_logprobs:
+                result["full_logprobs"] = log_p.detach()
         if with_entropy:
             with torch.no_grad():  # the entropy is only logged: H = log Z - sum_v p_v * logit_v
                 result["entropy"] = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
@@ -370,7 +371,7 @@ class BilevelModel(nn.Module):
             if batch is not None:
                 out[role] = self.policy_forward(
                     role, batch["input_ids"], batch["attention_mask"], prompt_length, temperature,
-                    with_entropy=with_entropy, ref_log_probs=batch.get("ref_log_probs"),
+                    with_entropy=with_entropy, ref_full_logprobs=batch.get("ref_full_logprobs"),
                 )
         if reward is not None:
             out["reward"] = self.reward_forward(reward["input_ids"], reward["attention_mask"])

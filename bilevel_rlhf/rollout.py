@@ -33,7 +33,7 @@ class Completions:
     reward_input_ids: torch.Tensor  # r_x's inputs for the same rows (re-tokenized when r_x has its own tokenizer)
     reward_attention_mask: torch.Tensor
     ref_logprobs: torch.Tensor | None = None  # [N, T] the reference's log-probs (KL regularization)
-    ref_log_probs: torch.Tensor | None = None  # [N, T, vocab] its whole next-token distributions (kl_estimator exact)
+    ref_full_logprobs: torch.Tensor | None = None  # [N, T, vocab] its next-token distributions (kl_estimator exact)
     # [N] importance weight of each row (its pair's pi / q_mix: `bilevel_rlhf.exploration`); None: every row 1
     weight: torch.Tensor | None = None
     # stage 2: scored
@@ -59,8 +59,8 @@ class Completions:
 
     def policy_inputs(self) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.ref_log_probs is not None:  # the actor's pass then gives the exact KL of each position
-            inputs["ref_log_probs"] = self.ref_log_probs
+        if self.ref_full_logprobs is not None:  # the actor's pass then gives the exact KL of each position
+            inputs["ref_full_logprobs"] = self.ref_full_logprobs
         return inputs
 
     def reward_inputs(self) -> dict[str, torch.Tensor]:

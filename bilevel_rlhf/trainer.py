@@ -75,8 +75,8 @@ from .rl_utils import (
     masked_mean,
     masked_whiten,
     sample_completions,
-    whitening_stats,
     token_kl_penalty,
+    whitening_stats,
 )
 from .schedules import AdaptiveTau, lambda_at, lr_factor, tau_at, warmup_weight
 from .trust_region import RewardTrustRegion
@@ -793,7 +793,7 @@ class BilevelTrainer(Trainer):
 
         ids = {r: torch.cat([rep_ids, completions[r]], 1) for r in generators}
         attention = {r: torch.cat([rep_mask, masks[r]], 1) for r in generators}
-        ref_logprobs, ref_log_probs = {}, {}
+        ref_logprobs, ref_full_logprobs = {}, {}
         if a.regularization == "kl":
             # stacked: the actors' rows in one pass of the reference; otherwise one role at a time, since the
             # [N, T, vocab] logits are the peak memory of a pass
@@ -802,16 +802,17 @@ class BilevelTrainer(Trainer):
             for group in ref_groups:
                 out = unwrapped.policy_forward(
                     "ref", torch.cat([ids[r] for r in group]), torch.cat([attention[r] for r in group]), P, a.temperature,
-                    with_values=False, with_entropy=False, with_log_probs=exact,
+                    with_values=False, with_entropy=False, with_full_logprobs=exact,
                 )
                 ref_logprobs.update(zip(group, out["logprobs"].split(len(rep_prompts))))
                 if exact:
-                    ref_log_probs.update(zip(group, out["log_probs"].split(len(rep_prompts))))
+                    ref_full_logprobs.update(zip(group, out["full_logprobs"].split(len(rep_prompts))))
         roles = {}
         for r in generators:
             reward_ids, reward_mask = self._reward_inputs(ids[r], attention[r])
             roles[r] = Completions(ids[r], attention[r], masks[r], reward_ids, reward_mask, ref_logprobs=ref_logprobs.get(r),
-                                   ref_log_probs=ref_log_probs.get(r), weight=weights if r == "theta" else None)
+                                   ref_full_logprobs=ref_full_logprobs.get(r),
+                                   weight=weights if r == "theta" else None)
         rollout = Rollout(
             iteration=k, tau=tau, penalty_lambda=penalty_lambda, prompt_length=P, labels=labels, answered=answered,
             reward_step=reward_step, fused=self.fuse_rollout_and_update, **roles,
@@ -828,11 +829,12 @@ class BilevelTrainer(Trainer):
             if stacked and len(actors) > 1:  # theta's and phi's old log-probs and values in one pass of the base
                 outs = unwrapped.stacked_policy_forward(
                     tuple(actors), torch.cat([ids[r] for r in actors]), torch.cat([attention[r] for r in actors]), P,
-                    a.temperature, ref_log_probs=torch.cat([ref_log_probs[r] for r in actors]) if ref_log_probs else None,
+                    a.temperature,
+                    ref_full_logprobs=torch.cat([ref_full_logprobs[r] for r in actors]) if ref_full_logprobs else None,
                 )
             else:
                 outs = {r: unwrapped.policy_forward(r, ids[r], attention[r], P, a.temperature,
-                                                    ref_log_probs=ref_log_probs.get(r)) for r in actors}
+                                                    ref_full_logprobs=ref_full_logprobs.get(r)) for r in actors}
             for r in actors:
                 rollout = self.with_advantages(rollout, r, outs[r])
         stats = RolloutStats(rep_prompts, texts, completions, truncated,

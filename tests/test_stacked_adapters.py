@@ -110,14 +110,14 @@ def test_the_rollout_of_lora_actors_equals_separate_passes(tmp_path, kl_estimato
             torch.testing.assert_close(c.entropy[m], own["entropy"][m], atol=1e-5, rtol=1e-5)
             if kl_estimator == "exact":
                 full = model.policy_forward("ref", c.input_ids, c.attention_mask, P, 1.0, with_values=False,
-                                            with_log_probs=True)["log_probs"]
-                torch.testing.assert_close(c.ref_log_probs[m], full[m], atol=1e-5, rtol=1e-5)
-                kl = model.policy_forward(role, c.input_ids, c.attention_mask, P, 1.0, ref_log_probs=full)["kl"]
+                                            with_full_logprobs=True)["full_logprobs"]
+                torch.testing.assert_close(c.ref_full_logprobs[m], full[m], atol=1e-5, rtol=1e-5)
+                kl = model.policy_forward(role, c.input_ids, c.attention_mask, P, 1.0, ref_full_logprobs=full)["kl"]
                 adv, _, _, coef = trainer._advantages(c.terminal, own["logprobs"], c.ref_logprobs, own["values"],
                                                       c.mask, rollout.tau, exact_kl=kl)
                 torch.testing.assert_close(c.advantages, adv, atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(c.kl_coef, coef.expand(len(c)), atol=1e-5, rtol=1e-5)
                 assert bool((kl[m] > 0).all())  # the LoRA actors differ from the base at every state
             else:
-                assert c.ref_log_probs is None and c.kl_coef is None
+                assert c.ref_full_logprobs is None and c.kl_coef is None
     assert not torch.allclose(rollout.theta.logprobs, rollout.phi.logprobs)
