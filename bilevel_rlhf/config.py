@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,6 +219,11 @@ class BilevelConfig(TrainingArguments):
             the other `num_generations - 1` completions of its prompt (Kool et al. 2019; TRL's RLOO), given to every
             token; the critics are not used (no value loss). Needs `num_generations >= 2`, and `objective="win_rate"`
             when theta is penalized (with `"preference_nll"` a completion's verdict is shared with its baseline).
+        missing_eos_penalty (`float` or `None`, *optional*, defaults to `None`):
+            Subtracted from an actor's terminal reward when its completion has no eos (it ran into
+            `max_completion_length`), as TRL's OnlineDPO does with a reward model's score. The lower level's reward
+            becomes `r_x(y) - penalty * [y has no eos]`; x's gradient is unchanged (the penalty does not depend on x).
+            `None` (or 0): no penalty.
         kl_estimator (`str`, *optional*, defaults to `"k1"`):
             How the actors' KL penalty (`regularization="kl"`) enters their loss. `"k1"`: `log pi - log pi_ref` of
             each sampled token in the per-token reward (TRL's PPO). `"exact"`: at every visited state the KL of the
@@ -378,6 +384,11 @@ class BilevelConfig(TrainingArguments):
         metadata={"help": f"One of {ADVANTAGE_ESTIMATORS}: GAE on the critic's values, or each completion's return "
                   "against its prompt's other completions (rloo, num_generations >= 2)."},
     )
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Subtracted from an actor's terminal reward when its completion has no eos (TRL's "
+                  "missing_eos_penalty); >= 0, None: no penalty."},
+    )
     kl_estimator: str = field(
         default="k1",
         metadata={"help": f"One of {KL_ESTIMATORS}: the sampled token's log-ratio in the reward (k1), or the exact KL "
@@ -531,6 +542,9 @@ class BilevelConfig(TrainingArguments):
         need(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
         need(0 <= self.lam <= 1, "lam", "in [0, 1]")
         need(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator", f"one of {ADVANTAGE_ESTIMATORS}")
+        need(self.missing_eos_penalty is None or (math.isfinite(self.missing_eos_penalty)
+                                                  and self.missing_eos_penalty >= 0),
+             "missing_eos_penalty", "None or a finite number >= 0")
         need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}")
         need(self.kl_estimator == "k1" or self.regularization == "kl", "kl_estimator",
              "'k1' with regularization='entropy' (the exact KL is to the reference)")

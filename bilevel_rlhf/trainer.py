@@ -687,11 +687,18 @@ class BilevelTrainer(Trainer):
         """Stage 2: `rollout` with r_x's scores (role -> [N], no graph) and the terminal rewards: r_x for phi and for
         theta under partial_sgd and covariance; r_x - g / lambda_k for the penalized theta (the penalty methods and
         penalized_covariance), which maximizes J_tau - f / lambda,
-        with g = df/dpi of each of its completions from the objective. Given theta's scores, also the pairs' losses."""
+        with g = df/dpi of each of its completions from the objective; minus `missing_eos_penalty` for an actor's
+        completion without eos. Given theta's scores, also the pairs' losses."""
         k, new = rollout.iteration, {}
+        penalty = self.args.missing_eos_penalty
         for role, s in scores.items():
             _check_finite(f"r_x score of {role}'s completions", s, k)
-            new[role] = dataclasses.replace(rollout.completions(role), score=s, terminal=s)
+            c, terminal = rollout.completions(role), s
+            if penalty is not None and role != "ref":  # the actors' reward, as TRL's missing_eos_penalty
+                has_eos = ((c.input_ids[:, rollout.prompt_length:] == self.processing_class.eos_token_id)
+                           & c.mask.bool()).any(1)
+                terminal = s - penalty * (~has_eos).float()
+            new[role] = dataclasses.replace(c, score=s, terminal=terminal)
         rollout = rollout.with_roles(**new)
         if "theta" not in scores or rollout.labels is None:  # unlabelled: theta's reward is r_x alone
             return rollout
@@ -707,7 +714,7 @@ class BilevelTrainer(Trainer):
         _check_finite(f"objective {self.objective.name!r} completion values", g, k)
         g = g.detach()
         penalized = self.args.method in PENALIZED_THETA_METHODS
-        terminal = theta.score - g / rollout.penalty_lambda if penalized else theta.score
+        terminal = theta.terminal - g / rollout.penalty_lambda if penalized else theta.terminal
         theta = dataclasses.replace(theta, g=g, terminal=terminal)
         return dataclasses.replace(rollout, theta=theta, pair_loss=pair_loss)
 

@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 58 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 64 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 62 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 68 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-64 + 3 + 4 = 71 validated conditions.
+68 + 3 + 4 = 75 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -63,6 +63,12 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
     ("advantage_estimator", dict(advantage_estimator="rloo", objective="preference_nll", method="single_loop"),
      [dict(advantage_estimator="rloo", objective="win_rate", method="single_loop"),
       dict(advantage_estimator="rloo", objective="preference_nll", method="partial_sgd")]),
+    ("kl_estimator", dict(kl_estimator="k3"), [dict(kl_estimator="exact")]),
+    ("kl_estimator", dict(kl_estimator="exact", regularization="entropy"),
+     [dict(kl_estimator="k1", regularization="entropy")]),
+    ("kl_estimator", dict(kl_estimator="exact", whiten_rewards=True), [dict(kl_estimator="k1", whiten_rewards=True)]),
+    ("missing_eos_penalty", dict(missing_eos_penalty=-EPS),
+     [dict(missing_eos_penalty=0.0), dict(missing_eos_penalty=None)]),
     ("reward_trust_region", dict(reward_trust_region=-EPS), [dict(reward_trust_region=0.0)]),
     ("hypergradient_warmup_ratio", dict(hypergradient_warmup_ratio=-EPS, max_steps=8, method="covariance"),
      [dict(hypergradient_warmup_ratio=0.0), dict(hypergradient_warmup_ratio=1.0, max_steps=8, method="covariance")]),
@@ -285,4 +291,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 71  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 75  # see the module docstring

@@ -107,11 +107,3 @@ def test_under_whitening_the_kl_term_keeps_the_advantages_units(tmp_path, proble
     coef = batch.theta.kl_coef
     assert bool((coef == coef[0]).all()) and float(coef[0]) < TAU / 2  # one weight per batch, the scale in play
 
-
-def test_the_config_names_what_the_exact_estimator_needs(tmp_path):
-    with pytest.raises(ValueError, match="kl_estimator.*one of"):
-        BilevelConfig(output_dir=str(tmp_path), kl_estimator="k3")
-    with pytest.raises(ValueError, match="kl_estimator.*regularization='entropy'"):
-        BilevelConfig(output_dir=str(tmp_path), kl_estimator="exact", regularization="entropy")
-    with pytest.raises(ValueError, match="kl_estimator.*whiten_rewards"):
-        BilevelConfig(output_dir=str(tmp_path), kl_estimator="exact", whiten_rewards=True)

@@ -596,3 +596,30 @@ def test_upper_objective_metrics_by_hand(monkeypatch):
     assert out["reward_pair_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
     with pytest.raises(ValueError, match="even"):
         evaluate.upper_objective_metrics(policy, None, ref, ["p0"], num_samples=3)
+
+
+def test_length_bias_reads_the_completion_log(tmp_path, capsys):
+    """scripts/length_bias.py: per quarter of the logged steps, the mean length and the correlations of r_x and of
+    the oracle's score with it (here r_x grows with length, the oracle's score does not)."""
+    run = tmp_path / "runs" / "a-seed0"
+    run.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for step in range(0, 400, 4):
+        for _ in range(8):
+            n = int(rng.integers(1, 60))
+            lines.append(json.dumps({"step": step, "prompt": "p", "completion": "x" * n, "label": 1.0,
+                                     "reward": n / 60 + 0.01 * rng.normal(), "oracle_score": float(rng.normal())}))
+    (run / "completions.jsonl").write_text("\n".join(lines) + "\n")
+    import sys
+
+    argv, sys.argv = sys.argv, ["length_bias.py", str(tmp_path / "runs")]
+    try:
+        load_script("length_bias").main()
+    finally:
+        sys.argv = argv
+    row = [line for line in capsys.readouterr().out.splitlines() if "a-seed0" in line][0]
+    cells = [c.split() for c in row.strip("| ").split(" | ")[1:]]
+    assert len(cells) == 4
+    for length, corr_rx, corr_oracle in cells:
+        assert 20 < float(length) < 40 and float(corr_rx) > 0.99 and abs(float(corr_oracle)) < 0.3

@@ -661,3 +661,25 @@ def test_resume_last_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
     resumed = make_trainer(tmp_path, max_steps=12, save_strategy="steps", save_steps=4)
     resumed.train(resume_from_checkpoint=os.path.join(out, "checkpoint-8"))
     assert resumed.state.global_step == 12
+
+
+@pytest.mark.parametrize("method", ["single_loop", "penalized_covariance"])
+def test_missing_eos_penalty_lowers_the_actors_reward_of_completions_without_eos(tmp_path, method):
+    """missing_eos_penalty p: an actor's terminal reward is its r_x score (minus g / lambda for the penalized theta)
+    minus p exactly where its completion has no eos; the reference's and the scores themselves are untouched."""
+    p = 0.7
+    runs = {}
+    for penalty in (None, p):
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path / str(penalty), method=method, objective="win_rate",
+                               num_iterations=2, max_completion_length=3, missing_eos_penalty=penalty)
+        runs[penalty] = trainer.generate_and_score(PROMPTS[:8])
+    base, pen = runs[None], runs[p]
+    eos = trainer.processing_class.eos_token_id
+    for role in ("theta", "phi") if method == "single_loop" else ("theta",):
+        c, c0 = pen.completions(role), base.completions(role)
+        torch.testing.assert_close(c.score, c0.score)  # the same samples and scores: only the reward differs
+        no_eos = ~((c.input_ids[:, pen.prompt_length:] == eos) & c.mask.bool()).any(1)
+        assert 0 < int(no_eos.sum()) < len(no_eos)  # both kinds of completion in the batch
+        torch.testing.assert_close(c.terminal, c0.terminal - p * no_eos.float())
+    assert pen.ref.terminal is None or torch.equal(pen.ref.terminal, pen.ref.score)
