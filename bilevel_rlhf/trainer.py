@@ -661,18 +661,18 @@ class BilevelTrainer(Trainer):
             # E[grad log pi(a_t | s_t) * KL(s_t')] = 0 for t' <= t: only the states after t are credited to a_t
             penalty = torch.nn.functional.pad((exact_kl * maskf)[:, 1:], (0, 1))
         if a.advantage_estimator == "rloo":
-            returns = (score - tau * penalty.sum(1)).view(-1, a.num_generations)  # rows of one prompt are adjacent
-            baseline = (returns.sum(1, keepdim=True) - returns) / (a.num_generations - 1)
-            advantages = (returns - baseline).reshape(-1, 1) * maskf
+            totals = (score - tau * penalty.sum(1)).view(-1, a.num_generations)  # rows of one prompt are adjacent
+            baseline = (totals.sum(1, keepdim=True) - totals) / (a.num_generations - 1)
+            advantages = (totals - baseline).reshape(-1, 1) * maskf
             # no critic: its targets are its own values, and the value loss is switched off in `_ppo_loss`
-            mean, scale = whitening_stats(advantages, maskf, w)
-            return (advantages - mean) / scale * maskf, values * maskf, seq_penalty, tau / scale
-        rewards = -tau * penalty
-        last = mask.sum(1) - 1
-        rewards[torch.arange(len(last), device=mask.device), last] += score
-        if a.whiten_rewards:
-            rewards = masked_whiten(rewards, maskf, shift_mean=False, weights=w)
-        advantages, returns = compute_gae(rewards, values, maskf, a.gamma, a.lam)
+            returns = values * maskf
+        else:
+            rewards = -tau * penalty
+            last = mask.sum(1) - 1
+            rewards[torch.arange(len(last), device=mask.device), last] += score
+            if a.whiten_rewards:
+                rewards = masked_whiten(rewards, maskf, shift_mean=False, weights=w)
+            advantages, returns = compute_gae(rewards, values, maskf, a.gamma, a.lam)
         mean, scale = whitening_stats(advantages, maskf, w)  # masked_whiten's, kept for the KL term's weight
         return (advantages - mean) / scale * maskf, returns, seq_penalty, tau / scale
 
