@@ -888,8 +888,11 @@ class BilevelTrainer(Trainer):
         if rollout.phi is not None:
             phi = rollout.phi
             m["reward/phi_mean"] = phi.score.mean()
-            j_phi = phi.score - tau * phi.seq_penalty
-            j_theta = theta.score - tau * theta.seq_penalty
+            # phi's own objective J_tau on both samples: r_x less the eos penalty, without theta's oracle term
+            penalized = self.args.method in PENALIZED_THETA_METHODS and theta.g is not None
+            oracle_term = theta.g / rollout.penalty_lambda if penalized else 0.0
+            j_phi = phi.terminal - tau * phi.seq_penalty
+            j_theta = theta.terminal + oracle_term - tau * theta.seq_penalty
             m["objective/penalty_gap"] = j_phi.mean() - j_theta.mean()
         if theta.weight is not None:  # exploration: the share of theta's sample its importance weights keep
             w = theta.weight

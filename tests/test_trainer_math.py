@@ -683,3 +683,17 @@ def test_missing_eos_penalty_lowers_the_actors_reward_of_completions_without_eos
         assert 0 < int(no_eos.sum()) < len(no_eos)  # both kinds of completion in the batch
         torch.testing.assert_close(c.terminal, c0.terminal - p * no_eos.float())
     assert pen.ref.terminal is None or torch.equal(pen.ref.terminal, pen.ref.score)
+    if method == "single_loop":  # the penalty gap is phi's objective, eos penalty included, on both actors' samples
+        trainer._log_rollout(pen)
+        tau = pen.tau
+        j = {r: pen.completions(r).score - p * no_eos_of(pen, r, eos).float() - tau * pen.completions(r).seq_penalty
+             for r in ("theta", "phi")}
+        gap = (j["phi"].mean() - j["theta"].mean()).item()
+        assert trainer._rollout_metrics["objective/penalty_gap"] == pytest.approx(gap, abs=1e-5)
+        unpenalized = (pen.phi.score - tau * pen.phi.seq_penalty).mean() - (pen.theta.score - tau * pen.theta.seq_penalty).mean()
+        assert abs(gap - unpenalized.item()) > 1e-3  # the eos penalty moves the gap here
+
+
+def no_eos_of(rollout, role, eos):
+    c = rollout.completions(role)
+    return ~((c.input_ids[:, rollout.prompt_length:] == eos) & c.mask.bool()).any(1)
