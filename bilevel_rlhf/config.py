@@ -174,6 +174,10 @@ class BilevelConfig(TrainingArguments):
             c >= 0 of the polynomial schedule.
         lr_horizon (`float`, *optional*, defaults to `10.0`):
             k_0 > 0 of the polynomial learning-rate schedules.
+        reward_adam_beta2 (`float` or `None`, *optional*, defaults to `None`):
+            Adam's second-moment decay for x alone, in [0, 1); None: `adam_beta2`, as the actors and critics. The
+            hypergradient's scale shrinks by orders of magnitude as the policy sharpens, and with `adam_beta2 = 0.999`
+            the memory of its first, large values shrinks x's late steps with it.
 
         > Generation
 
@@ -353,6 +357,8 @@ class BilevelConfig(TrainingArguments):
     critic_lr_decay: float = field(default=0.5, metadata={"help": "Polynomial decay exponent >= 0."})
     reward_lr_decay: float = field(default=0.5, metadata={"help": "Polynomial decay exponent >= 0."})
     lr_horizon: float = field(default=10.0, metadata={"help": "k_0 > 0 of the lr schedules, in iterations."})
+    reward_adam_beta2: float | None = field(
+        default=None, metadata={"help": "Adam's beta2 for x alone, in [0, 1); None: adam_beta2."})
 
     # --- generation ---
     max_prompt_length: int = field(default=64, metadata={"help": "Prompt tokens kept (left truncation), >= 1."})
@@ -524,6 +530,8 @@ class BilevelConfig(TrainingArguments):
             need(getattr(self, f"{role}_lr_schedule") in LR_SCHEDULES, f"{role}_lr_schedule", f"one of {LR_SCHEDULES}")
             need(getattr(self, f"{role}_lr_decay") >= 0, f"{role}_lr_decay", ">= 0")
         need(self.lr_horizon > 0, "lr_horizon", "> 0")
+        need(self.reward_adam_beta2 is None or 0 <= self.reward_adam_beta2 < 1, "reward_adam_beta2",
+             "None or in [0, 1)")
         need(self.max_prompt_length >= 1, "max_prompt_length", ">= 1")
         need(self.max_completion_length >= 1, "max_completion_length", ">= 1")
         need(self.temperature > 0, "temperature", "> 0")

@@ -481,7 +481,7 @@ class BilevelTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """AdamW with one parameter group per role: actor, critic, reward (three step sizes)."""
+        """AdamW with one parameter group per role: actor, critic, reward (three step sizes; x's own beta2)."""
         if self.optimizer is None:
             groups = self._unwrapped_model().role_parameters()
             a = self.args
@@ -489,7 +489,8 @@ class BilevelTrainer(Trainer):
                 [
                     {"params": groups["actor"], "lr": a.actor_learning_rate, "name": "actor"},
                     {"params": groups["critic"], "lr": a.critic_learning_rate, "name": "critic"},
-                    {"params": groups["reward"], "lr": a.reward_learning_rate, "name": "reward"},
+                    {"params": groups["reward"], "lr": a.reward_learning_rate, "name": "reward",
+                     "betas": (a.adam_beta1, a.adam_beta2 if a.reward_adam_beta2 is None else a.reward_adam_beta2)},
                 ],
                 betas=(a.adam_beta1, a.adam_beta2),
                 eps=a.adam_epsilon,

@@ -800,4 +800,12 @@ MUTATIONS += [
       "terminal = s - penalty * (~has_eos).float()", "terminal = s",
       [MATH + "::test_missing_eos_penalty_lowers_the_actors_reward_of_completions_without_eos"],
       "missing_eos_penalty never reaches the actors' reward"),
+    M("penalty_gap_without_eos_penalty", TRAINER,
+      "j_phi = phi.terminal - tau * phi.seq_penalty", "j_phi = phi.score - tau * phi.seq_penalty",
+      [MATH + "::test_missing_eos_penalty_lowers_the_actors_reward_of_completions_without_eos"],
+      "objective/penalty_gap scores phi's sample without the eos penalty of its own objective"),
+    M("reward_adam_beta2_ignored", TRAINER,
+      "a.adam_beta2 if a.reward_adam_beta2 is None else a.reward_adam_beta2", "a.adam_beta2",
+      [MATH + "::test_reward_adam_beta2_sets_the_second_moment_decay_of_x_alone"],
+      "x's Adam keeps the actors' beta2 whatever reward_adam_beta2 says"),
 ]

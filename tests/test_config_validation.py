@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 62 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 68 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 63 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 69 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-68 + 3 + 4 = 75 validated conditions.
+69 + 3 + 4 = 76 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -106,6 +106,7 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
         (f"{role}_lr_decay", {f"{role}_lr_decay": -EPS}, [{f"{role}_lr_decay": 0.0}]),
     )],
     ("lr_horizon", dict(lr_horizon=0.0), [dict(lr_horizon=EPS)]),
+    ("reward_adam_beta2", dict(reward_adam_beta2=1.0), [dict(reward_adam_beta2=1.0 - EPS), dict(reward_adam_beta2=None)]),
     ("max_prompt_length", dict(max_prompt_length=0), [dict(max_prompt_length=1)]),
     ("max_completion_length", dict(max_completion_length=0), [dict(max_completion_length=1)]),
     ("temperature", dict(temperature=0.0), [dict(temperature=EPS)]),
@@ -138,6 +139,7 @@ OTHER_SIDE: list[tuple[str, dict]] = [
     ("tau_min", dict(tau_min=-EPS)),
     ("hypergradient_warmup_ratio", dict(hypergradient_warmup_ratio=1.0 + EPS, max_steps=8, method="covariance")),
     ("top_p", dict(top_p=1.0 + EPS)),
+    ("reward_adam_beta2", dict(reward_adam_beta2=-EPS)),
     ("num_generations", dict(num_generations=0, objective="win_rate")),  # < 1
     ("steps_per_generation", dict(steps_per_generation=0)),  # < 1 (0 is a multiple of everything)
     ("per_device_train_batch_size", dict(per_device_train_batch_size=0)),  # < 1
@@ -291,4 +293,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 75  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 76  # see the module docstring

@@ -369,6 +369,31 @@ def test_learning_rates_follow_their_schedules_and_clipping_is_per_role(tmp_path
             assert h[f"learning_rate/{role}"] == pytest.approx(base[role] * (1 + k / 1.5) ** (-decay[role]), rel=1e-6)
 
 
+def test_reward_adam_beta2_sets_the_second_moment_decay_of_x_alone(tmp_path):
+    """Adam's second moment of x's parameters follows reward_adam_beta2; the actors' and critics' adam_beta2."""
+    trainer = make_trainer(tmp_path, max_steps=8, adam_beta2=0.999, reward_adam_beta2=0.5)
+    trainer.create_optimizer()
+    grads = {}  # parameter -> the gradients it was stepped with (after clipping)
+
+    def record(optimizer, args, kwargs):
+        for g in optimizer.param_groups:
+            for q in g["params"]:
+                if q.grad is not None:
+                    grads.setdefault(q, []).append(q.grad.detach().clone())
+
+    trainer.optimizer.register_step_pre_hook(record)
+    trainer.train()
+    beta2 = {g["name"]: g["betas"][1] for g in trainer.optimizer.param_groups}
+    assert beta2 == {"actor": 0.999, "critic": 0.999, "reward": 0.5}
+    for g in trainer.optimizer.param_groups:
+        q = next(q for q in g["params"] if q in grads)
+        v = torch.zeros_like(q)
+        for grad in grads[q]:
+            v = beta2[g["name"]] * v + (1 - beta2[g["name"]]) * grad**2
+        torch.testing.assert_close(trainer.optimizer.state[q]["exp_avg_sq"], v, rtol=1e-5, atol=1e-12)
+        assert len(grads[q]) >= 2  # the recursion is exercised
+
+
 def test_nested_loop_updates_x_only_at_every_nth_iteration(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=4 * 6, method="nested_loop", nested_inner_steps=3)
     rec = StepRecorder(trainer)
