@@ -1,11 +1,13 @@
 """Exact hypergradient descent on one instance of the testbed panel from x = 0, with the closed-form hypergradient
 (`MultiTokenProblem.exact_hypergradient`), no sampling: plain steps x <- x - lr * grad Phi_tau(x), or Adam's
-normalized steps (`--optimizer adam`, as the trainer steps x: torch's AdamW, betas 0.9 / 0.999, no weight decay). It
+normalized steps (`--optimizer adam`, as the trainer steps x: torch's AdamW, beta1 0.9, beta2 `--adam_beta2`, no
+weight decay). It
 shows the landscape a method that follows the hypergradient meets: where Phi_tau is flat, plain steps crawl, while
 Adam's keep their size as long as the direction is known.
 
     python scripts/exact_descent.py --instance 22 --lrs 0.01 0.1 1 --steps 20000
     python scripts/exact_descent.py --instance 22 --optimizer adam --lrs 0.01 --steps 360
+    python scripts/exact_descent.py --instance 12 --optimizer adam --lrs 0.01 --steps 360 --adam_beta2 0.999 0.9
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--weight", type=float, default=0.1, help="objective_weight of win_rate")
     p.add_argument("--optimizer", choices=["gd", "adam"], default="gd", help="plain steps (gd) or Adam's")
+    p.add_argument("--adam_beta2", type=float, nargs="+", default=[0.999],
+                   help="--optimizer adam: Adam's second-moment decay (each value is a run)")
     args = p.parse_args(argv)
     try:
         spec = panel.drawn_instance(args.panel, args.panel_seed, args.instance)
@@ -45,13 +49,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{phi(problem.exact_optimum(spec.tau, **obj)):.4f}")
         checkpoints = sorted({0, 100, 1000, 5000, args.steps} & set(range(args.steps + 1)))
         rows = []
-        for lr in args.lrs:
+        runs = [(lr, b2) for lr in args.lrs for b2 in (args.adam_beta2 if args.optimizer == "adam" else [None])]
+        for lr, beta2 in runs:
             x = torch.zeros(len(problem.scores), dtype=torch.float64, requires_grad=True)
-            adam = torch.optim.AdamW([x], lr=lr, weight_decay=0.0) if args.optimizer == "adam" else None
+            adam = None if beta2 is None else torch.optim.AdamW([x], lr=lr, betas=(0.9, beta2), weight_decay=0.0)
             for k in range(args.steps + 1):
                 g = grad(x.detach().numpy())
                 if k in checkpoints:
-                    rows.append({"lr": lr, "step": k, "phi_tau": phi(x.detach().numpy()),
+                    rows.append({"lr": lr, "adam_beta2": beta2, "step": k, "phi_tau": phi(x.detach().numpy()),
                                  "grad_norm": float(np.linalg.norm(g))})
                 if adam is None:
                     with torch.no_grad():
@@ -59,9 +64,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else:
                     x.grad = torch.from_numpy(g)
                     adam.step()
-    print("| lr | step | Phi_tau | norm of the hypergradient |\n|---|---|---|---|")
+    print("| lr | Adam's beta2 | step | Phi_tau | norm of the hypergradient |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['lr']:g} | {r['step']} | {r['phi_tau']:.4f} | {r['grad_norm']:.1e} |")
+        beta2 = "-" if r["adam_beta2"] is None else f"{r['adam_beta2']:g}"
+        print(f"| {r['lr']:g} | {beta2} | {r['step']} | {r['phi_tau']:.4f} | {r['grad_norm']:.1e} |")
     return rows
 
 

@@ -196,19 +196,22 @@ def test_exact_descent_script_follows_the_closed_form_hypergradient():
     assert rows[-1]["phi_tau"] < rows[0]["phi_tau"]
 
 
-def test_exact_descent_script_takes_adams_steps():
+@pytest.mark.parametrize("beta2", [0.999, 0.9])
+def test_exact_descent_script_takes_adams_steps(beta2):
     """--optimizer adam: Adam's steps on the exact hypergradient, recomputed here by hand (bias-corrected moments,
-    betas 0.9 / 0.999, eps 1e-8): the first step moves every coordinate by lr against the gradient's sign."""
+    beta1 0.9, beta2 --adam_beta2, eps 1e-8): the first step moves every coordinate by lr against the gradient's
+    sign."""
     descent = load_script("exact_descent")
-    rows = descent.main(["--panel", "3", "--instance", "1", "--optimizer", "adam", "--lrs", "0.05", "--steps", "100"])
+    rows = descent.main(["--panel", "3", "--instance", "1", "--optimizer", "adam", "--lrs", "0.05", "--steps", "100",
+                         "--adam_beta2", str(beta2)])
     spec = panel.draw_panel(3, 0)[1]
     _, problem = panel.build_instance(spec)
     obj = dict(objective=spec.objective, weight=0.1)
     x, m, v = (np.zeros(len(problem.scores)) for _ in range(3))
     for k in range(100):
         g = problem.exact_hypergradient(x, spec.tau, **obj)
-        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
-        step = 0.05 * (m / (1 - 0.9 ** (k + 1))) / (np.sqrt(v / (1 - 0.999 ** (k + 1))) + 1e-8)
+        m, v = 0.9 * m + 0.1 * g, beta2 * v + (1 - beta2) * g * g
+        step = 0.05 * (m / (1 - 0.9 ** (k + 1))) / (np.sqrt(v / (1 - beta2 ** (k + 1))) + 1e-8)
         if k == 0:
             np.testing.assert_allclose(np.abs(step[g != 0]), 0.05, rtol=1e-4)  # up to eps
         x = x - step
