@@ -174,10 +174,11 @@ class BilevelConfig(TrainingArguments):
             c >= 0 of the polynomial schedule.
         lr_horizon (`float`, *optional*, defaults to `10.0`):
             k_0 > 0 of the polynomial learning-rate schedules.
-        reward_adam_beta2 (`float` or `None`, *optional*, defaults to `None`):
-            Adam's second-moment decay for x alone, in [0, 1); None: `adam_beta2`, as the actors and critics. The
-            hypergradient's scale shrinks by orders of magnitude as the policy sharpens, and with `adam_beta2 = 0.999`
-            the memory of its first, large values shrinks x's late steps with it.
+        reward_adam_beta2 (`float` or `None`, *optional*, defaults to `0.9`):
+            Adam's second-moment decay for x alone, in [0, 1); None: `adam_beta2` (0.999), as the actors and critics.
+            The hypergradient's scale shrinks by orders of magnitude as the policy sharpens; with a memory of about
+            1,000 steps (0.999) the first, large gradients keep x's late steps orders of magnitude below its learning
+            rate, with about 10 steps (0.9) they keep their size (docs/panel.md).
 
         > Generation
 
@@ -358,7 +359,7 @@ class BilevelConfig(TrainingArguments):
     reward_lr_decay: float = field(default=0.5, metadata={"help": "Polynomial decay exponent >= 0."})
     lr_horizon: float = field(default=10.0, metadata={"help": "k_0 > 0 of the lr schedules, in iterations."})
     reward_adam_beta2: float | None = field(
-        default=None, metadata={"help": "Adam's beta2 for x alone, in [0, 1); None: adam_beta2."})
+        default=0.9, metadata={"help": "Adam's beta2 for x alone, in [0, 1); None: adam_beta2."})
 
     # --- generation ---
     max_prompt_length: int = field(default=64, metadata={"help": "Prompt tokens kept (left truncation), >= 1."})
