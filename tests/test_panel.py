@@ -75,10 +75,13 @@ def test_panel_summary_pairs_runs_with_partial_sgd_and_counts_failures():
     records = [rec(0, "partial_sgd", 0, 0.6), rec(1, "partial_sgd", 0, -0.5), rec(0, "partial_sgd", 1, 0.55),
                rec(0, "m", 0, 0.55), rec(1, "m", 0, -0.49, collapsed=["phi"], streak=12), rec(0, "m", 1, 0.56)]
     (psgd, m) = compare.summarize_panel(refs, records, ["partial_sgd", "m"])
-    assert psgd["below_partial_sgd"] == 0.0 and psgd["not_worse_than_partial_sgd"] == 1.0
-    assert m["runs"] == 3 and m["below_partial_sgd"] == pytest.approx(1 / 3)
+    assert psgd["below_baseline"] == 0.0 and psgd["not_worse_than_baseline"] == 1.0
+    assert m["runs"] == 3 and m["below_baseline"] == pytest.approx(1 / 3)
     # -0.49 is within 2% of instance 1's gain (0.02) above -0.5; 0.56 is not within 0.004 of 0.55
-    assert m["not_worse_than_partial_sgd"] == pytest.approx(2 / 3)
+    assert m["not_worse_than_baseline"] == pytest.approx(2 / 3)
+    # another baseline: m's runs are the ones compared with
+    (psgd_vs_m,) = compare.summarize_panel(refs, records, ["partial_sgd"], baseline="m")
+    assert psgd_vs_m["below_baseline"] == pytest.approx(2 / 3)  # 0.6 > 0.55; -0.5 < -0.49; 0.55 < 0.56
     assert m["mean_gap_to_best"] == pytest.approx((0.05 + 0.51 + 0.06) / 3)
     assert m["collapsed_runs"] == 1 and m["lost_tracking_runs"] == 1 and m["phi_resyncs"] == 3
     assert compare.parse_method("single_loop@phi_resync=true,penalty_lambda=5") == (
