@@ -14,6 +14,8 @@ reference's peakedness, the score table, tau, the vocabulary and length, the obj
 and the summary reports per method the fraction of runs that end below `partial_sgd`'s run on the same instance and
 seed, the mean gap to the best known Phi_tau, the failures (collapsed actors, lost tracking) and the time. A method
 may carry config overrides: ``single_loop@phi_resync=true``. ``--resume`` skips the runs already in ``--out``.
+``--trace_every K`` also records, every K iterations of each run, the exact Phi_tau of x and theta's exact entropy,
+its target's and its KL to it (the record's ``"trace"``, printed as it goes).
 
     python scripts/testbed_compare.py --panel 24 --seeds 0 1 2 --iterations 150 \
         --methods partial_sgd covariance single_loop penalized_covariance --out outputs/panel.json
@@ -31,7 +33,7 @@ import warnings
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import PrinterCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from bilevel_rlhf import BilevelConfig, BilevelTrainer
 from bilevel_rlhf import panel, testbed
@@ -116,9 +118,13 @@ def main() -> None:
     p.add_argument("--instances", type=int, nargs="+", default=None,
                    help="--panel: run only these instances of the drawn panel (by index)")
     p.add_argument("--resume", action="store_true", help="--panel: skip the runs already in --out")
+    p.add_argument("--trace_every", type=int, default=0,
+                   help="--panel: every this many iterations record Phi_tau and theta's entropy and KL to pi*_tau(x)")
     p.add_argument("--baseline", default="partial_sgd",
                    help="--panel: the method every run is compared with (one of --methods, with its overrides)")
     args = p.parse_args()
+    if args.trace_every < 0 or (args.trace_every and not args.panel):
+        raise SystemExit(f"--trace_every: expected an int >= 0, with --panel; got {args.trace_every}")
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.panel:
@@ -164,6 +170,32 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
+class ExactTrace(TrainerCallback):
+    """Every `every` iterations: the exact Phi_tau of x, and theta's exact entropy, its target pi*_tau(x)'s entropy
+    and the KL between them (`rows`, printed as they come)."""
+
+    def __init__(self, problem, reward, spec: panel.InstanceSpec, weight: float, every: int, policy, label: str):
+        self.problem, self.reward, self.spec, self.weight, self.every = problem, reward, spec, weight, every
+        self.policy, self.label, self.rows = policy, label, []  # policy: () -> theta's module
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every:
+            return
+        x = self.reward.x.detach().double().numpy()
+        x = x - x.mean()
+        target = self.problem.soft_optimal_policy(x, self.spec.tau)
+        dist = self.problem.policy_distribution(self.policy())
+        row = {"iteration": state.global_step,
+               "phi_tau": self.problem.phi_tau(x, self.spec.tau, objective=self.spec.objective, weight=self.weight),
+               "theta_entropy": entropy(dist), "target_entropy": entropy(target),
+               "theta_kl_to_target": self.problem.kl(dist, target),
+               "theta_top": np.sort(dist)[::-1][:3].tolist(), "target_top": np.sort(target)[::-1][:3].tolist()}
+        self.rows.append(row)
+        print(f"    {self.label} it {row['iteration']:4d}: Phi_tau {row['phi_tau']:.4f}, theta's entropy "
+              f"{row['theta_entropy']:.3f} (pi*_tau(x): {row['target_entropy']:.3f}), KL {row['theta_kl_to_target']:.3f}, "
+              f"top probabilities {np.round(row['theta_top'], 3)} ({np.round(row['target_top'], 3)})", flush=True)
+
+
 def entropy(p: np.ndarray) -> float:
     """Entropy (nats) of a distribution given by its probabilities (zeros allowed)."""
     with np.errstate(divide="ignore"):
@@ -197,6 +229,11 @@ def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: a
                                      Dataset.from_dict({"prompt": [testbed.PROMPT] * args.prompts}),
                                      processing_class=testbed.make_tokenizer(C))
             trainer.remove_callback(PrinterCallback)
+            trace = None
+            if getattr(args, "trace_every", 0):
+                trace = ExactTrace(problem, reward, spec, args.weight, args.trace_every,
+                                   lambda: trainer.model.policy_theta, f"{method} seed {seed}")
+                trainer.add_callback(trace)
             t0 = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - t0
@@ -210,6 +247,8 @@ def run_panel_instance(spec: panel.InstanceSpec, method: str, seed: int, args: a
                                   if type(w.message).__name__ in ("TrackingWarning", "CollapseWarning")})}
     kept = [h["exploration/effective_sample_fraction"] for h in trainer.state.log_history
             if "exploration/effective_sample_fraction" in h]  # logged rollouts only: logging_steps=1 for all
+    if trace is not None:
+        record["trace"] = trace.rows
     if kept:
         record["effective_sample_fraction"] = {"mean": float(np.mean(kept)), "min": float(np.min(kept))}
     targets = {"theta": pi_star}

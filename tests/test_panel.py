@@ -105,6 +105,27 @@ def test_panel_run_records_the_exact_outcome_and_the_guards(tmp_path):
     assert rec["collapsed"] == []
 
 
+def test_panel_trace_records_the_exact_path_and_leaves_the_run_unchanged():
+    """--trace_every: one row every K iterations, the last one the run's own end; the run's outcome is the same."""
+    import argparse
+
+    compare = load_script("testbed_compare")
+    spec = next(s for s in panel.draw_panel(8, seed=0) if s.max_length <= 2)
+    common = dict(prompts=8, iterations=4, weight=0.1, penalty_lambda=1.0, actor_lr=3e-3, critic_lr=1e-2,
+                  reward_lr=1e-2, crn=False)
+    plain = compare.run_panel_instance(spec, "covariance", 0, argparse.Namespace(**common))
+    traced = compare.run_panel_instance(spec, "covariance", 0, argparse.Namespace(**common, trace_every=2))
+    assert "trace" not in plain and [row["iteration"] for row in traced["trace"]] == [2, 4]
+    assert traced["phi_tau"] == plain["phi_tau"] and traced["theta_entropy"] == plain["theta_entropy"]
+    last = traced["trace"][-1]
+    assert last["phi_tau"] == pytest.approx(traced["phi_tau"])
+    assert last["theta_entropy"] == pytest.approx(traced["theta_entropy"])
+    assert last["target_entropy"] == pytest.approx(traced["theta_target_entropy"])  # covariance's target: pi*_tau(x)
+    assert last["theta_kl_to_target"] == pytest.approx(traced["theta_kl_to_target"])
+    assert len(last["theta_top"]) == 3 and last["theta_top"][0] >= last["theta_top"][1]
+    assert traced["trace"][0]["phi_tau"] != last["phi_tau"]  # x moved between the rows
+
+
 def test_panel_run_scores_the_penalized_theta_against_its_own_lambda(monkeypatch):
     """A method's penalty_lambda override sets the penalized theta's target in the record, not --penalty_lambda."""
     import argparse
