@@ -103,6 +103,13 @@ class BilevelConfig(TrainingArguments):
             policy and value losses, its advantages' whitening) is weighted by pi(y) / q_mix(y) < 2
             (`bilevel_rlhf.exploration`): the same expectations, with the completions theta makes rare labelled more
             often. 1: off. Needs `top_k=0` and `top_p=1`.
+        forward_kl_coef (`float`, *optional*, defaults to `0.0`):
+            beta_F >= 0. Adds to theta's loss `beta_F * KL(pi*_tau(x) || theta)`, estimated on the reference's
+            completions of the iteration, self-normalized: `-beta_F * sum_i w_i log theta(y_i)`, `y_i ~ pi_ref`,
+            `w_i ∝ exp(r_x(y_i) / tau_k)` (`bilevel_rlhf.forward_kl`). Its gradient on a completion theta makes rare
+            does not vanish, where the policy gradient's is proportional to its probability: it lets a nearly
+            deterministic actor spread again when its target does. The reference then also generates on iterations
+            it would not. 0: off. Needs `regularization="kl"`; not under DeepSpeed.
         collapse_entropy_fraction (`float`, *optional*, defaults to `0.1`):
             An actor whose mean token entropy falls below this fraction of its first rollout's is reported as
             collapsed (`CollapseWarning`); 0 turns the check off.
@@ -311,6 +318,9 @@ class BilevelConfig(TrainingArguments):
         metadata={"help": "Labelled iterations: half of theta's completions sampled at temperature * this, "
                   "importance-weighted back, >= 1 (1: off)."},
     )
+    forward_kl_coef: float = field(
+        default=0.0, metadata={"help": "Weight of KL(pi*_tau(x) || theta) on the reference's completions, >= 0."}
+    )
     collapse_entropy_fraction: float = field(
         default=0.1, metadata={"help": "Entropy floor, as a fraction of the first rollout's, in [0, 1)."}
     )
@@ -503,6 +513,9 @@ class BilevelConfig(TrainingArguments):
         need(self.exploration_temperature == 1 or (self.top_k == 0 and self.top_p == 1), "exploration_temperature",
              f"1 with top_k={self.top_k}, top_p={self.top_p}: its importance weights need top_k=0 and top_p=1")
         need(0 <= self.collapse_entropy_fraction < 1, "collapse_entropy_fraction", "in [0, 1)")
+        need(math.isfinite(self.forward_kl_coef) and self.forward_kl_coef >= 0, "forward_kl_coef", "a number >= 0")
+        need(self.forward_kl_coef == 0 or self.regularization == "kl", "forward_kl_coef",
+             '0 unless regularization="kl" (its target is pi_ref * exp(r_x / tau))')
         need(self.num_completions_to_print >= 1, "num_completions_to_print", ">= 1")
         need(self.oracle_retries >= 0, "oracle_retries", ">= 0")
         need(self.oracle_timeout is None or self.oracle_timeout > 0, "oracle_timeout", "None or > 0 (seconds)")

@@ -97,7 +97,8 @@ class Rollout:
     fused: bool  # whether the update's forward pass also gives stages 2 and 3
     theta: Completions
     phi: Completions | None = None
-    ref: Completions | None = None  # the reference's completions: only when an objective compares against them
+    ref: Completions | None = None  # the reference's completions: for an objective that compares against them,
+    # or for the forward KL (`forward_kl_coef`)
     # [pairs] bool: the pairs the oracle answered (not abstained, not dropped); the others enter no loss and their
     # labels are placeholders. None: every pair of a labelled iteration
     answered: torch.Tensor | None = None

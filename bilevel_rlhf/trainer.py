@@ -53,6 +53,7 @@ from .adapters import stacked_adapters, supports_stacked_adapters
 from .completion_log import CompletionLogger
 from .config import COVARIANCE_METHODS, PENALIZED_THETA_METHODS, PENALTY_METHODS, BilevelConfig
 from .exploration import draw_row_temperatures, mixture_weights, pair_row_weights
+from .forward_kl import forward_kl_loss
 from .guards import GuardRecord, TrackingGuard
 from .modeling import CONFIG_NAME, REWARD_ADAPTER, AdapterRewardModel, BilevelModel, load_roles, save_roles
 from .judges import JudgeOracle, PairwiseJudge
@@ -397,6 +398,9 @@ class BilevelTrainer(Trainer):
                               "x's steps are uncapped", stacklevel=2)
             else:
                 self.add_callback(RewardTrustRegion(self, args.reward_trust_region))
+        if self.is_deepspeed_enabled and args.forward_kl_coef > 0:
+            raise ValueError("forward_kl_coef > 0 is not supported under DeepSpeed (its part needs a forward pass of its "
+                             "own); set forward_kl_coef=0 or use DDP or FSDP2")
         if self.is_deepspeed_enabled and args.max_grad_norm > 0:
             warnings.warn(f"under DeepSpeed, max_grad_norm={args.max_grad_norm} clips the global norm of all roles' "
                           "gradients together (its engine clips them), not each role's separately; set "
@@ -747,8 +751,10 @@ class BilevelTrainer(Trainer):
         actors = ["theta", "phi"] if unwrapped.has_phi else ["theta"]
         labelled = self.is_labelled_iteration(k)
         exploring = labelled and a.exploration_temperature != 1.0
-        # the reference also generates when the objective compares theta's completions with its own
-        generators = actors + (["ref"] if self.objective.against_reference and labelled else [])
+        # the reference also generates when the objective compares theta's completions with its own, and for the
+        # forward KL's estimate (`bilevel_rlhf.forward_kl`)
+        with_ref = (self.objective.against_reference and labelled) or a.forward_kl_coef > 0
+        generators = actors + (["ref"] if with_ref else [])
         n = a.num_generations
 
         # --- generate
@@ -1010,8 +1016,11 @@ class BilevelTrainer(Trainer):
         completions ("reward/theta", "reward/phi"; first, since in the fused mode their scores enter the actors'
         advantages), then "theta" and "phi" (actor + critic). One part per group, so only one part's activations are
         held at a time, none over more rows than a single-policy step; under DeepSpeed, whose engine steps inside
-        each backward, all parts in one group."""
+        each backward, all parts in one group. With `forward_kl_coef`, a last part "forward_kl": theta's pass over the
+        reference's completions."""
         parts = ([f"reward/{r}" for r in batch.actors] if batch.reward_step else []) + batch.actors
+        if self.args.forward_kl_coef > 0 and batch.ref is not None:
+            parts.append("forward_kl")  # theta on the reference's completions, after the scores are known
         return [tuple(parts)] if self.is_deepspeed_enabled else [(p,) for p in parts]
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -1059,6 +1068,11 @@ class BilevelTrainer(Trainer):
         if scored:
             reward = {key: torch.cat([getattr(batch.completions(r), f"reward_{key}") for r in scored])
                       for key in ("input_ids", "attention_mask")}
+        if "forward_kl" in parts:  # its own group (never under DeepSpeed): theta's log-probs on the reference's rows
+            ref = batch.ref
+            out = model(theta={"input_ids": ref.input_ids, "attention_mask": ref.attention_mask},
+                        prompt_length=batch.prompt_length, temperature=self.args.temperature)
+            return {"forward_kl": out["theta"]["logprobs"], "scores": {}}
         out = model(
             **{r: batch.completions(r).policy_inputs() for r in actors},
             reward=reward,
@@ -1142,6 +1156,10 @@ class BilevelTrainer(Trainer):
             loss = loss + loss_r
             metrics.update({f"policy_{r}/{key}": v for key, v in stats.items() if key != "value_loss"})
             metrics[f"value_{r}/loss"] = stats["value_loss"]
+        if "forward_kl" in out:
+            loss_f, ess = forward_kl_loss(out["forward_kl"], batch.ref.mask.float(), batch.ref.score, batch.tau)
+            loss = loss + self.args.forward_kl_coef * loss_f
+            metrics["policy_theta/forward_kl_loss"], metrics["policy_theta/forward_kl_ess"] = loss_f.detach(), ess
         _check_finite("training loss", loss, k)
         return (loss, out) if return_outputs else loss
 

@@ -1,10 +1,10 @@
 """Every validated condition of `BilevelConfig`, one parametrized case each (bilevel_rlhf/config.py).
 
-Counted from the source: `_validate_bilevel` makes 63 `need(...)` calls; the 3 inside the `for role in
-("actor", "critic", "reward")` loop check 3 conditions each, so there are 69 need-conditions. `__post_init__`
+Counted from the source: `_validate_bilevel` makes 65 `need(...)` calls; the 3 inside the `for role in
+("actor", "critic", "reward")` loop check 3 conditions each, so there are 71 need-conditions. `__post_init__`
 adds 3 raises (save_steps and max_steps multiples of the steps per iteration; optim an AdamW) and 4 warnings
 (lr_scheduler_type unused; warmup and lr_scheduler_kwargs unused; learning_rate unused; time-scale ordering).
-69 + 3 + 4 = 76 validated conditions.
+71 + 3 + 4 = 78 validated conditions.
 
 Each condition has: its smallest bad value (raises ValueError whose message *starts* with the field name, so
 another check that happens to mention the field cannot stand in for it), and, where a boundary exists, the valid
@@ -82,6 +82,9 @@ NEED_CASES: list[tuple[str, dict, list[dict]]] = [
      [dict(reward_trust_region=1.0, tau_init=EPS, tau_min=0.0), dict(reward_trust_region=0.0, tau_init=0.0, tau_min=0.0)]),
     ("collapse_entropy_fraction", dict(collapse_entropy_fraction=1.0),
      [dict(collapse_entropy_fraction=0.0), dict(collapse_entropy_fraction=1 - EPS)]),
+    ("forward_kl_coef", dict(forward_kl_coef=-EPS), [dict(forward_kl_coef=0.0)]),
+    ("forward_kl_coef", dict(forward_kl_coef=1.0, regularization="entropy"),
+     [dict(forward_kl_coef=1.0, regularization="kl"), dict(forward_kl_coef=0.0, regularization="entropy")]),
     ("regularization", dict(regularization="l2"), [dict(regularization=r) for r in REGULARIZATIONS]),
     ("tau_init", dict(tau_init=-EPS, tau_min=0.0), [dict(tau_init=0.0, tau_min=0.0)]),
     ("tau_min", dict(tau_init=0.1, tau_min=0.1 + EPS), [dict(tau_init=0.1, tau_min=0.1), dict(tau_min=0.0)]),
@@ -293,4 +296,4 @@ def test_every_post_init_raise_and_warning_has_a_case():
              and ast.unparse(n.func) in ("warnings.warn", "warn_unless_time_scales")]
     assert len(raises) == len(POST_INIT_CASES) == 3
     assert len(warns) == len(WARN_CASES) == 4
-    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 76  # see the module docstring
+    assert len(NEED_CASES) + len(POST_INIT_CASES) + len(WARN_CASES) == 78  # see the module docstring

@@ -55,6 +55,7 @@ def expected_keys(trainer: BilevelTrainer, evaluation: bool = False, x_step: boo
         "warmup": a.hypergradient_warmup_ratio > 0,
         "exploring": a.exploration_temperature > 1,
         "exact KL": a.kl_estimator == "exact",
+        "forward KL": a.forward_kl_coef > 0,
     }
     keys = set()
     for name, conditions in documented_metrics():
@@ -84,7 +85,7 @@ CONFIGS = [
     dict(method="partial_sgd", objective="win_rate", kl_estimator="exact"),
     dict(method="covariance", objective="win_rate", label_every=2, exploration_temperature=2.0),
     dict(method="penalized_covariance", objective="preference_nll", reward_trust_region=0.5,
-         hypergradient_warmup_ratio=0.5),
+         hypergradient_warmup_ratio=0.5, forward_kl_coef=0.5),
     dict(method="nested_loop", objective="preference_nll", nested_inner_steps=2, regularization="entropy",
          max_grad_norm=0.0),
 ]
